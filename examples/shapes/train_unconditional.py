@@ -1,0 +1,213 @@
+"""Train a small unconditional pixel-space DDPM (diffusers ``UNet2DModel``) on a subset of procedural shapes.
+
+The SuperDiff CIFAR "OR" set-up in miniature: two models trained on disjoint halves of the data, e.g.
+
+    python examples/shapes/train_unconditional.py --shapes circle square --out model_cards/shapes-uncond-a
+    python examples/shapes/train_unconditional.py --shapes triangle star --out model_cards/shapes-uncond-b
+
+The output folder loads with ``diffusers.DDPMPipeline.from_pretrained(folder)`` (``unet/`` with the EMA weights
+as safetensors, ``scheduler/``, ``model_index.json``); ``train_info.json`` records the settings, the command
+line, the step count and the measured wall-clock time. Training data are drawn fresh at every step from
+:mod:`examples.shapes.data`, seeded by ``(seed, step)``, so a run is reproducible and resumable: the full
+training state (weights, EMA, optimiser, step, elapsed time) is saved to ``--state`` (default under the
+git-ignored ``outputs/``) and picked up again by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
+
+
+def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers,
+        down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels),
+        norm_num_groups=norm_groups,
+    )
+
+
+def build_scheduler(num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def save_pipeline(ema_unet, scheduler, out: Path, info: dict) -> None:
+    from diffusers import DDPMPipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"subset of {SHAPES}")
+    p.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"subset of {COLOURS}")
+    p.add_argument("--out", required=True, help="output diffusers folder, e.g. model_cards/shapes-uncond-a")
+    p.add_argument("--size", type=int, default=24, help="image side in pixels")
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block_out_channels")
+    p.add_argument("--layers", type=int, default=1, help="UNet layers_per_block")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100_000, help="maximum number of optimiser steps")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; stop (and save) when spent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (other work shares the cores)")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every-minutes", type=float, default=5.0)
+    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+
+    unet = build_unet(args.size, args.channels, args.layers)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = build_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    n_params = sum(p.numel() for p in unet.parameters())
+    step, elapsed, loss_hist = 0, 0.0, []
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(st["unet"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
+        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    budget = args.minutes * 60 if args.minutes else math.inf
+    print(
+        f"UNet {n_params / 1e6:.2f}M params, size {args.size}, shapes {args.shapes}, colours {args.colours}, "
+        f"batch {args.batch}, lr {args.lr}, threads {args.threads}, budget {args.minutes} min, max {args.steps} steps",
+        flush=True,
+    )
+
+    def info(final: bool):
+        return {
+            "command": command,
+            "shapes": args.shapes,
+            "colours": args.colours,
+            "size": args.size,
+            "block_out_channels": args.channels,
+            "layers_per_block": args.layers,
+            "parameters": n_params,
+            "batch": args.batch,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "ema_decay": args.ema,
+            "grad_clip": args.grad_clip,
+            "seed": args.seed,
+            "threads": args.threads,
+            "steps": step,
+            "images_seen": step * args.batch,
+            "train_seconds": round(elapsed, 1),
+            "final_loss_avg100": round(sum(loss_hist[-100:]) / max(1, len(loss_hist[-100:])), 5),
+            "finished": final,
+            "torch": torch.__version__,
+        }
+
+    def checkpoint(final=False):
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "elapsed": elapsed,
+                "loss_hist": loss_hist,
+                "args": vars(args),
+            },
+            tmp,
+        )
+        os.replace(tmp, state_path)
+        save_pipeline(ema, scheduler, out, info(final))
+
+    unet.train()
+    t_last_save = time.time()
+    t_start = time.time() - elapsed
+    window_t, window_steps = time.time(), 0
+    while step < args.steps and elapsed < budget:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        x0, _, _ = make_batch(args.batch, g, size=args.size, shapes=args.shapes, colours=args.colours)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        window_steps += 1
+        loss_hist.append(loss.item())
+        elapsed = time.time() - t_start
+        if step % args.log_every == 0:
+            rate = window_steps / (time.time() - window_t)
+            window_t, window_steps = time.time(), 0
+            left = min((args.steps - step) / rate, budget - elapsed)
+            avg = sum(loss_hist[-args.log_every :]) / len(loss_hist[-args.log_every :])
+            print(
+                f"step {step} loss {avg:.4f} rate {rate:.2f} it/s elapsed {elapsed / 60:.1f} min "
+                f"ETA {left / 60:.1f} min",
+                flush=True,
+            )
+        if time.time() - t_last_save > args.save_every_minutes * 60:
+            checkpoint()
+            t_last_save = time.time()
+    checkpoint(final=True)
+    print(f"done: {step} steps in {elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

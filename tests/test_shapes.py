@@ -1,0 +1,184 @@
+"""Tests for the procedural shapes toy world (examples/shapes): data, labels, classifier, shipped models.
+
+Fast and offline: everything is rendered on the fly; shipped model folders are used only where present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.shapes import data  # noqa: E402
+from examples.shapes.classifier import ClassifierLoadError, load_classifier  # noqa: E402
+
+CLASSIFIER_DIR = ROOT / "model_cards" / "shapes-classifier"
+UNCOND_DIRS = [ROOT / "model_cards" / "shapes-uncond-a", ROOT / "model_cards" / "shapes-uncond-b"]
+
+
+def _coverage(images: torch.Tensor, colour_idx: torch.Tensor) -> torch.Tensor:
+    """Per-pixel coverage recovered from the image: (x - background) / (colour - background), brightest channel."""
+    x = (images + 1) / 2
+    rgb = torch.tensor([data.COLOUR_RGB[c] for c in data.COLOURS])[colour_idx]  # (n, 3)
+    bg = torch.tensor(data.BACKGROUND_RGB)
+    ch = (rgb - bg).abs().argmax(-1)
+    num = x[torch.arange(len(x)), ch] - bg[ch][:, None, None]
+    return num / (rgb[torch.arange(len(x)), ch] - bg[ch])[:, None, None]
+
+
+@pytest.fixture(scope="module")
+def batch32():
+    return data.make_batch(96, 2024, size=32, return_params=True)
+
+
+def test_constants():
+    assert data.SHAPES == ("circle", "square", "triangle", "star")
+    assert data.COLOURS == ("red", "green", "blue", "yellow")
+    assert set(data.COLOUR_RGB) == set(data.COLOURS)
+
+
+def test_determinism():
+    a = data.make_batch(24, 7)
+    b = data.make_batch(24, 7)
+    c = data.make_batch(24, torch.Generator().manual_seed(7))
+    d = data.make_batch(24, 8)
+    for u, v, w in zip(a, b, c, strict=True):
+        assert torch.equal(u, v) and torch.equal(u, w)
+    assert not torch.equal(a[0], d[0])
+    g = torch.Generator().manual_seed(7)
+    first, second = data.make_batch(24, g)[0], data.make_batch(24, g)[0]
+    assert torch.equal(first, a[0]) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("size", [24, 32])
+def test_range_and_shapes(size):
+    x, s, c = data.make_batch(40, 1, size=size)
+    assert x.shape == (40, 3, size, size) and x.dtype == torch.float32
+    assert s.shape == c.shape == (40,) and s.dtype == c.dtype == torch.int64
+    assert x.min() >= -1 and x.max() <= 1
+    assert 0 <= s.min() and s.max() < 4 and 0 <= c.min() and c.max() < 4
+    # plain black background: the corner pixels are exactly background
+    assert torch.all(x[:, :, 0, 0] == -1) and torch.all(x[:, :, -1, -1] == -1)
+
+
+def test_subsets_and_all_labels_occur():
+    _, s, c = data.make_batch(200, 3, shapes=["circle", "square"], colours=["blue"])
+    assert set(s.tolist()) == {0, 1} and set(c.tolist()) == {2}
+    _, s, c = data.make_batch(200, 3)
+    assert set(s.tolist()) == {0, 1, 2, 3} and set(c.tolist()) == {0, 1, 2, 3}
+    with pytest.raises(ValueError):
+        data.make_batch(2, 0, shapes=["hexagon"])
+
+
+def test_colour_label_matches_pixels(batch32):
+    x, s, c, _ = batch32
+    palette = torch.tensor([data.COLOUR_RGB[k] for k in data.COLOURS]) * 2 - 1  # (4, 3)
+    for img, ci in zip(x, c, strict=True):
+        pix = img.reshape(3, -1).T
+        fg = pix[(pix != -1).any(-1)]
+        assert len(fg) > 10
+        full = fg[torch.isclose(fg, palette[ci], atol=1e-6).all(-1)]
+        assert len(full) > 5, "fully covered pixels carry exactly the labelled colour"
+        # every non-background pixel is a blend of background and the labelled colour only
+        t = (fg + 1) / (palette[ci] + 1)
+        assert torch.allclose(t, t[:, :1].expand_as(t), atol=1e-5)
+        # and the mean foreground colour is nearest to the labelled colour
+        mean_dir = (fg + 1).mean(0)
+        cos = torch.nn.functional.cosine_similarity(mean_dir[None], palette + 1)
+        assert cos.argmax().item() == ci.item()
+
+
+def test_area_matches_size(batch32):
+    x, s, c, p = batch32
+    cov = _coverage(x, c)
+    assert cov.min() > -1e-5 and cov.max() < 1 + 1e-5
+    for k in range(len(x)):
+        expected = data.shape_area(data.SHAPES[s[k]], p["s"][k].item())
+        area = cov[k].sum().item()
+        assert abs(area - expected) / expected < 0.04, (data.SHAPES[s[k]], area, expected)
+
+
+def test_fill_ratio_separates_circles_from_other_shapes(batch32):
+    """area / (pi * r_max^2), r_max measured from the centroid: 1 for a disc, 2/pi for a square, less for the rest."""
+    x, s, c, _ = batch32
+    cov = _coverage(x, c)
+    size = x.shape[-1]
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    for k in range(len(x)):
+        w = cov[k]
+        area = w.sum()
+        cy, cx = (w * yy).sum() / area, (w * xx).sum() / area
+        r = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        r_max = r[w > 0.5].max() + 0.5
+        fill = (area / (math.pi * r_max**2)).item()
+        if data.SHAPES[s[k]] == "circle":
+            assert fill > 0.8, fill
+        else:
+            assert fill < 0.75, (data.SHAPES[s[k]], fill)
+
+
+def test_captions():
+    assert data.caption(colour="red") == "a red shape"
+    assert data.caption(shape="circle") == "a circle"
+    assert data.caption("circle", "red") == "a red circle"
+    assert data.caption(3, 1) == "a green star"
+    assert data.captions_for(torch.tensor([0, 2]), torch.tensor([3, 0])) == ["a yellow circle", "a red triangle"]
+    assert data.captions_for(torch.tensor([0]), torch.tensor([3]), which="colour") == ["a yellow shape"]
+    with pytest.raises(ValueError):
+        data.caption(shape="hexagon")
+
+
+def test_loader_error_names_folder_and_restore_command(tmp_path):
+    missing = tmp_path / "no-such-classifier"
+    with pytest.raises(ClassifierLoadError) as e:
+        load_classifier(missing)
+    msg = str(e.value)
+    assert str(missing) in msg and "python examples/shapes/train_classifier.py --out" in msg
+    assert isinstance(e.value, FileNotFoundError)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"width": 16, "n_shapes": 4, "n_colours": 4}))
+    with pytest.raises(ClassifierLoadError, match="model.safetensors"):
+        load_classifier(broken)
+    (broken / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ClassifierLoadError) as e:
+        load_classifier(broken)
+    assert "corrupt" in str(e.value) and str(broken) in str(e.value) and "train_classifier.py" in str(e.value)
+
+
+@pytest.mark.skipif(not (CLASSIFIER_DIR / "model.safetensors").exists(), reason="classifier not trained/shipped")
+@pytest.mark.parametrize("size", [24, 32])
+def test_shipped_classifier_accuracy(size):
+    torch.manual_seed(0)
+    model = load_classifier(CLASSIFIER_DIR)
+    x, s, c = data.make_batch(400, 987_654 + size, size=size)
+    ps, pc = model.predict(x)
+    assert (ps.argmax(-1) == s).float().mean().item() >= 0.99
+    assert (pc.argmax(-1) == c).float().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize("folder", UNCOND_DIRS, ids=lambda p: p.name)
+def test_shipped_unconditional_models_load(folder):
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+        pytest.skip(f"{folder.name} not trained/shipped")
+    from diffusers import DDPMPipeline
+
+    assert weights.stat().st_size <= 10 * 2**20
+    pipe = DDPMPipeline.from_pretrained(folder)
+    cfg = pipe.scheduler.config
+    assert cfg.num_train_timesteps == 1000 and cfg.beta_schedule == "linear" and cfg.prediction_type == "epsilon"
+    size = pipe.unet.config.sample_size
+    with torch.no_grad():
+        out = pipe.unet(torch.zeros(1, 3, size, size), 500).sample
+    assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
+    assert (folder / "README.md").exists()
