@@ -1,0 +1,49 @@
+"""compose: the mathematics of composing diffusion models at sampling time (no diffusers import here).
+
+Conventions (see MATH.md in the project docs): t in [0, 1] with data at t = 0; x_t = alpha_t x_0 + sigma_t eps;
+score = -eps_hat / sigma_t.
+"""
+
+from . import toy
+from .engine import Composer, StepOutput, divergence
+from .grids import make_grid
+from .models import OnSchedule, model_eps, on_schedule
+from .operators import AND, OR, Average, Expr, Guided, Product
+from .predictions import (
+    PREDICTION_TYPES,
+    eps_to_score,
+    eps_to_x0,
+    from_eps,
+    normalize_prediction_type,
+    score_to_eps,
+    to_eps,
+)
+from .sampling import SampleResult, sample
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "AND",
+    "OR",
+    "PREDICTION_TYPES",
+    "Average",
+    "Composer",
+    "Expr",
+    "Guided",
+    "NoiseSchedule",
+    "OnSchedule",
+    "Product",
+    "SampleResult",
+    "StepOutput",
+    "divergence",
+    "eps_to_score",
+    "eps_to_x0",
+    "from_eps",
+    "make_grid",
+    "model_eps",
+    "normalize_prediction_type",
+    "on_schedule",
+    "sample",
+    "score_to_eps",
+    "to_eps",
+    "toy",
+]

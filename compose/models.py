@@ -1,0 +1,69 @@
+"""What a composable model is, and the conversion of a model onto another noise schedule.
+
+A model (a leaf of an expression) is any object with
+  - `schedule`: a NoiseSchedule,
+  - `eps(x, t)` -> eps_hat (n, ...), or `score(x, t)` -> grad log q_t (n, ...),
+  - optionally `log_prob(x, t)` -> exact log q_t(x) (n,), used to start density tracking exactly,
+  - optionally `sample_shape`, the shape of one sample (used when `compose.sample` draws x_T itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .predictions import bcast, score_to_eps
+from .schedule import NoiseSchedule, Tensorish
+
+
+def model_eps(model: Any, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
+    """eps_hat of a model (its `eps` or, failing that, its `score`)."""
+    if hasattr(model, "eps"):
+        return model.eps(x, t)
+    if hasattr(model, "score"):
+        return score_to_eps(model.score(x, t), t, model.schedule)
+    raise ValueError(f"model {model!r} has neither eps(x, t) nor score(x, t); give it one of them.")
+
+
+def model_name(model: Any) -> str:
+    return str(getattr(model, "name", None) or type(model).__name__)
+
+
+class OnSchedule:
+    """`model` (trained on its own schedule) answering on `schedule` instead.
+
+    The state x at time t of `schedule` carries the same signal-to-noise ratio as the model's state
+    x_m = (alpha_m(t_m) / alpha(t)) x at the time t_m with lambda_m(t_m) = lambda(t); eps is the same noise in
+    both, so eps(x, t) = model.eps(x_m, t_m). Densities follow by the change of variables
+    log q(x, t) = log q_m(x_m, t_m) + d log(alpha_m / alpha).
+    """
+
+    def __init__(self, model: Any, schedule: NoiseSchedule) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.name = f"{model_name(model)}@{schedule!r}"
+        if hasattr(model, "sample_shape"):
+            self.sample_shape = model.sample_shape
+        if hasattr(model, "log_prob"):
+            self.log_prob = self._log_prob
+
+    def _convert(self, x: torch.Tensor, t: Tensorish):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t_m = self.model.schedule.t_from_log_snr(self.schedule.log_snr(t))
+        log_scale = self.model.schedule.log_alpha(t_m) - self.schedule.log_alpha(t)
+        return x * bcast(log_scale.exp(), x), t_m, log_scale
+
+    def eps(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
+        x_m, t_m, _ = self._convert(x, t)
+        return model_eps(self.model, x_m, t_m)
+
+    def _log_prob(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
+        x_m, t_m, log_scale = self._convert(x, t)
+        d = x[0].numel()
+        return self.model.log_prob(x_m, t_m) + d * log_scale.to(x)
+
+
+def on_schedule(model: Any, schedule: NoiseSchedule) -> Any:
+    """Make `model` usable on `schedule` (a no-op when it already uses it)."""
+    return model if model.schedule == schedule else OnSchedule(model, schedule)
