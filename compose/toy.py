@@ -57,11 +57,7 @@ class GaussianMixture:
         var = var.expand(x.shape[0], -1) if var.ndim == 2 else var.expand(x.shape[0], self.means.shape[0])
         diff = x[:, None, :] - alpha[..., None] * mu[None] if alpha.ndim else x[:, None, :] - alpha * mu[None]
         d = self.dim
-        log_comp = (
-            self.weights.to(x).log()
-            - 0.5 * d * torch.log(2 * math.pi * var)
-            - 0.5 * (diff**2).sum(-1) / var
-        )
+        log_comp = self.weights.to(x).log() - 0.5 * d * torch.log(2 * math.pi * var) - 0.5 * (diff**2).sum(-1) / var
         return log_comp, diff, var
 
     def log_prob(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
@@ -111,15 +107,15 @@ def product_of_mixtures(*mixtures: GaussianMixture, exponents=None) -> GaussianM
     logw = torch.zeros(1, dtype=torch.float64)
     quad = torch.zeros(1, dtype=torch.float64)
     d = mixtures[0].dim
-    for m, e in zip(mixtures, a):
+    for m, e in zip(mixtures, a, strict=True):
         p_k = e / m.stds**2  # (K,)
         # Each factor component contributes w_k^e N(mu_k, s_k^2)^e ∝ w_k^e (2 pi s^2)^(-d e / 2) exp(-e|x-mu|^2/(2s^2))
         prec = (prec[:, None] + p_k[None]).reshape(-1)
         lin = (lin[:, None] + (p_k[:, None] * m.means)[None]).reshape(-1, d)
         quad = (quad[:, None] + (p_k * (m.means**2).sum(-1))[None]).reshape(-1)
-        logw = (logw[:, None] + (e * m.weights.log() - 0.5 * d * e * torch.log(2 * math.pi * m.stds**2))[None]).reshape(
-            -1
-        )
+        logw = (
+            logw[:, None] + (e * m.weights.log() - 0.5 * d * e * torch.log(2 * math.pi * m.stds**2))[None]
+        ).reshape(-1)
     means = lin / prec[:, None]
     variances = 1.0 / prec
     # Integrate exp(-0.5 (prec |x|^2 - 2 lin.x + quad)) over x: (2 pi / prec)^(d/2) exp(0.5 |lin|^2 / prec - 0.5 quad)
