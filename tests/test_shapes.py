@@ -182,3 +182,114 @@ def test_shipped_unconditional_models_load(folder):
         out = pipe.unet(torch.zeros(1, 3, size, size), 500).sample
     assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
     assert (folder / "README.md").exists()
+
+
+# ---------------------------------------------------------------------------------------- text-conditional models
+
+torch.set_num_threads(1)
+
+COND_DIRS = [ROOT / "model_cards" / n for n in ("shapes-text", "shapes-text-colour", "shapes-text-shape")]
+
+
+def _front_matter(readme: Path) -> str:
+    text = readme.read_text()
+    assert text.startswith("---\n"), f"{readme} has no YAML front matter"
+    return text.split("---\n", 2)[1]
+
+
+def test_conditional_tokenizer_roundtrip(tmp_path):
+    from examples.shapes import train_conditional as tc
+
+    tok = tc.build_tokenizer(tmp_path)
+    assert tok.model_max_length == tc.MAX_LENGTH
+    vocab = tok.get_vocab()
+    bos, eos = vocab[tc.BOS], vocab[tc.EOS]
+    seen = set()
+    for w in tc.WORDS:
+        ids = tok(w).input_ids
+        assert len(ids) == 3 and ids[0] == bos and ids[2] == eos, (w, ids)
+        assert ids[1] not in (bos, eos) and tok.convert_ids_to_tokens(ids[1]) == w + "</w>"
+        seen.add(ids[1])
+    assert len(seen) == len(tc.WORDS)
+    assert tok("A RED Circle").input_ids == tok("a red circle").input_ids
+    # unknown words, punctuation, over-long prompts: no crash, fixed length, ids inside the vocabulary
+    ids = tc.tokenize(tok, ["a purple dodecahedron!!", "", "a red circle " * 20])
+    assert ids.shape == (3, tc.MAX_LENGTH) and ids.max() < len(vocab) and ids.min() >= 0
+    assert ids[1, 0] == bos and torch.all(ids[1, 1:] == eos)
+    # the text encoder's context length matches the tokenizer's
+    assert tc.build_text_encoder(tok, hidden=16, layers=1, heads=2).config.max_position_embeddings == tc.MAX_LENGTH
+
+
+def test_conditional_training_captions():
+    from examples.shapes import train_conditional as tc
+
+    s = torch.arange(400) % 4
+    c = (torch.arange(400) // 4) % 4
+    g = torch.Generator().manual_seed(0)
+    caps = tc.training_captions(s, c, "attribute", 0.1, g)
+    named = [data.SHAPES[i] in cap for i, cap in zip(s.tolist(), caps, strict=True)]
+    coloured = [data.COLOURS[i] in cap for i, cap in zip(c.tolist(), caps, strict=True)]
+    assert not any(a and b for a, b in zip(named, coloured, strict=True)), "never both attributes in one caption"
+    assert 0.3 < sum(named) / 400 < 0.6 and 0.3 < sum(coloured) / 400 < 0.6
+    assert 0.04 < caps.count("") / 400 < 0.18
+    colour_caps = tc.training_captions(s, c, "colour", 0.1, g)
+    shape_caps = tc.training_captions(s, c, "shape", 0.1, g)
+    assert all(cap in ("", data.caption(colour=k)) for k, cap in zip(c.tolist(), colour_caps, strict=True))
+    assert all(cap in ("", data.caption(shape=k)) for k, cap in zip(s.tolist(), shape_caps, strict=True))
+
+
+def test_conditional_training_smoke_and_resume(tmp_path):
+    from examples.shapes import train_conditional as tc
+
+    out, state = tmp_path / "model", tmp_path / "state" / "state.pt"
+    small = ["--channels", "16", "16", "--heads", "2", "--text-hidden", "16", "--text-layers", "1", "--text-heads"]
+    small += ["2", "--batch", "4", "--size", "16", "--out", str(out), "--state", str(state), "--log-every", "1"]
+    tc.main(["--captions", "attribute", "--steps", "2", *small])
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["steps"] == 2 and info["finished"] and info["captions"] == "attribute"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "ComposePipeline" and "_diffusers_version" in index
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert "vae" not in index and "safety_checker" not in index
+    comps = tc.load_components(out)
+    assert comps["tokenizer"].model_max_length == tc.MAX_LENGTH
+    with torch.no_grad():
+        ctx = tc.encode(comps["text_encoder"], tc.tokenize(comps["tokenizer"], ["a red shape", "a zebra"]))
+        eps = comps["unet"](torch.zeros(2, 3, 16, 16), 10, encoder_hidden_states=ctx).sample
+    assert ctx.shape == (2, tc.MAX_LENGTH, 16) and eps.shape == (2, 3, 16, 16) and torch.isfinite(eps).all()
+    tc.main(["--captions", "attribute", "--steps", "3", "--resume", *small])
+    assert json.loads((out / "train_info.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("folder", COND_DIRS, ids=lambda p: p.name)
+def test_shipped_conditional_models_load(folder):
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+        pytest.skip(f"{folder.name} not trained/shipped")
+    from examples.shapes import train_conditional as tc
+
+    assert weights.stat().st_size <= 10 * 2**20
+    assert (folder / "text_encoder" / "model.safetensors").stat().st_size <= 10 * 2**20
+    comps = tc.load_components(folder)
+    cfg = comps["scheduler"].config
+    assert cfg.num_train_timesteps == 1000 and cfg.beta_schedule == "linear" and cfg.prediction_type == "epsilon"
+    size = comps["unet"].config.sample_size
+    with torch.no_grad():
+        ctx = tc.encode(comps["text_encoder"], tc.tokenize(comps["tokenizer"], ["a red shape", "a circle", ""]))
+        out = comps["unet"](torch.zeros(3, 3, size, size), 500, encoder_hidden_states=ctx).sample
+    assert out.shape == (3, 3, size, size) and torch.isfinite(out).all()
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "ComposePipeline"
+
+
+@pytest.mark.parametrize("folder", UNCOND_DIRS + COND_DIRS, ids=lambda p: p.name)
+def test_shipped_model_cards_have_metadata(folder):
+    if not (folder / "README.md").exists():
+        pytest.skip(f"{folder.name} has no card (not trained/shipped)")
+    meta = _front_matter(folder / "README.md")
+    for key in ("license: apache-2.0", "library_name: diffusers", "tags:"):
+        assert key in meta, (folder.name, key)
+    text = (folder / "README.md").read_text()
+    assert "## Restore" in text and "train_info.json" not in meta

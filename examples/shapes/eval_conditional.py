@@ -119,7 +119,8 @@ def main(argv=None):
         grids.append(x[:8])
         print(
             f"{prompt!r}: accuracy {100 * r['accuracy']:.1f}%  valid {100 * r['valid_frac']:.1f}%  "
-            f"valid&correct {100 * r['valid_and_correct_frac']:.1f}%  shapes {r['shape_hist']}  colours {r['colour_hist']}",
+            f"valid&correct {100 * r['valid_and_correct_frac']:.1f}%  "
+            f"shapes {r['shape_hist']}  colours {r['colour_hist']}",
             flush=True,
         )
     secs = time.time() - t0

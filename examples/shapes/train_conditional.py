@@ -62,7 +62,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Plain CLIP-style BPE: repeatedly merge the lowest-ranked adjacent pair."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get((a, b), math.inf), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:], strict=False))]
         best, i = min(pairs)
         if best == math.inf:
             break
@@ -133,9 +133,8 @@ def build_tokenizer(folder, max_length: int = MAX_LENGTH):
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids (n, model_max_length), padded and truncated the way Stable Diffusion pipelines do it."""
-    return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    n = tokenizer.model_max_length
+    return tokenizer(list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -240,7 +239,8 @@ def training_captions(shape_idx, colour_idx, mode: str, drop: float, g: torch.Ge
         raise ValueError(f"unknown caption mode {mode!r}; expected one of {CAPTION_MODES}")
     dropped = torch.rand(n, generator=g) < drop
     out = []
-    for s, c, uc, d in zip(shape_idx.tolist(), colour_idx.tolist(), use_colour.tolist(), dropped.tolist(), strict=True):
+    labels = zip(shape_idx.tolist(), colour_idx.tolist(), use_colour.tolist(), dropped.tolist(), strict=True)
+    for s, c, uc, d in labels:
         out.append("" if d else (caption(colour=c) if uc else caption(shape=s)))
     return out
 

@@ -3,8 +3,8 @@
     python examples/shapes/write_model_card.py model_cards/shapes-classifier
     python examples/shapes/write_model_card.py model_cards/shapes-uncond-a --notes "Visual inspection: ..."
 
-Reads ``metrics.json`` (classifier) or ``train_info.json`` + ``eval.json`` (unconditional DDPM); nothing in the
-card is typed in by hand except ``--notes``.
+Reads ``metrics.json`` (classifier) or ``train_info.json`` + ``eval.json`` (unconditional DDPM, or text-conditional
+model when ``train_info.json`` has ``captions``); nothing in the card is typed in by hand except ``--notes``.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ def uncond_card(folder: Path, notes: str) -> str:
         )
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
+    restore = (
+        f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} --out model_cards/{name} "
+        f"--minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
+    )
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -197,6 +201,165 @@ A test fixture and teaching model for composing diffusion models at sampling tim
 model and its partner) where the ground truth of every sample can be checked with the shapes classifier. It is
 tiny and briefly trained: expect imperfect edges, occasional malformed or ambiguous shapes, and nothing at all
 outside this toy world. Not for any real-image use.
+
+## Restore
+
+If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
+the step count depend on the machine) with
+`{restore}`,
+then evaluate and rewrite this card with
+`python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev["n"]} --steps {ev["steps"]} --save` and
+`python examples/shapes/write_model_card.py model_cards/{name}`.
+{notes}"""
+
+
+_CAPTION_TEXT = {
+    "attribute": (
+        "each training image gets ONE caption naming ONE attribute, chosen at random per image: its colour "
+        '("a red shape") or its shape ("a circle"). It has never seen a caption naming both ("a red circle")'
+    ),
+    "colour": 'colour captions only ("a red shape", "a green shape", ...): an expert on colour',
+    "shape": 'shape captions only ("a circle", "a square", ...): an expert on shape',
+}
+_ROLE = {
+    "attribute": 'the single-model AND set-up (compose "a red shape" AND "a circle" on this one model)',
+    "colour": "the two-expert AND set-up, together with `shapes-text-shape`",
+    "shape": "the two-expert AND set-up, together with `shapes-text-colour`",
+}
+
+
+def cond_card(folder: Path, notes: str) -> str:
+    ti = json.loads((folder / "train_info.json").read_text())
+    ev = json.loads((folder / "eval.json").read_text())
+    name = folder.name
+    mode = ti["captions"]
+    hp = {
+        k: ti[k]
+        for k in (
+            "captions", "caption_dropout", "size", "block_out_channels", "layers_per_block", "cross_attention_heads",
+            "text_hidden", "text_layers", "text_heads", "max_length", "unet_parameters", "text_encoder_parameters",
+            "batch", "lr", "warmup", "ema_decay", "grad_clip", "seed", "threads", "steps", "images_seen",
+        )
+    }  # fmt: skip
+    hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
+    rows = "\n".join(
+        f"| {r['prompt']} | {100 * r['accuracy']:.1f}% | {100 * r['valid_frac']:.1f}% | "
+        f"{100 * r['valid_and_correct_frac']:.1f}% | "
+        + (
+            ", ".join(f"{k} {v}" for k, v in r["shape_hist"].items())
+            if r["named_shape"] is None
+            else ", ".join(f"{k} {v}" for k, v in r["colour_hist"].items())
+        )
+        + " |"
+        for r in ev["prompts"]
+    )
+    eval_cmd = (
+        f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
+        f"--steps {ev['steps']} --cfg {ev['cfg']} --save"
+    )
+    unfinished = (
+        ""
+        if ti.get("finished")
+        else "\n**Training did not finish** (`finished: false` in `train_info.json`): intermediate weights.\n"
+    )
+    return f"""---
+license: apache-2.0
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+- diffusers
+- ddpm
+- text-to-image
+- pixel-space
+- classifier-free-guidance
+- synthetic-data
+- procedural-shapes
+- superdiff
+---
+
+# {name}
+
+A small text-conditional pixel-space DDPM (no VAE) trained from scratch on {ti["size"]}x{ti["size"]} procedural
+shapes images: a diffusers `UNet2DConditionModel` ({ti["unet_parameters"]:,} parameters, cross-attention at the
+two lower resolutions and in the middle block) conditioned on a tiny transformers `CLIPTextModel`
+({ti["text_encoder_parameters"]:,} parameters, {ti["text_layers"]} layers, hidden {ti["text_hidden"]}, context
+length {ti["max_length"]}) with a `CLIPTokenizer` over our own {len(ti["vocabulary_words"])}-word vocabulary, trained
+jointly. Captions: {_CAPTION_TEXT[mode]}. {100 * ti["caption_dropout"]:.0f}% of the captions are replaced by the
+empty prompt "" for classifier-free guidance. Part of {_ROLE[mode]}.
+{unfinished}
+```python
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+folder = "model_cards/{name}"
+unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")  # model_max_length {ti["max_length"]}
+scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+ids = tokenizer(["a red shape"], padding="max_length", max_length=tokenizer.model_max_length,
+                truncation=True, return_tensors="pt").input_ids
+context = text_encoder(ids)[0]  # (1, {ti["max_length"]}, {ti["text_hidden"]}): encoder_hidden_states for the UNet
+```
+
+`model_index.json` names `ComposePipeline` with these four components (no VAE, no safety checker), so the
+project's pipeline loads the folder with `ComposePipeline.from_pretrained("model_cards/{name}")`;
+`examples/shapes/train_conditional.py:load_components` loads them directly.
+
+Vocabulary (each word is ONE token; other words split into known pieces or the unknown token `<|endoftext|>`,
+as the CLIP tokenizer does, without error): {", ".join(ti["vocabulary_words"])}.
+
+## Training data
+
+{DATA_BLURB}
+
+Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendered at every step, seeded by
+(seed, step) (which also draws the caption choice and the dropout), so the model saw {ti["images_seen"]:,} images.
+
+## Training procedure
+
+- Script: `examples/shapes/train_conditional.py`; exact command:
+  `{ti["command"]}`
+- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; UNet and text encoder trained jointly with AdamW, linear
+  warm-up then constant learning rate, gradient clipping, EMA of both (the saved weights are the EMA ones);
+  loss: MSE on the noise; noise schedule: DDPM, linear betas 1e-4..0.02 over 1000 steps, epsilon prediction.
+- Measured training time: {_minutes(ti["train_seconds"])} of wall-clock for {ti["steps"]} steps, on a 2-core machine
+  shared with other jobs; final loss (mean of last 100 steps): {ti["final_loss_avg100"]}.
+- Resumable: `--resume` continues from the state file under `outputs/shapes/{name}/` (not shipped).
+
+| hyper-parameter | value |
+|---|---|
+{hp_rows}
+
+## Evaluation (measured)
+
+`{eval_cmd}`:
+{ev["n_per_prompt"]} samples per prompt, DDIM (eta 0) with {ev["steps"]} steps and classifier-free guidance scale
+{ev["cfg"]} ("" as the unconditional branch), seed {ev["seed"]}, judged by `model_cards/shapes-classifier`.
+Accuracy = classifier argmax equals the attribute the prompt names; "valid" = classifier max-probability >
+{ev["threshold"]} on both heads. Mean over prompts: accuracy **{100 * ev["mean_accuracy"]:.1f}%**, valid
+{100 * ev["mean_valid_frac"]:.1f}%, valid and correct {100 * ev["mean_valid_and_correct_frac"]:.1f}%; sampling
+{ev["seconds_per_image"]} s per image on CPU ({ev["sample_seconds"]} s in all, on a shared machine).
+
+| prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
+|---|---|---|---|---|
+{rows}
+
+`samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
+
+## Intended use and limits
+
+A test fixture and teaching model for composing diffusion models at sampling time (e.g. SuperDiff AND of two
+prompts, on one model or across experts) where the truth of every sample can be checked with the shapes
+classifier. It is tiny and briefly trained on a toy world: expect imperfect edges, occasional malformed shapes or
+wrong attributes, and nothing at all outside that world. Prompts other than its training captions (including
+"a red circle", which it has never seen) are out of distribution. Not for any real-image use.
+
+## Restore
+
+If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
+the step count depend on the machine) with the exact command above, then evaluate and rewrite this card with
+`{eval_cmd}` and
+`python examples/shapes/write_model_card.py model_cards/{name}`.
 {notes}"""
 
 
@@ -207,7 +370,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     folder = Path(args.folder)
     notes = f"\n## Notes\n\n{args.notes}\n" if args.notes else ""
-    text = classifier_card(folder, notes) if (folder / "metrics.json").exists() else uncond_card(folder, notes)
+    if (folder / "metrics.json").exists():
+        text = classifier_card(folder, notes)
+    elif "captions" in json.loads((folder / "train_info.json").read_text()):
+        text = cond_card(folder, notes)
+    else:
+        text = uncond_card(folder, notes)
     (folder / "README.md").write_text(text)
     print(f"wrote {folder / 'README.md'}")
 
