@@ -1,13 +1,14 @@
 """Sample from a trained text-conditional shapes model with classifier-free guidance and judge it with the classifier.
 
-    python examples/shapes/eval_conditional.py model_cards/shapes-text --n 32 --steps 100 --cfg 4 --save
+    python examples/shapes/eval_conditional.py model_cards/shapes-text --n 16 --steps 100 --cfg 4 --save
 
 For each prompt (default: the captions the model was trained on, read from ``train_info.json``: the four colour
 captions "a red shape", ... and/or the four shape captions "a circle", ...) it draws ``--n`` samples with a plain
-DDIM (eta 0) loop of its own, ``eps = eps_uncond + cfg * (eps_cond - eps_uncond)`` with the empty prompt "" as the
-unconditional branch, classifies them, and reports per prompt: the accuracy on the named attribute (classifier
-argmax), the fraction "valid" (max-probability > 0.9 on both heads), valid AND correct, and the histogram of the
-attribute the prompt does not name. ``--save`` writes ``samples.png`` (one row of 8 per prompt) and
+sampling loop of its own (``--sampler ddpm``: ancestral DDPM, the default; ``ddim``: DDIM with eta 0),
+``eps = eps_uncond + cfg * (eps_cond - eps_uncond)`` with the empty prompt "" as the unconditional branch,
+classifies them, and reports per prompt: the accuracy on the named attribute (classifier argmax), the fraction
+"valid" (max-probability > 0.9 on both heads), valid AND correct, and the histogram of the attribute the prompt does
+not name. ``--save`` writes ``samples.png`` (one row of 8 per prompt) and
 ``eval.json`` into the model folder (or ``--out-dir``).
 """
 
@@ -44,12 +45,15 @@ def default_prompts(mode: str) -> list[str]:
 
 
 @torch.no_grad()
-def sample_cfg(components, prompt: str, n: int, steps: int, cfg: float, seed: int, batch: int = 32) -> torch.Tensor:
-    """DDIM (eta 0) with classifier-free guidance; returns images in [-1, 1]."""
-    from diffusers import DDIMScheduler
+def sample_cfg(
+    components, prompt: str, n: int, steps: int, cfg: float, seed: int, sampler: str = "ddpm", batch: int = 32
+) -> torch.Tensor:
+    """Ancestral DDPM (or DDIM, eta 0) with classifier-free guidance; returns images in [-1, 1]."""
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     unet, te, tok = components["unet"], components["text_encoder"], components["tokenizer"]
-    sched = DDIMScheduler.from_config(components["scheduler"].config)
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    sched = cls.from_config(components["scheduler"].config)
     size = unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -61,7 +65,8 @@ def sample_cfg(components, prompt: str, n: int, steps: int, cfg: float, seed: in
         for t in sched.timesteps:
             eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
             eps = eps_u + cfg * (eps_c - eps_u)
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
+            kw = {"eta": 0.0} if sampler == "ddim" else {"generator": g}
+            x = sched.step(eps, t, x, **kw).prev_sample
         out.append(x.clamp(-1, 1))
     return torch.cat(out)
 
@@ -96,6 +101,7 @@ def main(argv=None):
     p.add_argument("--prompts", nargs="+", default=None, help="default: the model's training captions")
     p.add_argument("--n", type=int, default=32, help="samples per prompt")
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--classifier", default=str(DEFAULT_DIR))
@@ -113,7 +119,7 @@ def main(argv=None):
     rows, grids = [], []
     t0 = time.time()
     for k, prompt in enumerate(prompts):
-        x = sample_cfg(comps, prompt, args.n, args.steps, args.cfg, args.seed + k)
+        x = sample_cfg(comps, prompt, args.n, args.steps, args.cfg, args.seed + k, args.sampler)
         r = judge_prompt(x, prompt, clf)
         rows.append(r)
         grids.append(x[:8])
@@ -131,7 +137,7 @@ def main(argv=None):
         "mean_valid_frac": mean("valid_frac"),
         "mean_valid_and_correct_frac": mean("valid_and_correct_frac"),
         "n_per_prompt": args.n,
-        "sampler": "ddim",
+        "sampler": args.sampler,
         "steps": args.steps,
         "cfg": args.cfg,
         "seed": args.seed,

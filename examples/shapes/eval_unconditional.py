@@ -1,8 +1,9 @@
 """Sample from a trained unconditional shapes DDPM folder and judge the samples with the shapes classifier.
 
-    python examples/shapes/eval_unconditional.py model_cards/shapes-uncond-a --n 64 --steps 100
+    python examples/shapes/eval_unconditional.py model_cards/shapes-uncond-a --n 128 --steps 200 --sampler ddpm
 
-Samples with DDIM (eta 0, ``--steps`` steps; ``--sampler ddpm`` for the full ancestral chain), classifies each image,
+Samples with DDIM (eta 0, ``--steps`` steps) or, with ``--sampler ddpm``, ancestral DDPM over ``--steps`` steps (much
+better for these briefly trained models: DDIM's deterministic path gives blended colours), classifies each image,
 and prints shape and colour histograms and the fraction of "valid" images (classifier max-probability > 0.9 on
 both heads). ``--save`` writes ``samples.png`` (grid) and ``eval.json`` into the model folder (or ``--out-dir``).
 """

@@ -133,6 +133,11 @@ def uncond_card(folder: Path, notes: str) -> str:
         f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} --out model_cards/{name} "
         f"--minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
     )
+    eval_cmd = (
+        f"python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev['n']} --steps {ev['steps']} "
+        f"--sampler {ev['sampler']} --save"
+    )
+    sampler_text = "ancestral DDPM" if ev["sampler"] == "ddpm" else "DDIM (eta 0)"
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -181,8 +186,8 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 
 ## Evaluation (measured)
 
-`python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev["n"]} --steps {ev["steps"]} --save`:
-{ev["n"]} samples, {ev["sampler"].upper()} with {ev["steps"]} steps (eta 0), seed {ev["seed"]}, judged by
+`{eval_cmd}`:
+{ev["n"]} samples, {sampler_text} with {ev["steps"]} steps, seed {ev["seed"]}, judged by
 `model_cards/shapes-classifier`. "Valid" = classifier max-probability > {ev["threshold"]} on both heads.
 
 - valid: **{100 * ev["valid_frac"]:.1f}%** (shape head confident {100 * ev["shape_confident_frac"]:.1f}%, colour head
@@ -208,7 +213,7 @@ If the folder is missing or corrupt, re-create it (same seed, roughly the same r
 the step count depend on the machine) with
 `{restore}`,
 then evaluate and rewrite this card with
-`python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev["n"]} --steps {ev["steps"]} --save` and
+`{eval_cmd}` and
 `python examples/shapes/write_model_card.py model_cards/{name}`.
 {notes}"""
 
@@ -255,8 +260,9 @@ def cond_card(folder: Path, notes: str) -> str:
     )
     eval_cmd = (
         f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
-        f"--steps {ev['steps']} --cfg {ev['cfg']} --save"
+        f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
     )
+    sampler_text = "ancestral DDPM" if ev["sampler"] == "ddpm" else "DDIM (eta 0)"
     unfinished = (
         ""
         if ti.get("finished")
@@ -333,7 +339,7 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 ## Evaluation (measured)
 
 `{eval_cmd}`:
-{ev["n_per_prompt"]} samples per prompt, DDIM (eta 0) with {ev["steps"]} steps and classifier-free guidance scale
+{ev["n_per_prompt"]} samples per prompt, {sampler_text} with {ev["steps"]} steps and classifier-free guidance scale
 {ev["cfg"]} ("" as the unconditional branch), seed {ev["seed"]}, judged by `model_cards/shapes-classifier`.
 Accuracy = classifier argmax equals the attribute the prompt names; "valid" = classifier max-probability >
 {ev["threshold"]} on both heads. Mean over prompts: accuracy **{100 * ev["mean_accuracy"]:.1f}%**, valid
