@@ -255,6 +255,10 @@ class ComposePipeline(DiffusionPipeline):
         else:
             raise ValueError(f"prompt must be a string, a list of strings or None; got {type(prompt).__name__}.")
         M = len(models)
+        if any(prompts) and not any(m.is_text for m in models):
+            raise ValueError(
+                f"prompt={prompt!r} was given but no checkpoint has a text encoder; use prompt=None (unconditional)."
+            )
         if not prompts:
             pairs = [(m, "" if m.is_text else None) for m in models]
         elif M == 1:
