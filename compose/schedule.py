@@ -65,7 +65,8 @@ class NoiseSchedule:
             ac = ac.clamp_min(2.0**-24)
             n = ac.numel()
             self.num_train_timesteps = n
-            self._knots_t = torch.cat([torch.zeros(1, dtype=torch.float64), torch.arange(1, n + 1) / n])
+            knots = torch.arange(0, n + 1, dtype=torch.float64) / n  # float64: near t = 1 log alpha is steep
+            self._knots_t = knots
             self._knots_log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * ac.log()])
         default_t_min = 1.0 / self.num_train_timesteps if kind == "discrete" else 1e-3
         # Where alpha(1) = 0 (cosine, ot) the drift f is infinite at t = 1: start where log-SNR = -10, about the
@@ -264,9 +265,9 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=torch.float64)
     elif kind == "linear":
-        betas = torch.linspace(b0, b1, n, dtype=torch.float64)
+        betas = torch.linspace(b0, b1, n, dtype=torch.float32)
     elif kind == "scaled_linear":
-        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float64) ** 2
+        betas = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
     elif kind == "squaredcos_cap_v2":
 
         def alpha_bar(s: float) -> float:
@@ -280,18 +281,19 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
             f"beta_schedule={kind!r} is not supported; use 'linear', 'scaled_linear', 'squaredcos_cap_v2' or "
             "pass trained_betas."
         )
-    # diffusers computes betas in float32 and casts; do the same so the table matches the scheduler's own.
-    betas = betas.to(torch.float32).to(torch.float64)
+    # diffusers builds the table in float32 (betas, the rescale and the cumulative product); so do we, so that the
+    # table is the one the network was trained with, to the last bit.
+    betas = betas.to(torch.float32)
     if config.get("rescale_betas_zero_snr", False):
         betas = _rescale_zero_terminal_snr(betas)
-    return torch.cumprod(1.0 - betas, 0)
+    return torch.cumprod(1.0 - betas, 0).to(torch.float64)
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Shift and scale sqrt(alphas_cumprod) so the last one is 0 (Lin et al. 2024, Alg. 1)."""
     sqrt_ac = torch.cumprod(1.0 - betas, 0).sqrt()
     first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
-    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
     ac = sqrt_ac**2
     alphas = torch.cat([ac[:1], ac[1:] / ac[:-1]])
     return 1.0 - alphas
