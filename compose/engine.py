@@ -126,6 +126,7 @@ class Composer:
             bias_scale: h / (t_first - t_last), how much of an AND bias this step carries.
         """
         sch = self.schedule
+        log_q = log_q.to(torch.float64)
         h = t_cur - t_next
         if not h > 0:
             raise ValueError(f"t_next must be smaller than t_cur; got t_cur={t_cur}, t_next={t_next}.")
