@@ -2,7 +2,8 @@
 
 Stable Diffusion 1.5-architecture UNet with random weights (timing only), 256x256 images -> 32x32 latents, 2 prompts,
 AND, classifier-free guidance (3 UNet rows per step: 2 prompts + the unconditional branch). Ratios are per-step times
-over the time of one bare UNet call on the same 3 rows, all measured in one run (medians). Also timed: the per-prompt
+over the time of one bare UNet call on the same 3 rows, each step paired with a bare call timed right after it (the
+median of the pair ratios; robust to the load drifting on a shared machine). Also timed: the per-prompt
 loop of the Composable Diffusion community pipeline (one batch-1 UNet call per prompt and for the unconditional
 branch) and the forward-mode JVP ODE variant.
 
@@ -77,24 +78,13 @@ def small_text_encoder(folder: str) -> tuple[CLIPTextModel, CLIPTokenizer]:
     return CLIPTextModel(cfg).eval(), tok
 
 
-def timed(fn, repeats: int, sync) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=3, help="bare / per-prompt-loop timings")
-    ap.add_argument("--steps", type=int, default=4, help="sampler steps per timed run (per-step times: medians)")
-    ap.add_argument("--jvp-steps", type=int, default=2, help="steps of the forward-mode JVP run (0 skips it)")
+    ap.add_argument("--repeats", type=int, default=2, help="per-prompt-loop timings (each paired with a bare call)")
+    ap.add_argument("--steps", type=int, default=3, help="sampler steps per run (the first is not timed)")
+    ap.add_argument("--jvp-steps", type=int, default=2, help="steps of the forward-mode JVP run (< 2 skips it)")
     ap.add_argument("--size", type=int, default=256)
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -119,28 +109,42 @@ def main() -> None:
     x = torch.randn(rows, 4, h, h, device=device, dtype=dtype)
     ehs = torch.randn(rows, 77, 768, device=device, dtype=dtype)
     ts = torch.full((rows,), 500.0, device=device)
-    with torch.no_grad():
-        bare = lambda: unet(x, ts, encoder_hidden_states=ehs, return_dict=False)  # noqa: E731
-        bare()  # warm-up
-        t_bare = timed(bare, args.repeats, sync)
 
-        def per_prompt_loop() -> None:  # Composable Diffusion community pipeline: one call per prompt + uncond
+    def bare() -> float:
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            unet(x, ts, encoder_hidden_states=ehs, return_dict=False)
+        sync()
+        return time.perf_counter() - t0
+
+    def per_prompt_loop() -> float:  # Composable Diffusion community pipeline: one batch-1 call per prompt + uncond
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
             for j in range(rows):
                 unet(x[j : j + 1], ts[j : j + 1], encoder_hidden_states=ehs[j : j + 1], return_dict=False)
+        sync()
+        return time.perf_counter() - t0
 
-        t_loop = timed(per_prompt_loop, args.repeats, sync)
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
 
-    def per_step(**kw) -> float:
-        stamps: list[float] = []
+    # Load on a shared machine drifts: every timed step is paired with a bare call right after it (inside the
+    # step callback, outside the step's own timing), and the ratio is the median of the per-pair ratios.
+    def per_step(steps: int, **kw) -> tuple[float, float, list[float]]:
+        step_times: list[float] = []
+        bare_times: list[float] = []
+        start = [0.0]
 
         def cb(p, i, t, tensors):
             sync()
-            stamps.append(time.perf_counter())
+            if i > 0:  # the first step also pays for text encoding and set-up
+                step_times.append(time.perf_counter() - start[0])
+                bare_times.append(bare())
+            start[0] = time.perf_counter()
             return {}
 
-        steps = kw.pop("steps")
-        sync()
-        stamps.append(time.perf_counter())
         pipe(
             prompt=prompts,
             operator="and",
@@ -153,29 +157,48 @@ def main() -> None:
             callback_on_step_end=cb,
             **kw,
         )
-        diffs = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)] or [stamps[1] - stamps[0]]
-        return statistics.median(diffs)
+        ratios = [a / b for a, b in zip(step_times, bare_times, strict=True)]
+        return statistics.median(step_times), statistics.median(ratios), bare_times
 
+    bare()  # warm-up
+    pairs = [(per_prompt_loop(), bare()) for _ in range(args.repeats)]
+    t_loop = statistics.median(a for a, _ in pairs)
+    r_loop = statistics.median(a / b for a, b in pairs)
+    all_bare = [b for _, b in pairs]
+    log(f"per-prompt loop {t_loop:.2f} s, ratio {r_loop:.2f}")
     results = []
-    t_sde = per_step(method="sde", steps=args.steps)
-    t_fd = per_step(method="ode", divergence="hutchinson_fd", steps=args.steps)
-    t_jvp = per_step(method="ode", divergence="hutchinson", steps=args.jvp_steps) if args.jvp_steps > 0 else None
-    with torch.no_grad():
-        t_bare += timed(bare, args.repeats, sync)  # again after the runs: load on a shared machine drifts
-    base = statistics.median(t_bare)
-    results.append(("bare batched UNet call (3 rows)", f"1 x {rows}", base, 1.0, ""))
-    results.append(("compose SDE (Ito density), AND + CFG", f"1 x {rows}", t_sde, t_sde / base, "<= 1.05"))
-    results.append(("compose ODE, hutchinson_fd (1 probe)", f"1 x {rows + len(prompts)}", t_fd, t_fd / base, "<= 2.5"))
-    if t_jvp is not None:
-        results.append(("compose ODE, hutchinson (1 JVP)", f"1 JVP x {rows}", t_jvp, t_jvp / base, "report"))
-    loop = statistics.median(t_loop)
-    results.append(("per-prompt loop (Composable Diffusion)", f"{rows} x 1", loop, loop / base, "compare"))
+    runs = [("compose SDE (Ito density), AND + CFG", f"1 x {rows}", "<= 1.05", dict(method="sde", steps=args.steps))]
+    runs.append(
+        (
+            "compose ODE, hutchinson_fd (1 probe)",
+            f"1 x {rows + len(prompts)}",
+            "<= 2.5",
+            dict(method="ode", divergence="hutchinson_fd", steps=args.steps),
+        )
+    )
+    if args.jvp_steps > 1:
+        runs.append(
+            (
+                "compose ODE, hutchinson (1 JVP)",
+                f"1 JVP x {rows}",
+                "report",
+                dict(method="ode", divergence="hutchinson", steps=args.jvp_steps),
+            )
+        )
+    for name, calls, target, kw in runs:
+        secs, ratio, b = per_step(**kw)
+        all_bare += b
+        log(f"{name}: {secs:.2f} s/step, ratio {ratio:.2f}")
+        results.append((name, calls, secs, ratio, target))
+    base = statistics.median(all_bare)
+    results.insert(0, ("bare batched UNet call", f"1 x {rows}", base, 1.0, ""))
+    results.append(("per-prompt loop (Composable Diffusion)", f"{rows} x 1", t_loop, r_loop, "compare"))
 
     print(
         f"\nComposePipeline per-step cost: SD-1.5 UNet (random weights), {args.size}x{args.size} -> {h}x{h} latents, "
         f"2 prompts, AND, CFG; device={args.device}, dtype={args.dtype}, torch threads={torch.get_num_threads()}"
     )
-    print(f"bare-call timings (s): {', '.join(f'{v:.2f}' for v in t_bare)}")
+    print(f"bare-call timings (s): {', '.join(f'{v:.2f}' for v in all_bare)}")
     print(f"{'variant':<42} {'UNet calls x rows':>18} {'s/step':>8} {'ratio':>7} {'target':>8}")
     for name, calls, secs, ratio, target in results:
         print(f"{name:<42} {calls:>18} {secs:>8.2f} {ratio:>7.2f} {target:>8}")

@@ -1,5 +1,5 @@
 """diffusers pipelines built on `compose`."""
 
-from .compose_pipeline import ComposePipeline, ComposePipelineOutput
+from .compose_pipeline import ComposeModel, ComposePipeline, ComposePipelineOutput
 
-__all__ = ["ComposePipeline", "ComposePipelineOutput"]
+__all__ = ["ComposeModel", "ComposePipeline", "ComposePipelineOutput"]

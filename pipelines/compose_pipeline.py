@@ -244,6 +244,23 @@ class ComposePipeline(DiffusionPipeline):
                     comp.to(device=device, dtype=dtype)
         return self
 
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """diffusers' model offload for the registered components, plus a hook on every further checkpoint's modules.
+
+        The further checkpoints' modules move to the accelerator when first called and back to the CPU when the call
+        ends (`maybe_free_model_hooks`), so they are all resident during a call.
+        """
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        from accelerate import cpu_offload_with_hook
+
+        seen = {id(c) for c in self.components.values() if c is not None}
+        for m in self._extra_models:
+            for comp in m.components().values():
+                if isinstance(comp, torch.nn.Module) and id(comp) not in seen:
+                    seen.add(id(comp))
+                    _, hook = cpu_offload_with_hook(comp, self._offload_device)
+                    self._all_hooks.append(hook)
+
     # ------------------------------------------------------------------ inputs
     def _terms(self, prompt: Any, models: list[ComposeModel]) -> list[tuple[ComposeModel, str | None]]:
         if prompt is None:

@@ -222,6 +222,28 @@ def test_text_to_image_outputs(folders):
     assert torch.equal(images, pt) and kappa.shape == (3, 1, 2) and log_q.shape == (1, 2)
 
 
+def test_loads_a_stable_diffusion_folder_layout(folders, tmp_path):
+    """model_index.json of a StableDiffusionPipeline (safety checker, feature extractor): those are not loaded."""
+    import shutil
+
+    path = tmp_path / "sd_layout"
+    shutil.copytree(folders["sd_a"], path)
+    with open(path / "model_index.json") as fh:
+        index = json.load(fh)
+    index.update(
+        _class_name="StableDiffusionPipeline",
+        safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        image_encoder=[None, None],
+        requires_safety_checker=False,
+    )
+    with open(path / "model_index.json", "w") as fh:
+        json.dump(index, fh)
+    pipe = load(str(path))
+    out = pipe(prompt="a cat", num_inference_steps=2, generator=seed(), output_type="latent")
+    assert out.images.shape == (1, 4, 8, 8)
+
+
 def test_prompt_with_and_is_one_term(folders):
     pipe = load(folders["sd_a"])
     out = pipe(prompt="a cat and a dog", num_inference_steps=2, generator=seed(), output_type="latent")
@@ -413,7 +435,7 @@ def test_prediction_type_and_schedule_conversion():
 
 
 def ComposeModel_for(unet, scheduler):  # noqa: N802 - reads like the class it builds
-    from pipelines.compose_pipeline import ComposeModel
+    from pipelines import ComposeModel
 
     return ComposeModel(name=f"m{id(unet)}", unet=unet, scheduler=scheduler)
 
@@ -548,7 +570,7 @@ def test_to_dtype_moves_every_checkpoint(folders):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model CPU offload needs an accelerator")
 def test_model_cpu_offload(folders):  # pragma: no cover - runs on GPU machines only
-    pipe = load(folders["sd_a"])
+    pipe = load([folders["sd_a"], folders["sd_b"]])
     pipe.enable_model_cpu_offload()
     out = pipe(prompt=["a", "b"], operator="and", num_inference_steps=2, generator=seed(), output_type="latent")
     assert torch.isfinite(out.images).all()
