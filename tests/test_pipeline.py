@@ -679,3 +679,37 @@ def test_matches_the_reference_loop_of_compose(folders):
     torch.testing.assert_close(out.kappa, ref.kappa, atol=2e-3, rtol=0)
     torch.testing.assert_close(out.images, ref.denoised, atol=1e-2, rtol=1e-3)  # random UNets: |x0_hat| ~ 40
     assert (out.images - ref.denoised).abs().mean() < 1e-5 * ref.denoised.abs().mean() * 100
+
+
+def test_scheduler_is_read_never_stepped(folders, monkeypatch):
+    pipe = load([folders["sd_a"], folders["sd_b"]])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("scheduler.step / set_timesteps must not be called")
+
+    monkeypatch.setattr(type(pipe.scheduler), "step", forbidden)
+    monkeypatch.setattr(type(pipe.scheduler), "set_timesteps", forbidden)
+    out = pipe(prompt="a cat", operator="and", num_inference_steps=2, generator=seed(), output_type="latent")
+    assert torch.isfinite(out.images).all()
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards")
+
+
+@pytest.mark.skipif(
+    not all(os.path.isdir(os.path.join(SHIPPED, n, "unet")) for n in ("shapes-text", "shapes-uncond-a")),
+    reason="the shipped shapes models are not in this checkout",
+)
+def test_shipped_shapes_models():
+    """The shipped pixel-space 24x24 DDPM checkpoints: text-conditional with CFG, OR an unconditional one."""
+    pipe = load([os.path.join(SHIPPED, "shapes-text"), os.path.join(SHIPPED, "shapes-uncond-a")])
+    assert pipe.vae is None and pipe.models[1].text_encoder is None
+    out = pipe(
+        prompt=["red circle", None],
+        operator="or",
+        guidance_scale=3.0,
+        num_inference_steps=2,
+        generator=seed(),
+        output_type="np",
+    )
+    assert out.images.shape == (1, 24, 24, 3) and out.kappa.shape == (2, 1, 2)
