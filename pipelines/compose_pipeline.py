@@ -14,6 +14,10 @@ Shared trajectory. The first checkpoint's scheduler defines the schedule of the 
 another schedule is evaluated at the time t_m with the same log-SNR, on x_m = x alpha_m(t_m) / alpha(t) (the
 change of variables of `compose.OnSchedule`); its eps_hat is the same noise in both. Predictions of every type
 (epsilon, sample, v_prediction, flow) go through `compose.to_eps`.
+
+Guidance. With guidance_scale > 1 every text checkpoint adds an unconditional row (negative_prompt, or SDXL's zeros)
+to its own UNet call; the expression's single unconditional leaf is the mean of those rows, and `compose.Guided` puts
+CFG around the composed prediction. Its divergence is not computed (no operator reads its log q).
 """
 
 from __future__ import annotations
@@ -609,8 +613,6 @@ class ComposePipeline(DiffusionPipeline):
             guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
         height = height or first.unet.config.sample_size * self.vae_scale_factor
         width = width or first.unet.config.sample_size * self.vae_scale_factor
-        if isinstance(height, (tuple, list)):
-            height, width = height
         self.check_inputs(
             operator,
             len(terms),
