@@ -1,0 +1,143 @@
+"""The main demo: compose the shipped shapes models on CPU and write one labelled image grid.
+
+    python examples/demo.py [--out outputs/demo.png] [--images 8] [--steps 50]
+
+Rows (every image is one sample; figures are from the shipped shapes classifier):
+  1. the joint prompt "a red circle" on shapes-text (a caption it has never seen: it was trained on ONE attribute
+     per caption);
+  2. AND("a red shape", "a circle") on the same model (SuperDiff AND, classifier-free guidance around it);
+  3. AND("a red shape" on shapes-text-colour, "a circle" on shapes-text-shape): two experts;
+  4. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from examples.shapes.classifier import load_classifier  # noqa: E402
+from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
+
+CARDS = ROOT / "model_cards"
+RESTORE = {  # the training command of each shipped model (its card and train_info.json give the exact one)
+    "shapes-text": "train_conditional.py --captions attribute",
+    "shapes-text-colour": "train_conditional.py --captions colour",
+    "shapes-text-shape": "train_conditional.py --captions shape",
+    "shapes-uncond-a": "train_unconditional.py --shapes circle square",
+    "shapes-uncond-b": "train_unconditional.py --shapes triangle star",
+}
+
+
+def model_dir(name: str) -> str:
+    """The folder of a shipped model, or a clear error saying how to get it back."""
+    folder = CARDS / name
+    if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
+        raise SystemExit(
+            f"shipped model folder {folder} is missing or incomplete. Restore it with `git checkout -- {folder}` "
+            f"or re-train it: `python examples/shapes/{RESTORE[name]} --out model_cards/{name}`"
+        )
+    return str(folder)
+
+
+def load(names: list[str]):
+    from pipelines import ComposePipeline
+
+    paths = [model_dir(n) for n in names]
+    try:
+        pipe = ComposePipeline.from_pretrained(paths[0] if len(paths) == 1 else paths)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"could not load {paths}: {err}. Restore with `git checkout -- model_cards/`.") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="outputs/demo.png")
+    p.add_argument("--images", type=int, default=8, help="images per row")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    t_start = time.perf_counter()
+    judge = load_classifier(CARDS / "shapes-classifier")
+    common = dict(num_inference_steps=args.steps, batch_size=args.images, output_type="pt")
+    rows = []  # (label, images (n, 3, H, W) in [0, 1], kind)
+    text = load(["shapes-text"])
+    experts = load(["shapes-text-colour", "shapes-text-shape"])
+    uncond = load(["shapes-uncond-a", "shapes-uncond-b"])
+    jobs = [
+        (
+            'joint prompt "a red circle" (never seen)',
+            text,
+            dict(prompt="a red circle", guidance_scale=args.guidance),
+            "and",
+        ),
+        (
+            'AND("a red shape", "a circle"), one model',
+            text,
+            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
+            "and",
+        ),
+        (
+            'AND(colour expert: "a red shape", shape expert: "a circle")',
+            experts,
+            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
+            "and",
+        ),
+        ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or"),
+    ]
+    print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'half A':>6} {'valid':>5} {'s/img':>6}")
+    for label, pipe, kw, kind in jobs:
+        t0 = time.perf_counter()
+        out = pipe(generator=torch.Generator().manual_seed(args.seed), **common, **kw)
+        sec = (time.perf_counter() - t0) / args.images
+        images = out.images.float()
+        ps, pc = judge.predict(images * 2 - 1)
+        shape, colour = ps.argmax(1), pc.argmax(1)
+        red = (colour == COLOURS.index("red")).float().mean()
+        circle = (shape == SHAPES.index("circle")).float().mean()
+        both = ((colour == COLOURS.index("red")) & (shape == SHAPES.index("circle"))).float().mean()
+        half_a = (shape < 2).float().mean()
+        valid = ((ps.max(1).values > 0.9) & (pc.max(1).values > 0.9)).float().mean()
+        print(f"{label:<62} {red:5.2f} {circle:6.2f} {both:5.2f} {half_a:6.2f} {valid:5.2f} {sec:6.2f}")
+        rows.append((label, images, kind))
+    out_path = Path(args.out)
+    save_labelled_grid(rows, out_path)
+    print(f"wrote {out_path} ({time.perf_counter() - t_start:.0f} s in all)")
+
+
+def save_labelled_grid(rows, path: Path, scale: int = 3, pad: int = 2) -> None:
+    from PIL import Image, ImageDraw
+
+    n = rows[0][1].shape[0]
+    side = rows[0][1].shape[-1] * scale
+    label_h = 14
+    width = n * (side + pad) + pad
+    height = len(rows) * (side + label_h + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for label, images, _ in rows:
+        draw.text((pad, y), label, fill=(0, 0, 0))
+        y += label_h
+        arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i in range(n):
+            tile = Image.fromarray(arr[i]).resize((side, side), Image.NEAREST)
+            canvas.paste(tile, (pad + i * (side + pad), y))
+        y += side + pad
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    main()
