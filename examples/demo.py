@@ -53,20 +53,30 @@ def load(names: list[str]):
     paths = [model_dir(n) for n in names]
     try:
         pipe = ComposePipeline.from_pretrained(paths[0] if len(paths) == 1 else paths)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SystemExit(f"could not load {paths}: {err}. Restore with `git checkout -- model_cards/`.") from err
+    except Exception as err:  # truncated safetensors, broken JSON, git-lfs pointer files, mismatched shapes ...
+        raise SystemExit(
+            f"could not load the shipped model folder(s) {', '.join(paths)} ({type(err).__name__}: {err}). "
+            f"Restore with `git checkout -- {' '.join(paths)}` or re-train (each card gives the command)."
+        ) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def main() -> None:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/demo.png")
-    p.add_argument("--images", type=int, default=8, help="images per row")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--images", type=_positive_int, default=8, help="images per row")
+    p.add_argument("--steps", type=_positive_int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t_start = time.perf_counter()
     judge = load_classifier(CARDS / "shapes-classifier")

@@ -1,0 +1,91 @@
+"""The main demo (examples/demo.py) on the shipped shapes models: it runs, writes its grid, and fails clearly."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples import demo  # noqa: E402
+from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
+
+
+def test_demo_runs_and_writes_a_labelled_grid(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    demo.main(["--out", str(out), "--images", "2", "--steps", "3"])
+    printed = capsys.readouterr().out
+    from PIL import Image
+
+    image = np.asarray(Image.open(out).convert("RGB"))
+    # four rows of two 24x24 tiles at scale 3, each under a 14-pixel label, 2-pixel padding
+    assert image.shape == (2 + 4 * (72 + 14 + 2), 2 + 2 * (72 + 2), 3)
+    tiles = image[2 + 14 : 2 + 14 + 72, 2 : 2 + 72].astype(float)
+    assert tiles.std() > 1.0, "the first tile is flat: nothing was drawn"
+    rows = [line for line in printed.splitlines() if line.startswith(("joint", "AND", "OR"))]
+    assert len(rows) == 4
+    for line in rows:
+        figures = [float(v) for v in line.split()[-6:]]
+        assert all(0.0 <= v <= 1.0 for v in figures[:5]) and figures[5] > 0
+
+
+def test_demo_same_seed_same_grid(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for path in (a, b):
+        demo.main(["--out", str(path), "--images", "1", "--steps", "2", "--seed", "3"])
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+@pytest.mark.parametrize("flag", ["--images", "--steps"])
+def test_demo_refuses_non_positive_counts(flag, capsys):
+    with pytest.raises(SystemExit):
+        demo.main([flag, "0"])
+    assert flag in capsys.readouterr().err
+
+
+def test_missing_model_names_folder_and_restore(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "CARDS", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        demo.load(["shapes-uncond-a"])
+    msg = str(e.value)
+    assert str(tmp_path / "shapes-uncond-a") in msg
+    assert "git checkout --" in msg and "train_unconditional.py --shapes circle square" in msg
+
+
+def test_corrupt_model_names_folder_and_restore(tmp_path, monkeypatch):
+    broken = tmp_path / "shapes-uncond-a"
+    shutil.copytree(ROOT / "model_cards" / "shapes-uncond-a", broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download
+    monkeypatch.setattr(demo, "CARDS", tmp_path)
+    with pytest.raises(SystemExit) as e:
+        demo.load(["shapes-uncond-a"])
+    msg = str(e.value)
+    assert str(broken) in msg and "git checkout --" in msg
+
+
+def test_unknown_words_are_tokenised_not_fatal():
+    """Words outside the shipped vocabulary map to the tokenizer's unknown token; sampling still runs."""
+    pipe = demo.load(["shapes-text"])
+    tok = pipe.tokenizer
+    ids = tok("a purple dodecahedron", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert tok.unk_token_id in ids
+    out = pipe(
+        prompt=["a purple dodecahedron", "a circle"],
+        operator="and",
+        num_inference_steps=2,
+        batch_size=1,
+        output_type="pt",
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out.images.shape == (1, 3, 24, 24) and torch.isfinite(out.images).all()
+    assert "purple" not in COLOURS and "dodecahedron" not in SHAPES
