@@ -3,6 +3,7 @@
     python benchmarks/bench_shapes.py                         # defaults: 4 pairs x 8 images, 50 steps (~10-15 min CPU)
     python benchmarks/bench_shapes.py --all-pairs --images 64 --steps 50 200
     python benchmarks/bench_shapes.py --json out.json         # also write every figure (per pair too) as JSON
+    python benchmarks/bench_shapes.py --examples grid.png     # and a labelled grid: 2 images per pair, every AND row
 
 AND part, for each (colour, shape) pair, e.g. (red, circle), with the same seeds for every row:
   - joint prompt "a red circle" on shapes-text (a caption it has never seen: its captions name ONE attribute);
@@ -39,6 +40,7 @@ CARDS = ROOT / "model_cards"
 DEFAULT_PAIRS = [("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "star")]
 ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 HALF_A = ("circle", "square")
+EXAMPLES_PER_PAIR = 2
 
 
 def and_metrics(shape_probs: torch.Tensor, colour_probs: torch.Tensor, colour: str, shape: str) -> dict:
@@ -105,7 +107,7 @@ PIPE_NAMES = {
 }
 
 
-def load(folders: list[str]):
+def load(folders: list[str], device: str = "cpu"):
     from pipelines import ComposePipeline
 
     for f in folders:
@@ -113,7 +115,7 @@ def load(folders: list[str]):
             raise SystemExit(f"model folder {f} is missing; restore it with `git checkout -- {f}` (see its card).")
     pipe = ComposePipeline.from_pretrained(folders[0] if len(folders) == 1 else folders)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 def train_steps(folder: Path) -> int | None:
@@ -127,6 +129,7 @@ def run(args) -> dict:
     from examples.shapes.classifier import load_classifier
 
     judge = load_classifier(CARDS / "shapes-classifier")
+    examples = []  # (label, images) for --examples: the first EXAMPLES_PER_PAIR images of every pair, every AND row
     cards = {
         k: CARDS / v
         for k, v in dict(
@@ -139,12 +142,12 @@ def run(args) -> dict:
     }
     pipes = {}
     if not args.skip_and:
-        pipes["text"] = load([str(cards["text"])])
-        pipes["experts"] = load([str(cards["colour"]), str(cards["shape"])])
+        pipes["text"] = load([str(cards["text"])], args.device)
+        pipes["experts"] = load([str(cards["colour"]), str(cards["shape"])], args.device)
     if not args.skip_or:
-        pipes["a"] = load([str(cards["a"])])
-        pipes["b"] = load([str(cards["b"])])
-        pipes["ab"] = load([str(cards["a"]), str(cards["b"])])
+        pipes["a"] = load([str(cards["a"])], args.device)
+        pipes["b"] = load([str(cards["b"])], args.device)
+        pipes["ab"] = load([str(cards["a"]), str(cards["b"])], args.device)
     pairs = ALL_PAIRS if args.all_pairs else DEFAULT_PAIRS[: args.pairs]
     result = {
         "config": dict(
@@ -152,6 +155,7 @@ def run(args) -> dict:
             images_per_pair=args.images,
             steps=args.steps,
             guidance_scale=args.guidance,
+            device=args.device,
             seed=args.seed,
             or_images=args.or_images,
             train_steps={k: train_steps(v) for k, v in cards.items()},
@@ -164,20 +168,20 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         out = pipe(generator=torch.Generator().manual_seed(seed), batch_size=n, output_type="pt", **kw)
         sec = time.perf_counter() - t0
-        images = out.images.float()
+        images = out.images.float().cpu()
         ps, pc = judge.predict(images * 2 - 1)
         return images, ps, pc, sec, out
 
     for steps in args.steps:
         if not args.skip_and:
             for row in and_rows(text=True, experts=True):
-                per_pair, total_sec, n_img, kmax = [], 0.0, 0, 0.0
+                per_pair, total_sec, n_img, kmax, shown = [], 0.0, 0, 0.0, []
                 for p, (colour, shape) in enumerate(pairs):
                     if row.get("joint"):
                         prompt = f"a {colour} {shape}"
                     else:
                         prompt = [f"a {colour} shape", f"a {shape}"]
-                    _, ps, pc, sec, out = call(
+                    images, ps, pc, sec, out = call(
                         pipes[row["pipe"]],
                         args.images,
                         args.seed + p,
@@ -190,6 +194,8 @@ def run(args) -> dict:
                     n_img += args.images
                     kmax = max(kmax, float(out.kappa.abs().max()))
                     per_pair.append(dict(pair=f"{colour} {shape}", **and_metrics(ps, pc, colour, shape)))
+                    shown.append(images[:EXAMPLES_PER_PAIR])
+                examples.append((f"{steps} steps, {PIPE_NAMES[row['pipe']]}: {row['label']}", torch.cat(shown)))
                 mean = {k: sum(d[k] for d in per_pair) / len(per_pair) for k in ("both", "colour", "shape")}
                 rec = dict(
                     steps=steps,
@@ -238,6 +244,11 @@ def run(args) -> dict:
                     file=sys.stderr,
                     flush=True,
                 )
+    if args.examples and examples:
+        from examples.demo import save_labelled_grid
+
+        save_labelled_grid([(label, images, "and") for label, images in examples], Path(args.examples))
+        print(f"# wrote {args.examples}: {EXAMPLES_PER_PAIR} images per pair, pairs in order {pairs}", file=sys.stderr)
     return result
 
 
@@ -257,6 +268,19 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['steps']} | {r['models']} | {r['method']} | {r['both']:.2f} | {r['colour']:.2f} | "
                 f"{r['shape']:.2f} | {r['sec_per_image']:.2f} |"
+            )
+        lines += [
+            "",
+            "Per pair (both):",
+            "",
+            "| steps | models | method | " + " | ".join(d["pair"] for d in result["and"][0]["per_pair"]) + " |",
+            "|---:|---|---|" + "---:|" * len(result["and"][0]["per_pair"]),
+        ]
+        for r in result["and"]:
+            lines.append(
+                f"| {r['steps']} | {r['models']} | {r['method']} | "
+                + " | ".join(f"{d['both']:.2f}" for d in r["per_pair"])
+                + " |"
             )
         lines.append("")
     if result["or"]:
@@ -289,6 +313,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-and", action="store_true")
     p.add_argument("--skip-or", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="e.g. cuda, cpu")
+    p.add_argument("--examples", default=None, help="write a PNG grid of every AND row's images (2 per pair)")
     p.add_argument(
         "--json", nargs="?", const="-", default=None, help="write JSON to this file ('-' or no value: stdout)"
     )

@@ -80,9 +80,30 @@ NEEDED = [
 )
 def test_two_step_run_on_shipped_models(tmp_path, capsys):
     out = tmp_path / "b.json"
-    bench.main(["--pairs", "1", "--images", "1", "--or-images", "2", "--steps", "2", "--json", str(out)])
+    grid = tmp_path / "grid.png"
+    bench.main(
+        [
+            "--pairs",
+            "1",
+            "--images",
+            "2",
+            "--or-images",
+            "2",
+            "--steps",
+            "2",
+            "--json",
+            str(out),
+            "--examples",
+            str(grid),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| steps | models | method | both | colour | shape | s/img |" in printed
+    assert "| steps | models | method | red circle |" in printed  # the per-pair table
+    from PIL import Image
+
+    # nine AND rows of two 24x24 tiles at scale 3 under 14-pixel labels
+    assert Image.open(grid).size == (2 + 2 * 74, 2 + 9 * (72 + 14 + 2))
     assert "SuperDiff OR (T = 100)" in printed
     res = json.loads(out.read_text())
     assert len(res["and"]) == 9 and len(res["or"]) == 6
