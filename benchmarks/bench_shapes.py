@@ -115,7 +115,7 @@ def load(folders: list[str], device: str = "cpu"):
             raise SystemExit(f"model folder {f} is missing; restore it with `git checkout -- {f}` (see its card).")
     pipe = ComposePipeline.from_pretrained(folders[0] if len(folders) == 1 else folders)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe if device == "cpu" else pipe.to(device)  # .to() on CPU only warns about fp32 modules
 
 
 def train_steps(folder: Path) -> int | None:
