@@ -32,7 +32,7 @@ import torch
 from .engine import Composer, check_grid
 from .grids import make_grid
 from .models import model_eps, model_name
-from .operators import AND, Expr, Guided, Product, StepContext
+from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
 from .predictions import bcast
 
 FINALS = ("resample", "weights")
@@ -63,6 +63,13 @@ class PoE(Expr):
                         f"PoE: the factor {c!r} contains {bad[0].op_name}, which has no density to multiply. Use "
                         "models, OR, Average or Product as factors; write guidance as PoE(..., unconditional=u)."
                     )
+                for node in c.nodes():
+                    if isinstance(node, OR) and any(isinstance(n, (Average, Product)) for n in node.nodes()):
+                        raise ValueError(
+                            f"PoE: the factor {node!r} mixes products; the weights need every factor to be a model "
+                            "or a mixture (OR) of models, whose density is a diffusion marginal. Multiply outside "
+                            "the OR instead."
+                        )
         if isinstance(unconditional, Expr):
             raise ValueError("PoE: unconditional must be a model, not an expression.")
         k = len(self.children)
@@ -80,9 +87,17 @@ class PoE(Expr):
             )
         self.exponents = a
         self.unconditional = unconditional
-        factors = [*self.children, *([unconditional] if unconditional is not None else [])]
-        # Exponents of all factors, the unconditional one included: the guided form has total exponent A = 1.
-        self.factor_exponents = torch.cat([a, (1.0 - a.sum()).reshape(1)]) if unconditional is not None else a
+        # Factors are models or OR mixtures of models (diffusion marginals): Product / Average factors are flattened
+        # into their children with multiplied exponents (q_a q_b as one factor is no marginal: its weights differ).
+        factors, exps = [], []
+        for c, e in zip(self.children, a.tolist(), strict=True):
+            for f, ef in _flatten(c, e):
+                factors.append(f)
+                exps.append(ef)
+        if unconditional is not None:  # the guided form has total exponent A = 1
+            factors.append(unconditional)
+            exps.append(1.0 - float(a.sum()))
+        self.factor_exponents = torch.tensor(exps, dtype=torch.float64)
         self.total_exponent = float(self.factor_exponents.sum())
         # The move: s_bar = sum_j a_j s_j, exactly a `Product` of the factors (which also tracks each leaf's log q).
         self.product = Product(*factors, weights=self.factor_exponents)
@@ -105,6 +120,16 @@ class PoE(Expr):
         inner = ", ".join(repr(c) if isinstance(c, Expr) else model_name(c) for c in self.children)
         u = "" if self.unconditional is None else f", unconditional={model_name(self.unconditional)}"
         return f"PoE({inner}, exponents={self.exponents.tolist()}{u})"
+
+
+def _flatten(node: Any, e: float) -> list[tuple[Any, float]]:
+    """(factor, exponent) pairs of node^e with Product / Average expanded: q_a^w q_b^v stays a product of marginals."""
+    if isinstance(node, Product):
+        return [p for c, w in zip(node.children, node.weights.tolist(), strict=True) for p in _flatten(c, e * w)]
+    if isinstance(node, Average):
+        k = len(node.children)
+        return [p for c in node.children for p in _flatten(c, e / k)]
+    return [(node, e)]
 
 
 # ---------------------------------------------------------------------- the pieces (pure functions)
