@@ -749,7 +749,7 @@ class ComposePipeline(DiffusionPipeline):
             return eps_l, div_l
 
         if smc:
-            args = (composer, poe, evaluate, x, log_q, ts, n, P, root, generator, device)
+            args = (composer, poe, evaluate, x, log_q, ts, n, P, expr, generator, device)  # kappa: the exponents
             kw = dict(ess_threshold=ess_threshold, resample_window=resample_window, output_type=output_type)
             out = self._sample_particles(*args, **kw, callback=callback_on_step_end,
                                          callback_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
