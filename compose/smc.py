@@ -170,14 +170,17 @@ def systematic_resample(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     w = torch.softmax(log_w.to(torch.float64), -1)
     cdf = w.cumsum(-1)
     cdf[:, -1] = 1.0  # guard the float rounding of the last cumulative sum
-    pos = (u.to(torch.float64).reshape(n, 1) + torch.arange(K, dtype=torch.float64, device=w.device)) / K
+    pos = (
+        u.to(device=w.device, dtype=torch.float64).reshape(n, 1) + torch.arange(K, dtype=w.dtype, device=w.device)
+    ) / K
     return torch.searchsorted(cdf, pos, right=True).clamp_max(K - 1)
 
 
 def choose_one(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One particle index per group (n,), drawn with probability softmax(log_w) (inverse CDF at u (n,) in [0, 1))."""
     cdf = torch.softmax(log_w.to(torch.float64), -1).cumsum(-1)
-    return torch.searchsorted(cdf, u.to(torch.float64).reshape(-1, 1), right=True)[:, 0].clamp_max(log_w.shape[1] - 1)
+    u = u.to(device=cdf.device, dtype=torch.float64).reshape(-1, 1)
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(log_w.shape[1] - 1)
 
 
 def check_smc_options(num_particles: Any, ess_threshold: Any, resample_window: Any, method: str = "sde") -> tuple:
@@ -365,8 +368,8 @@ def sample_smc(
             raise ValueError(f"num_samples={num_samples} does not match x_T with {n} groups.")
         x = x_T.reshape(n * K, *x_T.shape[2:])
     log_q = composer.initial_log_q(x, t0)
-    log_w = torch.zeros(n, K, dtype=torch.float64)
-    lineage = torch.arange(K).expand(n, K).clone()
+    log_w = torch.zeros(n, K, dtype=torch.float64, device=x.device)
+    lineage = torch.arange(K, device=x.device).expand(n, K).clone()
     ess, resampled = [], []
     iterator = range(len(ts) - 1)
     if progress:
@@ -397,7 +400,7 @@ def sample_smc(
     if final == "resample":
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         idx = systematic_resample(log_w, u)
-        flat = (idx + K * torch.arange(n)[:, None]).reshape(-1)
+        flat = (idx + K * torch.arange(n, device=idx.device)[:, None]).reshape(-1)
         x, denoised, log_q = x[flat], denoised[flat], log_q[flat]
         lineage = torch.gather(lineage, 1, idx)
         log_w = torch.full_like(log_w, -math.log(K))

@@ -807,7 +807,7 @@ class ComposePipeline(DiffusionPipeline):
         output_type, callback, callback_inputs,
     ) -> ComposePipelineOutput:  # fmt: skip
         """Steps 4-5 of operator="product_smc": x (n P, ...) particles, image-major; `compose.smc` does the maths."""
-        log_w = torch.zeros(n, P, dtype=torch.float64)
+        log_w = torch.zeros(n, P, dtype=torch.float64, device=x.device)
         kappas, ess, resampled, node_kappa = [], [], [], {}
         steps = len(ts) - 1
         with self.progress_bar(total=steps) as bar:
@@ -836,7 +836,7 @@ class ComposePipeline(DiffusionPipeline):
         eps_bar = torch.einsum("nl,ln...->n...", coeffs.to(eps.dtype), eps)
         x0 = compose.eps_to_x0(eps_bar, x, t_last, composer.schedule)
         log_w = log_w - torch.logsumexp(log_w, -1, keepdim=True)
-        pick = choose_one(log_w, _uniforms(n, generator)) + P * torch.arange(n)  # one particle per image, by weight
+        pick = choose_one(log_w, _uniforms(n, generator)) + P * torch.arange(n, device=log_w.device)  # by weight
         images = self._decode(x0[pick.to(x0.device)], output_type)
         self.maybe_free_model_hooks()
         res = torch.stack(resampled)
