@@ -16,8 +16,9 @@ is the exact product A x B (`compose.toy.product_of_mixtures`). Every row runs R
   - mean err: |weighted mean - exact mean| of a group, mean over groups;
   - negligible: (weighted) fraction of samples whose exact product log-density is below the 0.1% quantile of exact
     product samples (exact samples: 0.001 by construction);
-  - spread: between-group standard deviation of the mean (root mean square over dimensions), divided by that of the
-    mean of K independent exact samples (1 = no variance cost);
+  - mean RMSE / indep.: root mean square (over groups) of |group mean - exact mean|, divided by that of the mean of K
+    independent exact samples, sqrt(tr Cov / K). For the nearly unbiased particle product this is the variance cost
+    of resampling (1 = as good as independent samples); for the biased baselines it is mostly their bias;
   - ESS / resamples / ancestors: mean minimum ESS (fraction of K), resampling events per run, distinct starting
     particles among the K final ones.
 Baselines use the same sample counts and groups: the plain sum of scores (compose.Product) and SuperDiff AND.
@@ -87,7 +88,7 @@ class Judge:
         tv = 0.5 * (self._shares(x, w) - self.shares).abs().sum(-1)
         m = torch.einsum("gk,gkd->gd", w, x)
         low = (self.p.log_prob(x.reshape(-1, d), 0.0).reshape(G, K) < self.low).double()
-        spread = ((m - self.mean) ** 2).sum(-1).mean().sqrt()  # RMS distance over groups (uses the exact mean)
+        spread = ((m - self.mean) ** 2).sum(-1).mean().sqrt()  # RMS error of a group's mean (variance + bias^2)
         indep = (self.var.sum() / K).sqrt()
         return {
             "mode_tv": float(tv.mean()),
@@ -163,23 +164,22 @@ def shapes_part(args) -> list[dict]:
     from examples.shapes.classifier import load_classifier
 
     judge = load_classifier(bs.CARDS / "shapes-classifier")
-    pipes = {
-        "text": bs.load([str(bs.CARDS / "shapes-text")]),
-        "experts": bs.load([str(bs.CARDS / "shapes-text-colour"), str(bs.CARDS / "shapes-text-shape")]),
-    }
+    folders = {"text": ["shapes-text"], "experts": ["shapes-text-colour", "shapes-text-shape"]}
+    pipes = {k: bs.load([str(bs.CARDS / f) for f in folders[k]]) for k in args.models}
     budget = args.budget
-    rows_spec = [("text", "joint prompt", dict(), 1)]
-    for pipe in ("text", "experts"):
-        rows_spec += [
-            (pipe, "product (Composable Diffusion)", dict(operator="product"), 1),
-            (pipe, "SuperDiff AND (SDE)", dict(operator="and"), 1),
-        ]
+    rows_spec = [("text", "joint prompt", dict(), 1)] if "text" in args.models and not args.no_baselines else []
+    for pipe in args.models:
+        if not args.no_baselines:
+            rows_spec += [
+                (pipe, "product (Composable Diffusion)", dict(operator="product"), 1),
+                (pipe, "SuperDiff AND (SDE)", dict(operator="and"), 1),
+            ]
         smc = dict(operator="product_smc")
         rows_spec += [(pipe, f"particle product, {P} particles", smc, P) for P in args.shape_p]
     pairs = bs.DEFAULT_PAIRS[: args.pairs]
     out = []
     for pipe, label, kw, P in rows_spec:
-        steps = budget // P
+        steps = budget if args.fixed_steps else budget // P
         per, sec, resamples, ess = [], 0.0, [], []
         for p, (colour, shape) in enumerate(pairs):
             prompt = f"a {colour} {shape}" if label == "joint prompt" else [f"a {colour} shape", f"a {shape}"]
@@ -217,7 +217,7 @@ def markdown(result: dict) -> str:
         f"Exact mixtures: {cfg['steps']} steps, ESS threshold {cfg['ess_threshold']}, >= {cfg['total']} samples per "
         f"row in groups of K, seed {cfg['seed']}",
         "",
-        "| toy | d | method | K | groups | mode TV | mean err | negligible | spread / indep. | min ESS | resamples "
+        "| toy | d | method | K | groups | mode TV | mean err | negligible | mean RMSE / indep. | min ESS | resamples "
         "| ancestors | s |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -231,8 +231,13 @@ def markdown(result: dict) -> str:
     if result.get("shapes"):
         lines += [
             "",
-            f"Shapes: {cfg['pairs']} pairs x {cfg['images']} images, guidance {cfg['guidance']}, budget "
-            f"{cfg['budget']} network evaluations per image (steps x particles), seed {cfg['seed']}",
+            f"Shapes: {cfg['pairs']} pairs x {cfg['images']} images, guidance {cfg['guidance']}, "
+            + (
+                f"{cfg['budget']} steps for every row"
+                if cfg.get("fixed_steps")
+                else f"budget {cfg['budget']} network evaluations per image (steps x particles)"
+            )
+            + f", seed {cfg['seed']}",
             "",
             "| models | method | particles | steps | NFE / img | both | colour | shape | resamples | s/img |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -262,8 +267,12 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=int, default=48, help="network evaluations per image (steps x particles)")
     p.add_argument("--shape-p", type=int, nargs="+", default=[2, 4], help="particle counts of the shapes rows")
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--fixed-steps", action="store_true", help="every shapes row gets --budget steps (NFE = steps x P)")
+    p.add_argument("--models", nargs="+", default=["text", "experts"], choices=["text", "experts"])
+    p.add_argument("--no-baselines", action="store_true", help="shapes: particle-product rows only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to this file ('-': stdout)")
+    p.add_argument("--render", default=None, help="print the tables of a JSON file written by --json, run nothing")
     args = p.parse_args(argv)
     if any(k < 2 for k in args.particles) or args.baseline_k < 2:
         p.error("particle counts must be >= 2")
@@ -276,6 +285,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
