@@ -596,8 +596,9 @@ class ComposePipeline(DiffusionPipeline):
             prompt: the terms' prompts (a string, a list, or None for unconditional terms); never parsed.
             operator: "or" (SuperDiff mixture), "and" (equal densities), "average", "product" (Composable Diffusion;
                 negative weights negate), a callable building a nested `compose` expression from the term leaves
-                (e.g. `lambda a, b, c: compose.OR(compose.AND(a, b), c)`), or None for a single term.
-            weights: per-term weights for "or" (mixture weights) and "product" (signed).
+                (e.g. `lambda a, b, c: compose.OR(compose.AND(a, b), c)`), or None for a single term; or
+                "product_smc", the product of the terms sampled by particles (see num_particles below).
+            weights: per-term weights for "or" (mixture weights), "product" (signed) and "product_smc" (exponents).
             temperature: OR temperature (1 samples the mixture).
             guidance_scale: classifier-free guidance around the composed prediction; 1 disables the unconditional
                 branch. Default 7.5 when a checkpoint has a text encoder, else 1.
