@@ -94,6 +94,11 @@ class PoE(Expr):
             for f, ef in _flatten(c, e):
                 factors.append(f)
                 exps.append(ef)
+        if any(e == 0 for e in exps) or (unconditional is None and any(e < 0 for e in exps)):
+            raise ValueError(
+                f"PoE: the flattened exponents {exps} of the factors' models must be non-zero, and positive without "
+                "an unconditional model; check the weights of the Product / Average factors."
+            )
         if unconditional is not None:  # the guided form has total exponent A = 1
             factors.append(unconditional)
             exps.append(1.0 - float(a.sum()))

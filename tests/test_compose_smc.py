@@ -316,6 +316,7 @@ def test_nesting(two_mixtures):
         (lambda a, b: PoE(a, b, exponents=[1.0, -1.0]), {}, "positive"),
         (lambda a, b: PoE(a, exponents=[-2.0]), {}, "positive"),
         (lambda a, b: PoE(a, b, exponents=[1.0]), {}, "one exponent per factor"),
+        (lambda a, b: PoE(Product(a, b, weights=[1.0, -1.0])), {}, "flattened exponents"),
         (lambda a, b: PoE(a, b, exponents=[1.0, float("nan")]), {}, "finite"),
         (lambda a, b: PoE(a, exponents=[2.0], unconditional=AND(a, b)), {}, "model, not an expression"),
         (lambda a, b: PoE(a, b), {"num_particles": 1}, "num_particles"),
