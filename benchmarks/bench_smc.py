@@ -213,15 +213,17 @@ def shapes_part(args) -> list[dict]:
 
 def markdown(result: dict) -> str:
     cfg = result["config"]
-    lines = [
-        f"Exact mixtures: {cfg['steps']} steps, ESS threshold {cfg['ess_threshold']}, >= {cfg['total']} samples per "
-        f"row in groups of K, seed {cfg['seed']}",
-        "",
-        "| toy | d | method | K | groups | mode TV | mean err | negligible | mean RMSE / indep. | min ESS | resamples "
-        "| ancestors | s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["exact"]:
+    lines = []
+    if result.get("exact"):
+        lines += [
+            f"Exact mixtures: {cfg['steps']} steps, ESS threshold {cfg['ess_threshold']}, >= {cfg['total']} "
+            f"samples per row in groups of K, seed {cfg['seed']}",
+            "",
+            "| toy | d | method | K | groups | mode TV | mean err | negligible | mean RMSE / indep. | min ESS "
+            "| resamples | ancestors | s |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    for r in result.get("exact") or []:
         fmt = lambda k, f, r=r: f.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
         lines.append(
             f"| {r['toy']} | {r['d']} | {r['method']} | {r['K']} | {r['groups']} | {r['mode_tv']:.3f} | "
