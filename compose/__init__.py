@@ -20,6 +20,7 @@ from .predictions import (
 )
 from .sampling import SampleResult, sample
 from .schedule import NoiseSchedule
+from .smc import PoE, SMCResult, effective_sample_size, sample_smc, systematic_resample
 
 __all__ = [
     "AND",
@@ -31,10 +32,13 @@ __all__ = [
     "Guided",
     "NoiseSchedule",
     "OnSchedule",
+    "PoE",
     "Product",
+    "SMCResult",
     "SampleResult",
     "StepOutput",
     "divergence",
+    "effective_sample_size",
     "eps_to_score",
     "eps_to_x0",
     "from_eps",
@@ -43,7 +47,9 @@ __all__ = [
     "normalize_prediction_type",
     "on_schedule",
     "sample",
+    "sample_smc",
     "score_to_eps",
+    "systematic_resample",
     "to_eps",
     "toy",
 ]

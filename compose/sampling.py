@@ -12,6 +12,7 @@ from .engine import DIVERGENCES, Composer, check_grid, check_method, divergence,
 from .grids import make_grid
 from .models import model_eps
 from .predictions import bcast
+from .smc import PoE, SMCResult, sample_smc
 
 
 @dataclass
@@ -53,7 +54,8 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
-) -> SampleResult:
+    **smc_options: Any,
+) -> SampleResult | SMCResult:
     """Sample a composition of models (an operator expression, or one model) along one shared trajectory.
 
     Args:
@@ -72,7 +74,15 @@ def sample(
         control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.engine`).
         dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.
+        smc_options: for a `compose.PoE` only (sampled by `compose.sample_smc`, which returns an `SMCResult`):
+            num_particles, ess_threshold, resample_window, final.
     """
+    if isinstance(expr, PoE) or smc_options:
+        if not isinstance(expr, PoE):
+            raise ValueError(f"{sorted(smc_options)} are options of particle products; wrap the models in PoE(...).")
+        kw = dict(grid=grid, control_variate=control_variate, dtype=dtype, callback=callback, progress=progress)
+        return sample_smc(expr, num_samples, x_T=x_T, timesteps=timesteps, steps=steps, method=method,
+                          generator=generator, **kw, **smc_options)  # fmt: skip
     check_method(method, divergence)
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer; got {probes!r}.")

@@ -40,8 +40,9 @@ from diffusers.utils.torch_utils import randn_tensor
 import compose
 from compose.engine import Composer, check_grid
 from compose.operators import Expr, operator_root
+from compose.smc import check_smc_options, choose_one, particle_step
 
-OPERATORS = ("or", "and", "average", "product")
+OPERATORS = ("or", "and", "average", "product", "product_smc")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DIVERGENCES = ("hutchinson", "hutchinson_fd")
 MODELS_FILE = "compose_models.json"  # written by save_pretrained when a pipeline holds several checkpoints
@@ -58,6 +59,9 @@ class ComposePipelineOutput(BaseOutput):
     log_q: (n, T) float64 tracked log-density of every term (un-guided conditionals) at the last grid time.
     timesteps: (steps + 1,) the grid in t (t in [0, 1], data at 0) of the shared schedule.
     node_kappa: operator path ("root", "root.0", ...) -> (steps, n, K) weights of every operator node.
+    ess, num_resamples, log_weights (operator="product_smc" only): (steps, n) effective sample size of every image's
+        particles at every step (in particles, before resampling), (n,) resampling events per image, and (n, P)
+        float64 final normalised log-weights of the P particles (the image is one particle drawn by them).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -65,6 +69,9 @@ class ComposePipelineOutput(BaseOutput):
     log_q: torch.Tensor
     timesteps: torch.Tensor | None = None
     node_kappa: dict = field(default_factory=dict)
+    ess: torch.Tensor | None = None
+    num_resamples: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -325,7 +332,7 @@ class ComposePipeline(DiffusionPipeline):
                     f"operator={operator!r} is not known; use one of {OPERATORS}, or a callable that builds a compose "
                     "expression from the terms, e.g. lambda a, b, c: compose.OR(compose.AND(a, b), c)."
                 )
-            if n_terms < 2:
+            if n_terms < 2 and operator.lower() != "product_smc":
                 raise ValueError(
                     f"operator={operator!r} needs at least two terms (prompts or checkpoints); got {n_terms}. "
                     "Give more prompts / checkpoints, or operator=None for a single term."
@@ -335,7 +342,7 @@ class ComposePipeline(DiffusionPipeline):
                 f"operator is None but there are {n_terms} terms; choose how to compose them: one of {OPERATORS}."
             )
         if weights is not None:
-            if not (isinstance(operator, str) and operator.lower() in ("or", "product")):
+            if not (isinstance(operator, str) and operator.lower() in ("or", "product", "product_smc")):
                 raise ValueError(
                     f"weights are used by operator='or' (mixture weights) and 'product' (signed); got operator="
                     f"{operator!r}. For AND biases build the expression yourself (operator=callable)."
@@ -579,6 +586,9 @@ class ComposePipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        num_particles: int | None = None,
+        ess_threshold: float = 0.5,
+        resample_window: tuple[float, float] = (0.0, 1.0),
     ) -> ComposePipelineOutput | tuple:
         """Sample the composition of the terms (prompts x checkpoints).
 
@@ -586,8 +596,9 @@ class ComposePipeline(DiffusionPipeline):
             prompt: the terms' prompts (a string, a list, or None for unconditional terms); never parsed.
             operator: "or" (SuperDiff mixture), "and" (equal densities), "average", "product" (Composable Diffusion;
                 negative weights negate), a callable building a nested `compose` expression from the term leaves
-                (e.g. `lambda a, b, c: compose.OR(compose.AND(a, b), c)`), or None for a single term.
-            weights: per-term weights for "or" (mixture weights) and "product" (signed).
+                (e.g. `lambda a, b, c: compose.OR(compose.AND(a, b), c)`), or None for a single term; or
+                "product_smc", the product of the terms sampled by particles (see num_particles below).
+            weights: per-term weights for "or" (mixture weights), "product" (signed) and "product_smc" (exponents).
             temperature: OR temperature (1 samples the mixture).
             guidance_scale: classifier-free guidance around the composed prediction; 1 disables the unconditional
                 branch. Default 7.5 when a checkpoint has a text encoder, else 1.
@@ -605,6 +616,12 @@ class ComposePipeline(DiffusionPipeline):
             latents: (n, C, h, w) standard normal initial noise (scaled by sigma at the first grid time).
             output_type: "pil", "np", "pt" or "latent".
             callback_on_step_end: callback(pipe, step, timestep, tensors) -> dict; may replace "latents" / "log_q".
+            num_particles, ess_threshold, resample_window: for operator="product_smc" (the product of the terms,
+                prod_i q_i^{w_i}, sampled with Feynman-Kac weights; `compose.PoE`): P particles per image, resampled
+                (systematic) when their ESS drops below ess_threshold * P at a t_next inside resample_window. Particles
+                of one image share prompts and go through the UNet in the same batched call, so a step costs P times
+                the rows of one image. With guidance the exponents are guidance_scale * weights around the
+                unconditional branch (eps_u + w sum_i w_i (eps_i - eps_u), as "product", plus the weights).
         """
         models = self.models
         first = models[0]
@@ -631,6 +648,12 @@ class ComposePipeline(DiffusionPipeline):
         )
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite; got {guidance_scale}.")
+        smc = isinstance(operator, str) and operator.lower() == "product_smc"
+        if smc:
+            resample_window = check_smc_options(num_particles, ess_threshold, resample_window, method)
+        elif num_particles is not None:
+            raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
+        P = num_particles if smc else 1
         use_cfg = guidance_scale > 1.0
         text_models = _unique([m for m, _ in terms if m.is_text])
         if use_cfg and not text_models:
@@ -642,16 +665,17 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(
                 f"num_images_per_prompt={num_images_per_prompt} and batch_size={batch_size} disagree; give one."
             )
-        n = num_images_per_prompt or batch_size or (latents.shape[0] if latents is not None else 1)
+        n = num_images_per_prompt or batch_size or (latents.shape[0] // P if latents is not None else 1)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer; got {n!r}.")
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"generator is a list of {len(generator)} generators for {n} images; give one per image.")
         device = self._execution_device
         f = self.vae_scale_factor
-        shape = (n, first.unet.config.in_channels, height // f, width // f)
+        shape = (n * P, first.unet.config.in_channels, height // f, width // f)
         if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
+            what = f" (images x num_particles={P} rows, image-major)" if smc else ""
+            raise ValueError(f"latents must have shape {shape}{what}; got {tuple(latents.shape)}.")
 
         # 1. terms -> leaves on the shared schedule, and their text conditioning
         schedule = first.schedule
@@ -672,11 +696,16 @@ class ComposePipeline(DiffusionPipeline):
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
 
         # 2. the expression: operator over the terms, CFG around it
-        expr = self._expression(operator, leaves, weights, temperature)
-        u_leaf = None
-        if use_cfg:
-            u_leaf = _Leaf(schedule, "uncond", first, _UNCOND)
-            expr = compose.Guided(expr, u_leaf, guidance_scale)
+        u_leaf = _Leaf(schedule, "uncond", first, _UNCOND) if use_cfg else None
+        poe = None
+        if smc:  # the move of the particles is the Product of the factors; PoE adds their weights
+            a = torch.ones(len(leaves)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+            poe = compose.PoE(*leaves, exponents=a * guidance_scale if use_cfg else a, unconditional=u_leaf)
+            expr = poe.product
+        else:
+            expr = self._expression(operator, leaves, weights, temperature)
+            if use_cfg:
+                expr = compose.Guided(expr, u_leaf, guidance_scale)
         composer = Composer(expr, schedule=schedule, method=method)
         order = composer.leaves  # the core's leaf order; the unconditional leaf stands for all uncond rows
         # The per-model unconditional rows are evaluated as extra leaves and averaged into the expression's one.
@@ -691,8 +720,10 @@ class ComposePipeline(DiffusionPipeline):
         ts = self._grid(schedule, num_inference_steps, timesteps, sigmas, grid)
         t0 = float(ts[0])
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = _randn_rows(shape, generator, device)  # randn_tensor's draws (by image with a list)
         x = latents.to(device=device, dtype=torch.float32) * float(schedule.sigma(t0))
+        if smc:
+            x = x / math.sqrt(poe.total_exponent)  # the product of M priors N(0, sigma^2) is N(0, sigma^2 / A)
         log_q = composer.initial_log_q(x, t0)
         span = t0 - float(ts[-1])
         root = operator_root(expr) if isinstance(expr, Expr) and len(leaves) > 1 else None
@@ -717,6 +748,14 @@ class ComposePipeline(DiffusionPipeline):
                 if div_l is not None:
                     div_l[u_index] = 0.0
             return eps_l, div_l
+
+        if smc:
+            args = (composer, poe, evaluate, x, log_q, ts, n, P, expr, generator, device)  # kappa: the exponents
+            kw = dict(ess_threshold=ess_threshold, resample_window=resample_window, output_type=output_type)
+            out = self._sample_particles(*args, **kw, callback=callback_on_step_end,
+                                         callback_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
+            out.log_q = out.log_q[:, term_index]
+            return out if return_dict else (out.images, out.kappa, out.log_q)
 
         # 4. the loop: one batched call per UNet, then the core's step
         kappas, node_kappa, coeffs = [], {}, None
@@ -764,6 +803,55 @@ class ComposePipeline(DiffusionPipeline):
             node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
         )
 
+    def _sample_particles(
+        self, composer, poe, evaluate, x, log_q, ts, n, P, root, generator, device, *, ess_threshold, resample_window,
+        output_type, callback, callback_inputs,
+    ) -> ComposePipelineOutput:  # fmt: skip
+        """Steps 4-5 of operator="product_smc": x (n P, ...) particles, image-major; `compose.smc` does the maths."""
+        log_w = torch.zeros(n, P, dtype=torch.float64, device=x.device)
+        kappas, ess, resampled, node_kappa = [], [], [], {}
+        steps = len(ts) - 1
+        with self.progress_bar(total=steps) as bar:
+            for k in range(steps):
+                t_cur, t_next = float(ts[k]), float(ts[k + 1])
+                noise = _randn_rows(x.shape, generator, device)
+                u = _uniforms(n, generator)
+                eps, _ = evaluate(x, t_cur)  # one batched call per UNet: every particle of every image
+                st = particle_step(composer, poe, x, t_cur, t_next, eps, log_q, log_w, noise, u,
+                                   ess_threshold=ess_threshold, resample_window=resample_window)  # fmt: skip
+                x, log_q, log_w, coeffs = st.x, st.log_q, st.log_w, st.coeffs
+                ess.append(st.ess)
+                resampled.append(st.resampled)
+                kap = st.kappa[root.path] if root is not None else torch.ones(n * P, 1, dtype=torch.float64)
+                kappas.append(kap.reshape(n, P, -1)[:, 0])
+                for path, kp in st.kappa.items():
+                    node_kappa.setdefault(path, []).append(kp.reshape(n, P, -1)[:, 0])
+                if callback is not None:
+                    tensors = {"latents": x, "log_q": log_q}
+                    chosen = {m: tensors[m] for m in callback_inputs or []}
+                    ret = callback(self, k, composer.schedule.timestep(t_cur), chosen) or {}
+                    x, log_q = ret.get("latents", x), ret.get("log_q", log_q)
+                bar.update()
+        t_last = float(ts[-1])
+        eps, _ = evaluate(x, t_last)
+        eps_bar = torch.einsum("nl,ln...->n...", coeffs.to(eps.dtype), eps)
+        x0 = compose.eps_to_x0(eps_bar, x, t_last, composer.schedule)
+        log_w = log_w - torch.logsumexp(log_w, -1, keepdim=True)
+        pick = choose_one(log_w, _uniforms(n, generator)) + P * torch.arange(n, device=log_w.device)  # by weight
+        images = self._decode(x0[pick.to(x0.device)], output_type)
+        self.maybe_free_model_hooks()
+        res = torch.stack(resampled)
+        return ComposePipelineOutput(
+            images=images,
+            kappa=torch.stack(kappas),
+            log_q=log_q[pick.to(log_q.device)],
+            timesteps=ts,
+            node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
+            ess=torch.stack(ess),
+            num_resamples=res.sum(0),
+            log_weights=log_w,
+        )
+
     @staticmethod
     def _expression(operator, leaves: list[_Leaf], weights, temperature) -> Any:
         if operator is None:
@@ -805,6 +893,22 @@ def _rademacher(shape: tuple, generator, device) -> torch.Tensor:
     gen_device = generator.device if generator is not None else torch.device("cpu")
     z = torch.randint(0, 2, shape, generator=generator, device=gen_device)
     return (2 * z - 1).to(device=device, dtype=torch.float32)
+
+
+def _randn_rows(shape: tuple, generator, device) -> torch.Tensor:
+    """Standard normal (R, ...) float32; with a list of n generators, R / n consecutive rows from each (by image)."""
+    if isinstance(generator, list):
+        per = shape[0] // len(generator)
+        return torch.cat([randn_tensor((per, *shape[1:]), generator=g, device=device) for g in generator])
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _uniforms(n: int, generator) -> torch.Tensor:
+    """(n,) float64 uniforms on the CPU, one per image (from its own generator when given a list)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device).cpu() for g in generator]).double()
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(n, generator=generator, device=device).cpu().double()
 
 
 def _unique(items: list) -> list:
