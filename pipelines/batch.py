@@ -109,7 +109,9 @@ def plan(rows, limits: Limits) -> tuple[list[tuple[int, Job]], list[dict]]:
                 job.id = job.id or f"line{line}"
                 row_id = job.id
                 if row_id in seen:
-                    raise ValueError(f"id={row_id!r} is already used on line {seen[row_id]}; give each row its own id.")
+                    raise ValueError(
+                        f"id={row_id!r} is already used on line {seen[row_id]}; give each row its own id."
+                    )
                 seen[row_id] = line
                 jobs.append((line, job))
                 continue
@@ -228,7 +230,7 @@ def run_batch(
     out_dir: str | os.PathLike,
     *,
     batch_size: int | None = None,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     progress: bool = True,
     state: Any = None,
 ) -> dict[str, int]:
@@ -241,7 +243,7 @@ def run_batch(
     state = state or PartialState(cpu=not torch.cuda.is_available())
     out = Path(out_dir)
     rows = read_rows(jobs_path)  # every rank reads the same file: the same plan everywhere
-    jobs, errors = plan(rows, limits)
+    jobs, errors = plan(rows, limits or Limits())
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         merge_manifest(out)
@@ -322,7 +324,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main_batch(args: argparse.Namespace) -> int:
     import diffusers
-
     import transformers
 
     for lib in (diffusers, transformers):
@@ -332,7 +333,9 @@ def main_batch(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_terms=args.max_terms)
     try:
-        counts = run_batch(args.jobs, args.out, batch_size=args.batch_size, limits=limits, progress=not args.no_progress)
+        counts = run_batch(
+            args.jobs, args.out, batch_size=args.batch_size, limits=limits, progress=not args.no_progress
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

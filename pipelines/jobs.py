@@ -172,8 +172,9 @@ def count_terms(num_models: int, num_prompts: int) -> int:
     return num_models
 
 
-def parse_job(raw: dict[str, Any], limits: Limits = Limits()) -> Job:
-    """Check one raw request; raise ValueError naming the field and the fix."""
+def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
+    """Check one raw request against `limits` (default `Limits()`); raise ValueError naming the field and the fix."""
+    limits = limits or Limits()
     if not isinstance(raw, dict):
         raise ValueError(f"a job must be a JSON object (one per line); got {type(raw).__name__}.")
     unknown = sorted(set(raw) - set(FIELDS))
