@@ -246,6 +246,8 @@ def run_batch(
     jobs, errors = plan(rows, limits or Limits())
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / IMAGES).glob(".*.tmp*"):  # half-written images of a killed run
+            stale.unlink()
         merge_manifest(out)
     state.wait_for_everyone()
     done = {r["id"]: r for r in read_records(out / MANIFEST) if r.get("status") == "ok"}
