@@ -3,6 +3,7 @@ kill, and two processes (torchrun, CPU) against one. The shipped 24x24 shapes mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -143,6 +144,12 @@ def test_batch_outputs_match_the_pipeline(tmp_path):
         np.testing.assert_allclose(rec["summary"]["log_q_final"], ref.log_q.mean(0).numpy(), atol=1e-3)
         assert set(rec["timings"]) == {"load_s", "sample_s", "save_s", "s_per_image"}
         assert rec["params"] == {**job.params(), "id": job.id}
+    # the summary script prints one table line per row, failures with their message
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "examples" / "batch" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    text = summarize.table(recs).splitlines()
+    assert len(text) == 2 + 4 and "| 2 | badpath | error: line 2: models: cannot read" in text[3]
     # a second run finds everything done and changes nothing that was finished
     before = (out / B.MANIFEST).read_text().splitlines()
     B.main_batch(_args(jobs_path, out))
