@@ -31,6 +31,7 @@ from .compose_pipeline import OPERATORS
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
 METHODS = ("sde", "ode")
+DIVERGENCES = ("hutchinson", "hutchinson_fd")
 FIELDS = (
     "id",
     "models",
@@ -44,6 +45,7 @@ FIELDS = (
     "guidance",
     "negative_prompt",
     "method",
+    "divergence",
     "images",
     "height",
     "width",
@@ -75,6 +77,7 @@ class Job:
     guidance: float | None = None
     negative_prompt: str | None = None
     method: str = "sde"
+    divergence: str | None = None
     images: int = 1
     height: int | None = None
     width: int | None = None
@@ -223,6 +226,9 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     method = raw.get("method") or "sde"
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not known; use one of {list(METHODS)}.")
+    divergence = raw.get("divergence") or None
+    if divergence is not None and divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
     guidance = _float(raw, "guidance", None)
     if guidance is not None and not 1.0 <= guidance <= 50.0:
         raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
@@ -248,6 +254,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         guidance=guidance,
         negative_prompt=negative,
         method=method,
+        divergence=divergence,
         images=_int(raw, "images", 1, 1, limits.max_images),
         height=_int(raw, "height", None, 8, limits.max_side),
         width=_int(raw, "width", None, 8, limits.max_side),
@@ -321,7 +328,7 @@ def generators(job: Job, device: str | torch.device = "cpu") -> list[torch.Gener
 
 def pipeline_kwargs(job: Job) -> dict[str, Any]:
     """THE mapping from a job's fields to `ComposePipeline.__call__` keyword arguments (not the generator)."""
-    return {
+    kw = {
         "prompt": list(job.prompts) or None,
         "operator": job.operator,
         "weights": job.weights,
@@ -335,6 +342,9 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         "height": job.height,
         "width": job.width,
     }
+    if job.divergence is not None:
+        kw["divergence"] = job.divergence
+    return kw
 
 
 def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
@@ -365,8 +375,8 @@ def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
         raise
     except RuntimeError as err:
         raise ValueError(
-            f"the pipeline failed on this job ({str(err).splitlines()[0][:300]}); check height / width (the "
-            "model's native size is the default) and the models."
+            f"the pipeline failed on this job: RuntimeError: {str(err).splitlines()[0][:300]} (height / width the "
+            "model cannot take, or an operator / method the model does not support)."
         ) from None
     seconds = time.perf_counter() - t0
     # The callback sees every leaf's log q (the unconditional one too); keep the terms' columns, matched against
