@@ -88,9 +88,9 @@ class Job:
         return asdict(self)
 
     def key(self) -> str:
-        """A short hash of the parameters that define the images (not the id)."""
-        p = self.params()
-        p.pop("id")
+        """A short hash of the parameters that define the images (not the id). Unset (None) fields are left out, so
+        a new optional field does not invalidate the manifests of earlier runs."""
+        p = {k: v for k, v in self.params().items() if v is not None and k != "id"}
         return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
 
 
