@@ -136,8 +136,10 @@ def test_gradio_client_against_a_local_launch(app_mod):
             client.predict(*form(prompts="a\nb\nc\nd"), api_name="/generate")
         with pytest.raises(AppError, match="99 is greater than maximum value 6"):  # the slider's own bound
             client.predict(*form(steps=99), api_name="/generate")
-        gallery, _, _ = client.predict(*form(images=1), api_name="/generate")  # the server lives on
-        assert len(gallery) == 1
+        # the server lives on, and concurrent requests queue (one runs at a time) and all complete
+        pending = [client.submit(*form(images=1, seed=s), api_name="/generate") for s in (0, 1, 2)]
+        captions = [job.result(timeout=120)[0][0]["caption"] for job in pending]
+        assert captions == ["seed 0", "seed 1", "seed 2"]
     finally:
         demo.close()
 
