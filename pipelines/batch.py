@@ -163,16 +163,20 @@ def append_record(path: Path, record: dict) -> None:
 def merge_manifest(out: Path) -> list[dict]:
     """Merge manifest.jsonl and the per-rank files into manifest.jsonl (line order, one record per id).
 
-    A finished ("ok") record wins over an error record of the same id; among several ok records the latest wins.
+    The latest record of an id wins (the per-rank files are newer than manifest.jsonl). When an error replaces a
+    finished row (its parameters were edited and the new ones failed) the finished record is kept inside the error
+    record as "previous", with its file names: nothing written is lost from the manifest.
     """
     main = out / MANIFEST
     parts = sorted(out.glob("manifest.rank*.jsonl"))
     by_id: dict[str, dict] = {}
     for path in [main, *parts]:
         for rec in read_records(path):
-            old = by_id.get(rec.get("id"))
-            if old is None or rec.get("status") == "ok" or old.get("status") != "ok":
-                by_id[rec.get("id")] = rec
+            old = by_id.get(rec.get("id")) or {}
+            previous = old if old.get("status") == "ok" else old.get("previous")
+            if rec.get("status") != "ok" and previous:
+                rec = {**rec, "previous": previous}
+            by_id[rec.get("id")] = rec
     records = sorted(by_id.values(), key=lambda r: (r.get("line", 0), str(r.get("id"))))
     if records or main.exists():
         _atomic_write_text(main, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

@@ -229,3 +229,26 @@ def test_two_processes_give_the_same_outputs_as_one(tmp_path):
     for r in one:
         for f in r.get("files", []):
             np.testing.assert_array_equal(pixels(tmp_path / "one" / f), pixels(tmp_path / "two" / f))
+
+
+def test_merge_keeps_one_record_per_row_and_never_drops_a_finished_one(tmp_path):
+    ok = {"id": "a", "line": 2, "status": "ok", "files": ["images/a_0.png"]}
+    B.append_record(tmp_path / B.MANIFEST, {"id": "b", "line": 3, "status": "error", "error": "line 3: x"})
+    B.append_record(tmp_path / B.MANIFEST, ok)
+    B.append_record(tmp_path / "manifest.rank1.jsonl", {"id": "b", "line": 3, "status": "ok", "files": []})
+    B.append_record(tmp_path / "manifest.rank1.jsonl", {"id": "c", "line": 1, "status": "error", "error": "e"})
+    B.append_record(tmp_path / "manifest.rank0.jsonl", {"id": "a", "line": 2, "status": "error", "error": "later"})
+    with open(tmp_path / "manifest.rank0.jsonl", "a") as fh:
+        fh.write('{"id": "d", "li')  # a torn line from a killed process
+    merged = B.merge_manifest(tmp_path)
+    assert [(r["id"], r["status"]) for r in merged] == [("c", "error"), ("a", "error"), ("b", "ok")]
+    assert merged[1]["error"] == "later" and merged[1]["previous"] == ok  # the finished record is kept inside
+    assert "previous" not in merged[2] and not list(tmp_path.glob("manifest.rank*"))
+    assert B.read_records(tmp_path / B.MANIFEST) == merged
+
+
+def test_resume_key_ignores_unset_fields_and_the_id():
+    job = J.parse_job(AND_ROW)
+    assert J.parse_job({**AND_ROW, "id": "other", "divergence": None}).key() == job.key()
+    assert J.parse_job({**AND_ROW, "seed": 6}).key() != job.key()
+    assert J.parse_job({**AND_ROW, "schedule": "uniform"}).key() != job.key()
