@@ -1,0 +1,428 @@
+"""One composition request ("job"), shared by the Space demo and the batch command line.
+
+A job is a flat record: the checkpoints, the prompts, the operator, weights, seed, steps, schedule, guidance and
+number of images. `parse_job` checks a raw record (a JSONL / CSV row, or the Space's form) against `Limits` and
+raises `ValueError` naming the field and the fix; `pipeline_kwargs` is the ONE place where a job's fields become
+`ComposePipeline.__call__` keyword arguments (add a new pipeline option there and in `Job`); `run_job` runs one job
+on a loaded pipeline and returns the images, kappa and log-density traces and timings.
+
+Seeds: image i of a job uses its own generator seeded `seed + i` (initial noise, SDE noise, probes), so an image
+depends only on (job, i): the same whatever the number of images per call or the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compose.grids import GRIDS
+
+from .compose_pipeline import OPERATORS
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
+METHODS = ("sde", "ode")
+DIVERGENCES = ("hutchinson", "hutchinson_fd")
+FIELDS = (
+    "id",
+    "models",
+    "prompts",
+    "operator",
+    "weights",
+    "temperature",
+    "seed",
+    "steps",
+    "schedule",
+    "guidance",
+    "negative_prompt",
+    "method",
+    "divergence",
+    "images",
+    "height",
+    "width",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one job, so one request cannot exhaust the machine (the Space uses tight ones)."""
+
+    max_steps: int = 1000
+    max_images: int = 64
+    max_terms: int = 8
+    max_side: int = 1024
+
+
+@dataclass
+class Job:
+    """A checked composition request. `models` are shipped names, folders or hub ids; `prompts` may be empty."""
+
+    models: list[str]
+    prompts: list[str]
+    operator: str | None = None
+    weights: list[float] | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    steps: int = 50
+    schedule: str = "log_snr"
+    guidance: float | None = None
+    negative_prompt: str | None = None
+    method: str = "sde"
+    divergence: str | None = None
+    images: int = 1
+    height: int | None = None
+    width: int | None = None
+    id: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter as plain JSON values (what the manifest and the PNG metadata record)."""
+        return asdict(self)
+
+    def key(self) -> str:
+        """A short hash of the parameters that define the images (not the id). Unset (None) fields are left out, so
+        a new optional field does not invalidate the manifests of earlier runs."""
+        p = {k: v for k, v in self.params().items() if v is not None and k != "id"}
+        return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class JobResult:
+    """What `run_job` returns.
+
+    images: list of `images` PIL images.  kappa: (steps, images, K) float64 weights of the outer operator.
+    log_q: (steps, images, T) float64 tracked log-density of every term after every step (the last row is the
+    pipeline's `log_q`).  timesteps: (steps + 1,) the grid in t.  terms: the term names.  seconds: sampling time.
+    """
+
+    images: list
+    kappa: torch.Tensor
+    log_q: torch.Tensor
+    timesteps: torch.Tensor
+    terms: list[str]
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Per term: mean kappa over steps and images, kappa at the last step, final log q (mean over images), and
+        how many images each term "won" (largest final log q)."""
+        k = self.kappa
+        out: dict[str, Any] = {
+            "terms": self.terms,
+            "kappa_mean": [round(float(v), 5) for v in k.mean((0, 1))],
+            "kappa_min": [round(float(v), 5) for v in k.amin((0, 1))],
+            "kappa_max": [round(float(v), 5) for v in k.amax((0, 1))],
+            "kappa_last": [round(float(v), 5) for v in k[-1].mean(0)],
+            "log_q_final": [round(float(v), 3) for v in self.log_q[-1].mean(0)],
+        }
+        if self.log_q.shape[-1] > 1:
+            won = torch.bincount(self.log_q[-1].argmax(-1), minlength=self.log_q.shape[-1])
+            out["images_won"] = [int(v) for v in won]
+        return out
+
+
+# ---------------------------------------------------------------------- parsing
+def _as_list(value: Any, name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split("|")] if "|" in value else [value.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{name} must be a string, a list or '|'-separated text; got {type(value).__name__}.")
+
+
+def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    v = raw.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        iv = int(v)
+        if iv != float(v):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer; got {v!r}.") from None
+    if not lo <= iv <= hi:
+        raise ValueError(f"{name}={iv} is out of range; give an integer from {lo} to {hi}.")
+    return iv
+
+
+def _float(raw: dict, name: str, default: float | None) -> float | None:
+    v = raw.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        fv = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number; got {v!r}.") from None
+    if not math.isfinite(fv):
+        raise ValueError(f"{name} must be finite; got {v!r}.")
+    return fv
+
+
+def count_terms(num_models: int, num_prompts: int) -> int:
+    """The number of composed terms for M checkpoints and P prompts (the pipeline's rule)."""
+    if num_models == 1:
+        return max(num_prompts, 1)
+    return num_models
+
+
+def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
+    """Check one raw request against `limits` (default `Limits()`); raise ValueError naming the field and the fix."""
+    limits = limits or Limits()
+    if not isinstance(raw, dict):
+        raise ValueError(f"a job must be a JSON object (one per line); got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; the fields are {list(FIELDS)}.")
+    models = [str(m).strip() for m in _as_list(raw.get("models"), "models") if str(m).strip()]
+    if not models:
+        raise ValueError("models is missing; give a shipped model name (e.g. 'shapes-text'), a folder or a hub id.")
+    if "prompts" not in raw or raw["prompts"] == "":
+        raise ValueError(
+            "prompts is missing; give a prompt, a list of prompts ('|'-separated in CSV), or [] for unconditional "
+            "models."
+        )
+    prompts = _as_list(raw["prompts"], "prompts")
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts must be non-empty strings; got {prompts!r}.")
+    prompts = [p.strip() for p in prompts]
+    terms = count_terms(len(models), len(prompts))
+    if len(models) > limits.max_terms or terms > limits.max_terms:
+        raise ValueError(
+            f"too many terms: {terms} (from {len(models)} models and {len(prompts)} prompts); the limit is "
+            f"{limits.max_terms}. Give fewer prompts or models."
+        )
+    operator = raw.get("operator")
+    if operator in ("", None, "none"):
+        operator = None
+    elif not isinstance(operator, str) or operator.lower() not in OPERATORS:
+        raise ValueError(f"operator={operator!r} is not known; use one of {list(OPERATORS)}.")
+    else:
+        operator = operator.lower()
+    if operator is None and terms > 1:
+        raise ValueError(f"operator is missing but there are {terms} terms; choose one of {list(OPERATORS)}.")
+    weights = raw.get("weights")
+    if weights in (None, "", []):
+        weights = None
+    else:
+        try:
+            weights = [float(w) for w in _as_list(weights, "weights")]
+        except (TypeError, ValueError):
+            raise ValueError(f"weights must be numbers; got {raw.get('weights')!r}.") from None
+        if len(weights) != terms:
+            raise ValueError(f"weights has {len(weights)} entries for {terms} terms; give one weight per term.")
+    schedule = raw.get("schedule") or "log_snr"
+    if schedule not in GRIDS:
+        raise ValueError(f"schedule={schedule!r} is not known; use one of {list(GRIDS)}.")
+    method = raw.get("method") or "sde"
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not known; use one of {list(METHODS)}.")
+    divergence = raw.get("divergence") or None
+    if divergence is not None and divergence not in DIVERGENCES:
+        raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
+    guidance = _float(raw, "guidance", None)
+    if guidance is not None and not 1.0 <= guidance <= 50.0:
+        raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
+    negative = raw.get("negative_prompt") or None
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
+    job_id = raw.get("id")
+    if job_id not in (None, ""):
+        job_id = str(job_id)
+        if not job_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or job_id.startswith("."):
+            raise ValueError(f"id={job_id!r} must use only letters, digits, '-', '_' and '.' (it names files).")
+    else:
+        job_id = None
+    return Job(
+        models=models,
+        prompts=prompts,
+        operator=operator,
+        weights=weights,
+        temperature=_float(raw, "temperature", 1.0),
+        seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
+        steps=_int(raw, "steps", 50, 1, limits.max_steps),
+        schedule=schedule,
+        guidance=guidance,
+        negative_prompt=negative,
+        method=method,
+        divergence=divergence,
+        images=_int(raw, "images", 1, 1, limits.max_images),
+        height=_int(raw, "height", None, 8, limits.max_side),
+        width=_int(raw, "width", None, 8, limits.max_side),
+        id=job_id,
+    )
+
+
+# ---------------------------------------------------------------------- models
+def shipped_models() -> list[str]:
+    """Names of the shipped diffusion models (folders with model_index.json under model_cards/)."""
+    names = set()
+    for d in SHIPPED_DIRS:
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if (p / "model_index.json").is_file())
+    return sorted(names)
+
+
+def resolve_model(name: str) -> str:
+    """A shipped model name -> its folder; a folder must hold model_index.json; anything else is a hub id."""
+    for d in SHIPPED_DIRS:
+        if "/" not in name and (d / name / "model_index.json").is_file():
+            return str(d / name)
+    p = Path(name).expanduser()
+    looks_local = p.is_absolute() or name.startswith((".", "~")) or p.exists() or name.count("/") != 1
+    if looks_local:
+        if not (p / "model_index.json").is_file():
+            raise ValueError(
+                f"models: cannot read {name!r}: not a shipped model ({', '.join(shipped_models())}) nor a folder "
+                "with model_index.json; give one of those or a hub id (owner/name)."
+            )
+        return str(p)
+    return name
+
+
+class PipelineCache:
+    """Loaded `ComposePipeline`s keyed by their checkpoints (the most recent `size` kept)."""
+
+    def __init__(self, size: int = 2, device: str | torch.device | None = None) -> None:
+        self.size = size
+        self.device = device
+        self._pipes: OrderedDict[tuple[str, ...], Any] = OrderedDict()
+
+    def get(self, models: list[str]):
+        """The pipeline over `models` (names / folders / hub ids); ValueError when one cannot be loaded."""
+        from .compose_pipeline import ComposePipeline
+
+        key = tuple(resolve_model(m) for m in models)
+        if key in self._pipes:
+            self._pipes.move_to_end(key)
+            return self._pipes[key]
+        try:
+            pipe = ComposePipeline.from_pretrained(list(key) if len(key) > 1 else key[0])
+        except ValueError:
+            raise
+        except Exception as err:  # OSError, EnvironmentError from the hub, missing components, bad configs
+            raise ValueError(f"models: cannot load {list(models)}: {type(err).__name__}: {err}") from None
+        if self.device is not None:
+            pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes[key] = pipe
+        while len(self._pipes) > self.size:
+            self._pipes.popitem(last=False)
+        return pipe
+
+
+# ---------------------------------------------------------------------- running
+def generators(job: Job, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per image: image i is seeded `seed + i`."""
+    return [torch.Generator(device=device).manual_seed(job.seed + i) for i in range(job.images)]
+
+
+def pipeline_kwargs(job: Job) -> dict[str, Any]:
+    """THE mapping from a job's fields to `ComposePipeline.__call__` keyword arguments (not the generator)."""
+    kw = {
+        "prompt": list(job.prompts) or None,
+        "operator": job.operator,
+        "weights": job.weights,
+        "temperature": job.temperature,
+        "guidance_scale": job.guidance,
+        "negative_prompt": job.negative_prompt,
+        "num_inference_steps": job.steps,
+        "grid": job.schedule,
+        "method": job.method,
+        "num_images_per_prompt": job.images,
+        "height": job.height,
+        "width": job.width,
+    }
+    if job.divergence is not None:
+        kw["divergence"] = job.divergence
+    return kw
+
+
+def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
+    """Run one job on a loaded pipeline; `progress(step, steps)` is called after every step.
+
+    The pipeline's ValueErrors (e.g. a prompt for a model without text encoder) pass through unchanged; other
+    errors of the network call (e.g. a resolution the UNet cannot take) become ValueErrors naming the job.
+    """
+    trace: list[torch.Tensor] = []
+
+    def on_step(_pipe, k, _t, tensors):
+        trace.append(tensors["log_q"].detach().to(torch.float64).cpu().clone())
+        if progress is not None:
+            progress(k + 1, job.steps)
+        return {}
+
+    kw = pipeline_kwargs(job)
+    t0 = time.perf_counter()
+    try:
+        out = pipe(
+            **kw,
+            generator=generators(job),
+            output_type="pil",
+            callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["log_q"],
+        )
+    except ValueError:
+        raise
+    except RuntimeError as err:
+        raise ValueError(
+            f"the pipeline failed on this job: RuntimeError: {str(err).splitlines()[0][:300]} (height / width the "
+            "model cannot take, or an operator / method the model does not support)."
+        ) from None
+    seconds = time.perf_counter() - t0
+    # The callback sees every leaf's log q (the unconditional one too); keep the terms' columns, matched against
+    # the final values the pipeline returns.
+    full = torch.stack(trace)  # (steps, n, L)
+    cols = []
+    for j in range(out.log_q.shape[1]):
+        match = [c for c in range(full.shape[2]) if torch.equal(full[-1][:, c], out.log_q[:, j].cpu())]
+        if not match:
+            raise RuntimeError("could not match the tracked log q columns to the terms (pipeline changed?).")
+        cols.append(match[0])
+    log_q = full[:, :, cols]
+    terms = _term_names(job)
+    return JobResult(
+        images=list(out.images),
+        kappa=out.kappa.detach().to(torch.float64).cpu(),
+        log_q=log_q,
+        timesteps=out.timesteps.detach().cpu(),
+        terms=terms,
+        seconds=seconds,
+    )
+
+
+def _term_names(job: Job) -> list[str]:
+    models = [os.path.basename(os.path.normpath(m)) for m in job.models]
+    n = count_terms(len(job.models), len(job.prompts))
+    if len(models) == 1:
+        return list(job.prompts) or models
+    if len(job.prompts) == len(models):
+        return [f"{p} @ {m}" for p, m in zip(job.prompts, models, strict=True)]
+    if len(job.prompts) == 1:
+        return [f"{job.prompts[0]} @ {m}" for m in models]
+    return models[:n]
+
+
+__all__ = [
+    "FIELDS",
+    "Job",
+    "JobResult",
+    "Limits",
+    "PipelineCache",
+    "count_terms",
+    "generators",
+    "parse_job",
+    "pipeline_kwargs",
+    "resolve_model",
+    "run_job",
+    "shipped_models",
+]
