@@ -22,6 +22,7 @@ CFG around the composed prediction. Its divergence is not computed (no operator 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -517,7 +518,7 @@ class ComposePipeline(DiffusionPipeline):
 
             if divergence == "hutchinson" and zeta is not None:
                 E = None
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), forward_ad_ready(unet):
                     for k in range(K):
                         tangent = torch.cat(
                             [torch.zeros_like(x) if un else zeta[k] * s for (_, _, _, _, s, un) in chunks]
@@ -883,6 +884,28 @@ class _UncondMarker(str):
 
 
 _UNCOND = _UncondMarker("")
+
+
+@contextlib.contextmanager
+def forward_ad_ready(module: torch.nn.Module):
+    """Make `module` safe for forward-mode AD (`torch.func.jvp`) while the context is open.
+
+    torch's forward-AD rule for group_norm views its tangent, which fails ("view size is not compatible ...") when
+    the tangent arrives non-contiguous, as it does in diffusers' attention blocks of UNet2DModel for batches > 1.
+    A pre-hook hands every GroupNorm a contiguous copy (primal and tangent); the hooks are removed on exit.
+    """
+
+    def contiguous_input(_mod, args):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+
+    hooks = [
+        m.register_forward_pre_hook(contiguous_input) for m in module.modules() if isinstance(m, torch.nn.GroupNorm)
+    ]
+    try:
+        yield module
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _rademacher(shape: tuple, generator, device) -> torch.Tensor:
