@@ -58,6 +58,8 @@ class ComposePipelineOutput(BaseOutput):
     kappa: (steps, n, K) float64 weights of the outermost operator (below the guidance) at every step; ones (K = 1)
         for a single term.
     log_q: (n, T) float64 tracked log-density of every term (un-guided conditionals) at the last grid time.
+    log_q_trace: (steps, n, T) float64 the same after every step (its last row is `log_q`); for "product_smc", the
+        trace of the particle slot each image was drawn from (resampling may have replaced that slot's particle).
     timesteps: (steps + 1,) the grid in t (t in [0, 1], data at 0) of the shared schedule.
     node_kappa: operator path ("root", "root.0", ...) -> (steps, n, K) weights of every operator node.
     ess, num_resamples, log_weights (operator="product_smc" only): (steps, n) effective sample size of every image's
@@ -70,6 +72,7 @@ class ComposePipelineOutput(BaseOutput):
     log_q: torch.Tensor
     timesteps: torch.Tensor | None = None
     node_kappa: dict = field(default_factory=dict)
+    log_q_trace: torch.Tensor | None = None
     ess: torch.Tensor | None = None
     num_resamples: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
@@ -756,10 +759,11 @@ class ComposePipeline(DiffusionPipeline):
             out = self._sample_particles(*args, **kw, callback=callback_on_step_end,
                                          callback_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
             out.log_q = out.log_q[:, term_index]
+            out.log_q_trace = out.log_q_trace[:, :, term_index]
             return out if return_dict else (out.images, out.kappa, out.log_q)
 
         # 4. the loop: one batched call per UNet, then the core's step
-        kappas, node_kappa, coeffs = [], {}, None
+        kappas, node_kappa, coeffs, trace = [], {}, None, []
         steps = len(ts) - 1
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
@@ -783,6 +787,7 @@ class ComposePipeline(DiffusionPipeline):
                     ret = callback_on_step_end(self, k, schedule.timestep(t_cur), kwargs) or {}
                     x = ret.get("latents", x)
                     log_q = ret.get("log_q", log_q)
+                trace.append(log_q[:, term_index])
                 bar.update()
 
         # 5. final denoising at the last grid time with the last step's coefficients, decoding
@@ -800,6 +805,7 @@ class ComposePipeline(DiffusionPipeline):
             images=images,
             kappa=kappa,
             log_q=term_log_q,
+            log_q_trace=torch.stack(trace),
             timesteps=ts,
             node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
         )
@@ -810,7 +816,7 @@ class ComposePipeline(DiffusionPipeline):
     ) -> ComposePipelineOutput:  # fmt: skip
         """Steps 4-5 of operator="product_smc": x (n P, ...) particles, image-major; `compose.smc` does the maths."""
         log_w = torch.zeros(n, P, dtype=torch.float64, device=x.device)
-        kappas, ess, resampled, node_kappa = [], [], [], {}
+        kappas, ess, resampled, node_kappa, trace = [], [], [], {}, []
         steps = len(ts) - 1
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
@@ -832,6 +838,7 @@ class ComposePipeline(DiffusionPipeline):
                     chosen = {m: tensors[m] for m in callback_inputs or []}
                     ret = callback(self, k, composer.schedule.timestep(t_cur), chosen) or {}
                     x, log_q = ret.get("latents", x), ret.get("log_q", log_q)
+                trace.append(log_q)
                 bar.update()
         t_last = float(ts[-1])
         eps, _ = evaluate(x, t_last)
@@ -846,6 +853,7 @@ class ComposePipeline(DiffusionPipeline):
             images=images,
             kappa=torch.stack(kappas),
             log_q=log_q[pick.to(log_q.device)],
+            log_q_trace=torch.stack(trace)[:, pick.to(log_q.device)],
             timesteps=ts,
             node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
             ess=torch.stack(ess),

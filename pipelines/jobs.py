@@ -46,6 +46,7 @@ FIELDS = (
     "negative_prompt",
     "method",
     "divergence",
+    "num_particles",
     "images",
     "height",
     "width",
@@ -60,6 +61,7 @@ class Limits:
     max_images: int = 64
     max_terms: int = 8
     max_side: int = 1024
+    max_particles: int = 64
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Job:
     negative_prompt: str | None = None
     method: str = "sde"
     divergence: str | None = None
+    num_particles: int | None = None
     images: int = 1
     height: int | None = None
     width: int | None = None
@@ -229,6 +232,12 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     divergence = raw.get("divergence") or None
     if divergence is not None and divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
+    num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
+    if num_particles is not None and operator != "product_smc":
+        raise ValueError(
+            f"num_particles is used by operator 'product_smc' only; got operator={operator!r}. Drop num_particles or "
+            "use operator 'product_smc'."
+        )
     guidance = _float(raw, "guidance", None)
     if guidance is not None and not 1.0 <= guidance <= 50.0:
         raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
@@ -255,6 +264,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         negative_prompt=negative,
         method=method,
         divergence=divergence,
+        num_particles=num_particles,
         images=_int(raw, "images", 1, 1, limits.max_images),
         height=_int(raw, "height", None, 8, limits.max_side),
         width=_int(raw, "width", None, 8, limits.max_side),
@@ -344,6 +354,8 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
     }
     if job.divergence is not None:
         kw["divergence"] = job.divergence
+    if job.num_particles is not None:
+        kw["num_particles"] = job.num_particles
     return kw
 
 
@@ -353,10 +365,8 @@ def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
     The pipeline's ValueErrors (e.g. a prompt for a model without text encoder) pass through unchanged; other
     errors of the network call (e.g. a resolution the UNet cannot take) become ValueErrors naming the job.
     """
-    trace: list[torch.Tensor] = []
 
-    def on_step(_pipe, k, _t, tensors):
-        trace.append(tensors["log_q"].detach().to(torch.float64).cpu().clone())
+    def on_step(_pipe, k, _t, _tensors):
         if progress is not None:
             progress(k + 1, job.steps)
         return {}
@@ -369,7 +379,6 @@ def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
             generator=generators(job),
             output_type="pil",
             callback_on_step_end=on_step,
-            callback_on_step_end_tensor_inputs=["log_q"],
         )
     except ValueError:
         raise
@@ -379,16 +388,7 @@ def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
             "model cannot take, or an operator / method the model does not support)."
         ) from None
     seconds = time.perf_counter() - t0
-    # The callback sees every leaf's log q (the unconditional one too); keep the terms' columns, matched against
-    # the final values the pipeline returns.
-    full = torch.stack(trace)  # (steps, n, L)
-    cols = []
-    for j in range(out.log_q.shape[1]):
-        match = [c for c in range(full.shape[2]) if torch.equal(full[-1][:, c], out.log_q[:, j].cpu())]
-        if not match:
-            raise RuntimeError("could not match the tracked log q columns to the terms (pipeline changed?).")
-        cols.append(match[0])
-    log_q = full[:, :, cols]
+    log_q = out.log_q_trace.detach().to(torch.float64).cpu()  # (steps, images, terms)
     terms = _term_names(job)
     return JobResult(
         images=list(out.images),

@@ -49,6 +49,7 @@ def space_limits() -> J.Limits:
         max_images=int(env("COMPOSE_MAX_IMAGES", 8)),
         max_terms=int(env("COMPOSE_MAX_TERMS", 4)),
         max_side=int(env("COMPOSE_MAX_SIDE", 512)),
+        max_particles=int(env("COMPOSE_MAX_PARTICLES", 8)),
     )
 
 
@@ -71,6 +72,7 @@ class App:
         seed: float,
         images: float,
         size: float,
+        particles: float = 4,
     ) -> J.Job:
         """The form's fields -> a checked `Job` (ValueError naming the field on bad input)."""
         names = list(models or []) + [m.strip() for m in (other_models or "").splitlines() if m.strip()]
@@ -88,6 +90,8 @@ class App:
         }
         if size:
             raw["height"] = raw["width"] = size
+        if operator == "product_smc" and terms > 1:
+            raw["num_particles"] = particles
         return J.parse_job(raw, self.limits)
 
     def run(self, job: J.Job, progress=None) -> J.JobResult:
@@ -194,14 +198,18 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 models = gr.CheckboxGroup(
-                    shipped, value=["shapes-text"] if "shapes-text" in shipped else [], label="shipped models",
+                    shipped,
+                    value=["shapes-text"] if "shapes-text" in shipped else [],
+                    label="shipped models",
                     elem_id="models",
                 )
                 other = gr.Textbox(
                     label="other checkpoints (local folder or hub id, one per line)", lines=2, elem_id="other_models"
                 )
                 prompts = gr.Textbox(
-                    "a red shape\na circle", label="prompts (one per line; empty for unconditional models)", lines=3,
+                    "a red shape\na circle",
+                    label="prompts (one per line; empty for unconditional models)",
+                    lines=3,
                     elem_id="prompt",
                 )
                 operator = gr.Dropdown(list(OPERATORS), value="and", label="operator", elem_id="operator")
@@ -214,6 +222,13 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                 with gr.Row():
                     images = gr.Slider(1, lim.max_images, value=min(4, lim.max_images), step=1, label="images")
                     size = gr.Number(0, precision=0, minimum=0, maximum=lim.max_side, label="size (0 = native)")
+                particles = gr.Slider(
+                    2,
+                    lim.max_particles,
+                    value=min(4, lim.max_particles),
+                    step=1,
+                    label="particles per image (operator product_smc)",
+                )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column():
                 out = gr.Gallery(label="images", columns=4, elem_id="out", height="auto")
@@ -221,7 +236,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         plot = gr.Plot(label="kappa and log q over the steps", elem_id="plot")
         run.click(
             app.generate,
-            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size],
+            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles],
             outputs=[out, plot, summary],
             api_name="generate",
         )
