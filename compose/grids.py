@@ -113,12 +113,14 @@ def resolve_grid(
     steps: int | None = None,
     *,
     expect: dict | None = None,
+    default_steps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Turn a grid given by name, file or values into (ts (N + 1,), network times (N,) or None).
 
     grid: a name in `GRIDS` (needs `steps`), the path of a JSON schedule file written by `compose.ld3`
         (its keys are checked against `expect`, e.g. {"nfe": 6, "solver": "dpm2m"}; a mismatch names the key), or
         a strictly decreasing sequence of times.
+    default_steps: the step count of a named grid when steps is None.
     Returns the grid and, for learned schedules with a decoupled time shift, the times fed to the network at each
     step (else None).
     """
@@ -137,6 +139,7 @@ def resolve_grid(
         net = sched.get("network_times")
         return ts, (None if net is None else torch.as_tensor(net, dtype=torch.float64))
     if isinstance(grid, str):
+        steps = default_steps if steps is None else steps
         if steps is None:
             raise ValueError(f"grid={grid!r} needs steps= (the number of steps).")
         return make_grid(schedule, steps, kind=grid), None

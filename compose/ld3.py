@@ -229,7 +229,7 @@ def network_times_from_params(ts: torch.Tensor, s: torch.Tensor) -> torch.Tensor
     gaps = ts[:-1] - ts[1:]
     left = torch.cat([gaps[:1], gaps[:-1]])
     half = 0.5 * torch.minimum(left, gaps)
-    return (ts[:-1] + half * torch.tanh(s)).clamp(float(ts[-1]), float(ts[0]))
+    return (ts[:-1] + half * torch.tanh(s)).clamp(float(ts[-1].detach()), float(ts[0].detach()))
 
 
 # ---------------------------------------------------------------------- learning
@@ -345,7 +345,7 @@ def learn_schedule(
         with torch.no_grad():  # project x'_T back into its ball
             norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
             delta.mul_(bcast((r * sigma_T / norm).clamp(max=1.0), delta))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
             v = val_loss()
             if v < best:
