@@ -107,6 +107,11 @@ def _strict(ts: torch.Tensor, kind: str) -> torch.Tensor:
     return ts
 
 
+def is_schedule_file(grid: Any) -> bool:
+    """True when `grid` names a schedule file (a path ending in .json or containing a path separator)."""
+    return isinstance(grid, (str, os.PathLike)) and (str(grid).endswith(".json") or os.path.sep in str(grid))
+
+
 def resolve_grid(
     schedule: NoiseSchedule,
     grid: Any,
@@ -126,7 +131,7 @@ def resolve_grid(
     """
     from .engine import check_grid
 
-    if isinstance(grid, (str, os.PathLike)) and (str(grid).endswith(".json") or os.path.sep in str(grid)):
+    if is_schedule_file(grid):
         from .ld3 import load_schedule
 
         sched = load_schedule(grid, expect=expect)

@@ -166,13 +166,7 @@ def sample(
         out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span)
         x_next, log_q = out.x, out.log_q
         if solver == "dpm2m":
-            x0_bar = (x - bcast(sch.sigma(t_cur), x) * out.eps) / bcast(sch.alpha(t_cur), x)
-            h_prev = None if x0_prev is None else float(sch.log_snr(t_cur) - sch.log_snr(float(ts[k - 1]))) / 2
-            x_2m = dpm2m_step(x, x0_bar, x0_prev, t_cur, t_next, sch, h_prev)
-            # move each model's log q along the step actually taken: dlogq += <s_i, dx_2M - dx_Euler>
-            s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(sch.sigma(t_cur))
-            log_q = log_q + torch.einsum("lnd,nd->nl", s, (x_2m - x_next).reshape(n, -1).to(torch.float64))
-            x0_prev, x_next = x0_bar, x_2m
+            x_next, log_q, x0_prev = dpm2m_composed(x, out, eps, x0_prev, ts, k, sch)
         x = x_next
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
@@ -194,6 +188,34 @@ def sample(
         timesteps=ts,
         node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
     )
+
+
+def dpm2m_composed(
+    x: torch.Tensor,
+    out: Any,
+    eps: torch.Tensor,
+    x0_prev: torch.Tensor | None,
+    ts: torch.Tensor,
+    k: int,
+    schedule: NoiseSchedule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the Euler ODE step `out` (a `StepOutput` from x at ts[k]) by DPM-Solver++(2M) on the composed eps.
+
+    eps: (L, n, ...) the leaf predictions at (x, ts[k]); x0_prev: the previous step's composed x0_hat (or None).
+    Each model's log q is moved along the step actually taken: dlogq_i += <s_i, dx_2M - dx_Euler>, s_i = -eps_i /
+    sigma (the Euler form of MATH.md section 4 holds for any displacement to first order). Returns (x_next,
+    log_q, x0_bar) with x0_bar the composed x0_hat of this step (the next step's x0_prev).
+    """
+    t_cur, t_next = float(ts[k]), float(ts[k + 1])
+    n = x.shape[0]
+    x0_bar = (x - bcast(schedule.sigma(t_cur), x).to(x.dtype) * out.eps) / bcast(schedule.alpha(t_cur), x).to(x.dtype)
+    h_prev = None
+    if x0_prev is not None:
+        h_prev = 0.5 * float(schedule.log_snr(t_cur) - schedule.log_snr(float(ts[k - 1])))
+    x_2m = dpm2m_step(x, x0_bar, x0_prev, t_cur, t_next, schedule, h_prev)
+    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
+    log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_2m - out.x).reshape(n, -1).to(torch.float64))
+    return x_2m, log_q, x0_bar
 
 
 def dpm2m_step(

@@ -39,7 +39,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import compose
 from compose.engine import Composer, check_grid
+from compose.grids import is_schedule_file, resolve_grid
+from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
+from compose.sampling import SOLVER_ORDER, SOLVERS, dpm2m_composed
 
 OPERATORS = ("or", "and", "average", "product")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -86,6 +89,8 @@ class ComposeModel:
 
     @property
     def prediction_type(self) -> str:
+        if "FlowMatch" in type(self.scheduler).__name__:  # its config has no prediction_type: it is the velocity
+            return "flow"
         return compose.normalize_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
 
     @property
@@ -561,10 +566,12 @@ class ComposePipeline(DiffusionPipeline):
         temperature: float = 1.0,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        grid: str = "log_snr",
+        grid: str | None = None,
+        schedule: str | None = None,
+        solver: str = "euler",
         method: str = "sde",
         divergence: str = "hutchinson",
         probes: int = 1,
@@ -594,8 +601,14 @@ class ComposePipeline(DiffusionPipeline):
             negative_prompt: the unconditional branch's prompt.
             num_inference_steps, timesteps, sigmas, grid: the time grid; `timesteps` are the first checkpoint's
                 network timesteps (e.g. 999, 979, ...), `sigmas` its diffusers sigmas (sigma / alpha, or t for flow
-                matching); otherwise `num_inference_steps` steps of a "log_snr" or "uniform" grid. The output is the
-                final denoised estimate at the last grid time (one more network call per checkpoint).
+                matching); otherwise `num_inference_steps` steps of a named grid. The output is the final denoised
+                estimate at the last grid time (one more network call per checkpoint).
+            schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
+                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.ld3`), which is
+                refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the message
+                names the keys that differ). `grid` is an alias.
+            solver: "euler", or "dpm2m" (DPM-Solver++(2M) on the composed eps; method="ode" only; see
+                `compose.sample` for which operators stay exact).
             method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (probability-flow Euler, divergence).
             divergence: for "ode": "hutchinson" (forward-mode JVPs, math attention) or "hutchinson_fd" (finite
                 differences with step fd_eps * sigma_t, probe points batched into the main UNet call).
@@ -608,6 +621,8 @@ class ComposePipeline(DiffusionPipeline):
         """
         models = self.models
         first = models[0]
+        steps_given = num_inference_steps is not None
+        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
         terms = self._terms(prompt, models)
         if guidance_scale is None:
             guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
@@ -631,6 +646,13 @@ class ComposePipeline(DiffusionPipeline):
         )
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite; got {guidance_scale}.")
+        if grid is not None and schedule is not None and grid != schedule:
+            raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
+        schedule_name = schedule or grid or "log_snr"
+        if solver not in SOLVERS:
+            raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+        if solver != "euler" and method != "ode":
+            raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
         use_cfg = guidance_scale > 1.0
         text_models = _unique([m for m, _ in terms if m.is_text])
         if use_cfg and not text_models:
@@ -654,7 +676,7 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
 
         # 1. terms -> leaves on the shared schedule, and their text conditioning
-        schedule = first.schedule
+        noise_schedule = schedule = first.schedule
         leaves = [_Leaf(schedule, _term_name(m, p, len(models)), m, p) for m, p in terms]
         uncond = [_Leaf(schedule, f"uncond@{m.name}", m, _UNCOND) for m in text_models] if use_cfg else []
         conds: dict[int, Any] = {}
@@ -688,7 +710,23 @@ class ComposePipeline(DiffusionPipeline):
         term_index = [next(i for i, lf in enumerate(order) if lf is leaf) for leaf in leaves]
 
         # 3. grid, initial state and its log q
-        ts = self._grid(schedule, num_inference_steps, timesteps, sigmas, grid)
+        t_net = None
+        if timesteps is None and sigmas is None:
+            expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde"}
+            expect["schedule"] = repr(noise_schedule)
+            explicit = is_schedule_file(schedule_name)
+            ts, t_net = resolve_grid(
+                noise_schedule, schedule_name, None if explicit else num_inference_steps, expect=expect
+            )
+            if explicit and steps_given and len(ts) - 1 != num_inference_steps:
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} does not match the schedule file {schedule_name} "
+                    f"({len(ts) - 1} steps); drop num_inference_steps or learn a schedule for that NFE."
+                )
+        else:
+            ts = self._grid(schedule, num_inference_steps, timesteps, sigmas, "log_snr")
+        if len(ts) - 1 < SOLVER_ORDER[solver]:
+            raise ValueError(f"solver={solver!r} needs at least {SOLVER_ORDER[solver]} steps; got {len(ts) - 1}.")
         t0 = float(ts[0])
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -721,6 +759,7 @@ class ComposePipeline(DiffusionPipeline):
         # 4. the loop: one batched call per UNet, then the core's step
         kappas, node_kappa, coeffs = [], {}, None
         steps = len(ts) - 1
+        x0_prev = None
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
                 t_cur, t_next = float(ts[k]), float(ts[k + 1])
@@ -729,11 +768,14 @@ class ComposePipeline(DiffusionPipeline):
                     noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     zeta = _rademacher((probes, *x.shape), generator, device)
-                eps, div = evaluate(x, t_cur, zeta)
+                eps, div = evaluate(x, t_cur if t_net is None else float(t_net[k]), zeta)
                 out = composer.step(
                     x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span
                 )
+                x_start = x
                 x, log_q, coeffs = out.x, out.log_q, out.coeffs
+                if solver == "dpm2m":
+                    x, log_q, x0_prev = dpm2m_composed(x_start, out, eps, x0_prev, ts, k, schedule)
                 kappas.append(out.kappa[root.path] if root is not None else torch.ones(n, 1, dtype=torch.float64))
                 for path, kap in out.kappa.items():
                     node_kappa.setdefault(path, []).append(kap)
