@@ -169,10 +169,13 @@ def solve(
         eps = torch.stack([model_eps(m, x, t_in) for m in leaves])
         if tracks:
             xd, t_d = x.detach(), t_in.detach()
+            fd = 1e-3 * float(sch.sigma(t_d))  # hutchinson_fd step, as in compose.sample
             zeta = None if kind == "exact" else torch.randint(0, 2, (1, *x.shape)).to(x.dtype) * 2 - 1
             div = torch.stack(
                 [
-                    divergence(lambda y, m=m, tt=t_d: model_eps(m, y, tt), xd, kind=kind, probes=zeta).detach()
+                    divergence(
+                        lambda y, m=m, tt=t_d: model_eps(m, y, tt), xd, kind=kind, probes=zeta, fd_eps=fd
+                    ).detach()
                     for m in leaves
                 ]
             )
@@ -257,6 +260,7 @@ def learn_schedule(
     teacher_steps: int = 200,
     init: str = "log_snr",
     time_shift: bool = False,
+    divergence_kind: str | None = None,
     iters: int = 200,
     lr: float = 0.05,
     batch_size: int = 50,
@@ -269,7 +273,10 @@ def learn_schedule(
 
     x_train: (n, ...) and x_val: (m, ...) starting noises at the schedule's t_max (e.g. sigma_T * randn).
     teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
-    init: the named grid the parameters start from. time_shift: learn the decoupled network times too.
+    init: the named grid the parameters start from, or "best": the named grid closest to the teacher on x_val
+        (every named grid's validation distance is recorded in the result's info either way).
+    time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
+        "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
     ball: r of the relaxed loss (x'_T within r * sigma_T of x_T); default 1e-3 d / nfe^2. iters: Adam steps.
     """
     from .sampling import SOLVER_ORDER
@@ -281,8 +288,8 @@ def learn_schedule(
             f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
             f"nfe >= {SOLVER_ORDER[solver]}."
         )
-    if init not in GRIDS:
-        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}.")
+    if init not in GRIDS and init != "best":
+        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS} or 'best'.")
     if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
         raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
     if not (iters >= 0 and lr > 0 and batch_size >= 1):
@@ -309,6 +316,16 @@ def learn_schedule(
     if progress:
         log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {t_teach:.1f} s")
 
+    def run(x, ts, net=None):
+        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind)
+
+    with torch.no_grad():
+        named = {
+            k: float((run(x_val, make_grid(sch, nfe, k)) - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+            for k in GRIDS
+        }
+    if init == "best":
+        init = min(GRIDS, key=lambda k: named[k])
     ts0 = make_grid(sch, nfe, init)
     xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
     s = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
@@ -323,7 +340,7 @@ def learn_schedule(
     def val_loss() -> float:
         with torch.no_grad():
             ts, net = current()
-            out = solve(expr, x_val, ts, solver, net)
+            out = run(x_val, ts, net)
             return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
 
     best = val_loss()
@@ -337,7 +354,7 @@ def learn_schedule(
         idx = torch.randperm(n, generator=generator)[:batch_size]
         ts, net = current()
         x_start = x_train[idx] + delta[idx]
-        out = solve(expr, x_start, ts, solver, net)
+        out = run(x_start, ts, net)
         loss = (out - y_train[idx]).reshape(len(idx), -1).norm(dim=1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -375,6 +392,7 @@ def learn_schedule(
         "lr": lr,
         "val_distance": best,
         "val_distance_init": init_loss,
+        "val_distance_named": named,
         "seconds": round(seconds, 2),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -445,7 +463,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--init", default="log_snr", choices=GRIDS)
+    p.add_argument("--init", default="best", choices=(*GRIDS, "best"), help="start grid (best: closest named grid)")
+    p.add_argument(
+        "--divergence",
+        default=None,
+        choices=("exact", "hutchinson", "hutchinson_fd"),
+        help="divergence estimate for OR / AND density tracking (default: exact for d <= 16)",
+    )
     p.add_argument("--time-shift", action="store_true", help="learn the decoupled network times too")
     p.add_argument("--toy-schedule", default="vp_linear", choices=("vp_linear", "cosine", "ot"))
     p.add_argument("--seed", type=int, default=0)
@@ -488,6 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_steps=a.teacher_steps,
         init=a.init,
         time_shift=a.time_shift,
+        divergence_kind=a.divergence,
         iters=a.iters,
         lr=a.lr,
         batch_size=a.batch,
