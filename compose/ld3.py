@@ -89,7 +89,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise ValueError(f"schedule file {path!r} does not exist; learn one with `python -m compose.ld3`.")
+        raise ValueError(f"schedule file {path!r} does not exist; learn one with `python -m compose.learn_schedule`.")
     try:
         with open(path) as fh:
             info = json.load(fh)
@@ -108,7 +108,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
         if bad:
             raise ValueError(
                 f"schedule file {path!r} was learned for another set-up: " + ", ".join(bad) + ". Learn a schedule "
-                "for this call (python -m compose.ld3) or pass a matching file."
+                "for this call (python -m compose.learn_schedule) or pass a matching file."
             )
     return info
 
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=a.batch,
         generator=g,
     )
-    res.info["command"] = "python -m compose.ld3 " + " ".join(sys.argv[1:] if argv is None else argv)
+    res.info["command"] = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
     save_schedule(a.out, res.info)
     print(
         f"wrote {a.out}: validation distance {res.val_loss:.5f} (init {a.init}: {res.val_loss_init:.5f}), "

@@ -604,9 +604,9 @@ class ComposePipeline(DiffusionPipeline):
                 matching); otherwise `num_inference_steps` steps of a named grid. The output is the final denoised
                 estimate at the last grid time (one more network call per checkpoint).
             schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
-                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.ld3`), which is
-                refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the message
-                names the keys that differ). `grid` is an alias.
+                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
+                refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
+                message names the keys that differ). `grid` is an alias.
             solver: "euler", or "dpm2m" (DPM-Solver++(2M) on the composed eps; method="ode" only; see
                 `compose.sample` for which operators stay exact).
             method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (probability-flow Euler, divergence).
