@@ -130,6 +130,17 @@ def _check_schedule(info: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------- the differentiable student
+def _math_attention():
+    """Forward-mode AD (JVP divergences) through attention needs the math SDPA backend (see the project NOTES)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _tracks_density(expr: Any) -> bool:
     return isinstance(expr, Expr) and any(isinstance(n, (OR, AND)) for n in expr.nodes())
 
@@ -171,14 +182,15 @@ def solve(
             xd, t_d = x.detach(), t_in.detach()
             fd = 1e-3 * float(sch.sigma(t_d))  # hutchinson_fd step, as in compose.sample
             zeta = None if kind == "exact" else torch.randint(0, 2, (1, *x.shape)).to(x.dtype) * 2 - 1
-            div = torch.stack(
-                [
-                    divergence(
-                        lambda y, m=m, tt=t_d: model_eps(m, y, tt), xd, kind=kind, probes=zeta, fd_eps=fd
-                    ).detach()
-                    for m in leaves
-                ]
-            )
+            with _math_attention():
+                div = torch.stack(
+                    [
+                        divergence(
+                            lambda y, m=m, tt=t_d: model_eps(m, y, tt), xd, kind=kind, probes=zeta, fd_eps=fd
+                        ).detach()
+                        for m in leaves
+                    ]
+                )
         else:
             div = torch.zeros(len(leaves), n, dtype=torch.float64)
         out = composer.step(
@@ -308,7 +320,7 @@ def learn_schedule(
 
         def teacher(x):  # noqa: F811 - the default teacher
             with torch.no_grad():
-                return solve(expr, x, t_teacher, "dpm2m")
+                return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind)
 
     with torch.no_grad():
         y_train, y_val = teacher(x_train), teacher(x_val)
