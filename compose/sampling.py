@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .engine import DIVERGENCES, Composer, check_method, divergence, rademacher
+from .engine import DIVERGENCES, Composer, check_grid, check_method, divergence, rademacher
 from .grids import resolve_grid
 from .models import model_eps, on_schedule
 from .predictions import bcast
@@ -115,7 +115,7 @@ def sample(
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
     if timesteps is not None:
-        ts, t_net = resolve_grid(sch, timesteps)
+        ts, t_net = check_grid(timesteps), None
     else:
         from .ld3 import expression_keys
 
