@@ -26,10 +26,18 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3, thermo  # noqa: E402
-from examples.shapes.data import make_batch  # noqa: E402
+from examples.shapes.data import SHAPES, make_batch  # noqa: E402
+from examples.shapes.eval_unconditional import judge  # noqa: E402
 
 
-def evaluate(folder: str, args, log) -> dict:
+def valid_frac(images: torch.Tensor, clf, shapes: list[str]) -> float:
+    """Fraction of images the shapes classifier calls confidently (> 0.9 on both heads) one of `shapes`."""
+    res = judge(images.clamp(-1, 1), clf)
+    in_set = torch.tensor([SHAPES[k] in shapes for k in res["_shape_idx"].tolist()])
+    return float((in_set & res["_valid"]).float().mean())
+
+
+def evaluate(folder: str, args, log, clf) -> dict:
     model = ld3.DiffusersUnconditional(folder)
     sch = model.schedule
     shapes = args.shapes
@@ -59,6 +67,7 @@ def evaluate(folder: str, args, log) -> dict:
             "dissipation": diss,
             "dissipation_se": se,
             "kinetic_action": thermo.kinetic_action(sch, t_min=1e-3, t_max=1.0),
+            "teacher_valid": valid_frac(y, clf, shapes),
         }
         for nfe in args.nfe:
             errs = {
@@ -71,7 +80,13 @@ def evaluate(folder: str, args, log) -> dict:
                 for k in compose.GRIDS
             }
             best = min(errs, key=errs.get)
-            row[f"nfe{nfe}"] = {"best_grid": best, "best": errs[best], "all": errs}
+            out = ld3.solve(model, x, compose.make_grid(sch, nfe, best), "dpm2m")
+            row[f"nfe{nfe}"] = {
+                "best_grid": best,
+                "best": errs[best],
+                "all": errs,
+                "valid": valid_frac(out, clf, shapes),
+            }
             log(f"{folder}: NFE {nfe} best {best} {errs[best]:.3f}")
     return row
 
@@ -94,8 +109,11 @@ def main(argv=None) -> dict:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    rows = [evaluate(a.vp, a, log), evaluate(a.ot, a, log)]
-    head = ["model", "path", "kinetic action", "dissipation", *[f"NFE {n} (best grid)" for n in a.nfe]]
+    from examples.shapes.classifier import DEFAULT_DIR, load_classifier
+
+    clf = load_classifier(str(DEFAULT_DIR))
+    rows = [evaluate(a.vp, a, log, clf), evaluate(a.ot, a, log, clf)]
+    head = ["model", "path", "kinetic action", "dissipation", *[f"NFE {n} (best grid)" for n in a.nfe], "teacher"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -104,9 +122,16 @@ def main(argv=None) -> dict:
             f"{r['kinetic_action']:.3f}",
             f"{r['dissipation']:.3f} ± {r['dissipation_se']:.3f}",
         ]
-        cells += [f"{r[f'nfe{n}']['best']:.3f} ({r[f'nfe{n}']['best_grid']})" for n in a.nfe]
+        cells += [
+            f"{r[f'nfe{n}']['best']:.3f} ({r[f'nfe{n}']['best_grid']}); valid {100 * r[f'nfe{n}']['valid']:.0f}%"
+            for n in a.nfe
+        ]
+        cells.append(f"valid {100 * r['teacher_valid']:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
-    print("Distance to each model's own teacher (mean L2 over pixels in [-1, 1]):\n\n" + "\n".join(lines))
+    print(
+        "Distance to each model's own teacher (mean L2 over pixels in [-1, 1]) with the best named grid, and the "
+        "fraction of samples the shapes classifier calls a confident circle or square:\n\n" + "\n".join(lines)
+    )
     out = {"settings": vars(a), "rows": rows}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
