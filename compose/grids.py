@@ -1,12 +1,63 @@
-"""Time grids: decreasing sequences t_0 = t_max > ... > t_N = t_min in the convention of `NoiseSchedule`."""
+"""Time grids: decreasing sequences t_0 = t_max > ... > t_N = t_min in the convention of `NoiseSchedule`.
+
+Every named grid is a rule for placing N + 1 noise levels between the schedule's endpoints; the levels are converted
+to t through the log-SNR, so one name means the same noise levels for every schedule that reaches them:
+
+- "uniform": uniform in t.
+- "log_snr": uniform in lambda = log(alpha^2 / sigma^2).
+- "karras": Karras et al. (EDM, 2022) eq. 5 with rho = 7 in the VE scale s = sigma / alpha:
+  s_i = (s_max^(1/rho) + i / N (s_min^(1/rho) - s_max^(1/rho)))^rho.
+- "ays_sd15", "ays_sdxl": the Align-Your-Steps 10-step presets (Sabour et al. 2024) that diffusers ships as
+  `AysSchedules` (VE scale, SD 1.5 / SDXL), interpolated log-linearly to other step counts (the paper's recipe:
+  log s linearly interpolated over an equally spaced index). They were optimised for the SD noise table, whose
+  VE range is [0.029, 14.615]; on another schedule the preset's log s is mapped affinely onto that schedule's
+  [log s_min, log s_max] (the identity for SD 1.5 and SDXL themselves).
+- a path to a JSON schedule file (`compose.ld3.load_schedule`), or an explicit tensor: see `resolve_grid`.
+"""
 
 from __future__ import annotations
+
+import math
+import os
+from typing import Any
 
 import torch
 
 from .schedule import NoiseSchedule
 
-GRIDS = ("uniform", "log_snr")
+GRIDS = ("uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl")
+
+# diffusers `AysSchedules` "StableDiffusionSigmas" / "StableDiffusionXLSigmas" (10 steps, VE sigma = sigma / alpha).
+# diffusers writes a final 0.0 ("denoise to the data"); the paper's last level is 0.029, the SD table's sigma_min,
+# which is what a grid ending at t_min needs, so it is used here.
+AYS_SIGMAS = {
+    "ays_sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "ays_sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+KARRAS_RHO = 7.0
+
+
+def loglinear_interp(values: torch.Tensor | tuple, num: int) -> torch.Tensor:
+    """Resample a decreasing positive sequence to `num` points, linearly in log(value) over an even index.
+
+    values: (K,) decreasing and positive. Returns (num,) float64 with the same first and last value.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.ndim != 1 or v.numel() < 2 or not bool(torch.all(v > 0)) or not bool(torch.all(v[1:] < v[:-1])):
+        raise ValueError("values must be a decreasing sequence of at least two positive numbers.")
+    if num < 2:
+        raise ValueError(f"num must be at least 2; got {num}.")
+    xs = torch.linspace(0.0, 1.0, v.numel(), dtype=torch.float64)
+    xq = torch.linspace(0.0, 1.0, num, dtype=torch.float64)
+    logv = v.log()
+    i = (torch.searchsorted(xs, xq, right=True) - 1).clamp(0, v.numel() - 2)
+    w = (xq - xs[i]) / (xs[i + 1] - xs[i])
+    return (logv[i] + w * (logv[i + 1] - logv[i])).exp()
+
+
+def _log_ve_sigma(schedule: NoiseSchedule, t: float) -> float:
+    """log(sigma / alpha) = -lambda / 2."""
+    return -0.5 * float(schedule.log_snr(t))
 
 
 def make_grid(
@@ -16,12 +67,11 @@ def make_grid(
     t_max: float | None = None,
     t_min: float | None = None,
 ) -> torch.Tensor:
-    """A grid of `steps` steps (steps + 1 times, float64, decreasing).
+    """A grid of `steps` steps: (steps + 1,) float64 times, strictly decreasing from t_max to t_min.
 
-    kind="uniform": uniform in t.  kind="log_snr": uniform in lambda = log(alpha^2 / sigma^2), which keeps every
-    step the same size on the scale at which the dynamics change (well behaved for VP, cosine and OT alike).
+    kind: one of `GRIDS` (see the module docstring). t_max / t_min default to the schedule's.
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}.")
     t_max = schedule.t_max if t_max is None else float(t_max)
     t_min = schedule.t_min if t_min is None else float(t_min)
@@ -29,11 +79,74 @@ def make_grid(
         raise ValueError(f"need 0 < t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}.")
     if kind == "uniform":
         return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
+    lo, hi = _log_ve_sigma(schedule, t_min), _log_ve_sigma(schedule, t_max)  # log s_min, log s_max
     if kind == "log_snr":
-        lam = torch.linspace(
-            float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min)), steps + 1, dtype=torch.float64
+        log_s = torch.linspace(hi, lo, steps + 1, dtype=torch.float64)
+    elif kind == "karras":
+        inv = 1.0 / KARRAS_RHO
+        ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        s_max, s_min = math.exp(hi * inv), math.exp(lo * inv)  # s^(1 / rho)
+        log_s = KARRAS_RHO * torch.log(s_max + ramp * (s_min - s_max))
+    elif kind in AYS_SIGMAS:
+        preset = loglinear_interp(AYS_SIGMAS[kind], steps + 1).log()
+        p_hi, p_lo = float(preset[0]), float(preset[-1])
+        log_s = lo + (preset - p_lo) * (hi - lo) / (p_hi - p_lo)
+    else:
+        raise ValueError(f"grid={kind!r} is not known; use one of {GRIDS}, or the path of a JSON schedule file.")
+    ts = schedule.t_from_log_snr(-2.0 * log_s)
+    ts[0], ts[-1] = t_max, t_min
+    return _strict(ts, kind)
+
+
+def _strict(ts: torch.Tensor, kind: str) -> torch.Tensor:
+    if not bool(torch.all(ts[1:] < ts[:-1])):
+        raise ValueError(
+            f"grid={kind!r} with {ts.numel() - 1} steps has coinciding times on this schedule (the steps are finer "
+            "than the schedule resolves); use fewer steps or another grid."
         )
-        ts = schedule.t_from_log_snr(lam)
-        ts[0], ts[-1] = t_max, t_min
-        return ts
-    raise ValueError(f"grid={kind!r} is not known; use one of {GRIDS}.")
+    return ts
+
+
+def is_schedule_file(grid: Any) -> bool:
+    """True when `grid` names a schedule file (a path ending in .json or containing a path separator)."""
+    return isinstance(grid, (str, os.PathLike)) and (str(grid).endswith(".json") or os.path.sep in str(grid))
+
+
+def resolve_grid(
+    schedule: NoiseSchedule,
+    grid: Any,
+    steps: int | None = None,
+    *,
+    expect: dict | None = None,
+    default_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Turn a grid given by name, file or values into (ts (N + 1,), network times (N,) or None).
+
+    grid: a name in `GRIDS` (needs `steps`), the path of a JSON schedule file written by `compose.ld3`
+        (its keys are checked against `expect`, e.g. {"nfe": 6, "solver": "dpm2m"}; a mismatch names the key), or
+        a strictly decreasing sequence of times.
+    default_steps: the step count of a named grid when steps is None.
+    Returns the grid and, for learned schedules with a decoupled time shift, the times fed to the network at each
+    step (else None).
+    """
+    from .engine import check_grid
+
+    if is_schedule_file(grid):
+        from .ld3 import load_schedule
+
+        sched = load_schedule(grid, expect=expect)
+        ts = check_grid(sched["grid"], "the schedule file's grid")
+        if steps is not None and steps != ts.numel() - 1:
+            raise ValueError(
+                f"steps={steps} does not match the schedule file {grid} ({ts.numel() - 1} steps); drop steps= or "
+                "learn a schedule for that NFE."
+            )
+        net = sched.get("network_times")
+        return ts, (None if net is None else torch.as_tensor(net, dtype=torch.float64))
+    if isinstance(grid, str):
+        steps = default_steps if steps is None else steps
+        if steps is None:
+            raise ValueError(f"grid={grid!r} needs steps= (the number of steps).")
+        return make_grid(schedule, steps, kind=grid), None
+    ts = check_grid(grid, "grid")
+    return ts, None

@@ -9,10 +9,14 @@ from typing import Any
 import torch
 
 from .engine import DIVERGENCES, Composer, check_grid, check_method, divergence, rademacher
-from .grids import make_grid
-from .models import model_eps
+from .grids import resolve_grid
+from .models import model_eps, on_schedule
 from .predictions import bcast
+from .schedule import NoiseSchedule
 from .smc import PoE, SMCResult, sample_smc
+
+SOLVERS = ("euler", "dpm2m")
+SOLVER_ORDER = {"euler": 1, "dpm2m": 2}
 
 
 @dataclass
@@ -48,7 +52,9 @@ def sample(
     probes: int = 1,
     generator: torch.Generator | None = None,
     *,
-    grid: str = "log_snr",
+    grid: Any = "log_snr",
+    solver: str = "euler",
+    path: NoiseSchedule | str | None = None,
     fd_eps: float = 1e-3,
     control_variate: bool = True,
     dtype: torch.dtype = torch.float32,
@@ -62,9 +68,21 @@ def sample(
         expr: `OR(...)`, `AND(...)`, `Average(...)`, `Product(...)`, `Guided(...)`, nested, or a single model.
         num_samples: n, when x_T is not given (x_T ~ N(0, sigma_{t_0}^2 I) then).
         x_T: (n, ...) starting states at the first grid time.
-        timesteps: an explicit strictly decreasing grid in t; or `steps` with `grid` ("log_snr" or "uniform").
-        method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (Euler on the probability-flow ODE with a
-            divergence estimate).
+        timesteps: an explicit strictly decreasing grid in t; or `steps` with `grid`: a name in `compose.GRIDS`
+            ("log_snr", "uniform", "karras", "ays_sd15", "ays_sdxl"), or the path of a learned JSON schedule file
+            (`compose.ld3`; its grid, NFE, solver and model are checked against this call).
+        method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (the probability-flow ODE with a divergence
+            estimate, stepped by `solver`).
+        solver: for "ode": "euler", or "dpm2m" (DPM-Solver++(2M), Lu et al. 2022, on the composed x0_hat = x0 of the
+            composed eps). The composed coefficients come from the Euler form of the step (the operators solve
+            for kappa there); each model's log q is then moved along the step actually taken, by adding
+            <s_i, dx_2M - dx_Euler> to the Euler increment (first order). OR (kappa from the tracked log q),
+            average, product and CFG thus keep their meaning; AND equalises the Euler increments, so with dpm2m
+            the equal-density condition holds only to first order in the step (the correction differs between
+            models).
+        path: sample along another noise schedule than the models' (e.g. "ot" or `NoiseSchedule.ot()`): every
+            model is re-parametrised with `compose.on_schedule` (same log-SNR, rescaled state), so the trajectory
+            follows alpha = 1 - t, sigma = t with the same signal-to-noise ratios.
         divergence: for "ode": "hutchinson" (Rademacher probes, one forward-mode JVP per model per probe, probes
             shared across models), "hutchinson_fd" (the same probes, finite differences with step fd_eps * sigma_t),
             or "exact" (d JVPs per model; small d).
@@ -84,18 +102,40 @@ def sample(
         return sample_smc(expr, num_samples, x_T=x_T, timesteps=timesteps, steps=steps, method=method,
                           generator=generator, **kw, **smc_options)  # fmt: skip
     check_method(method, divergence)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+    if solver != "euler" and method != "ode":
+        raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer; got {probes!r}.")
     if divergence == "hutchinson_fd" and not fd_eps > 0:
         raise ValueError(f"fd_eps must be positive; got {fd_eps}.")
     composer = Composer(expr, method=method, control_variate=control_variate)
+    leaves = composer.leaves
+    if path is not None:
+        if isinstance(path, str):
+            if path != "ot":
+                raise ValueError(f"path={path!r} is not known; use 'ot' or a compose.NoiseSchedule.")
+            path = NoiseSchedule.ot()
+        if not isinstance(path, NoiseSchedule):
+            raise ValueError(f"path must be 'ot' or a compose.NoiseSchedule; got {type(path).__name__}.")
+        leaves = [on_schedule(m, path) for m in composer.leaves]
+        composer = Composer(expr, schedule=path, method=method, control_variate=control_variate)
     sch = composer.schedule
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
     if timesteps is not None:
-        ts = check_grid(timesteps)
+        ts, t_net = check_grid(timesteps), None
     else:
-        ts = make_grid(sch, 500 if steps is None else steps, kind=grid)
+        from .ld3 import expression_keys
+
+        expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde", "schedule": repr(sch)}
+        ts, t_net = resolve_grid(sch, grid, steps, expect=expect, default_steps=500)
+    if len(ts) - 1 < SOLVER_ORDER[solver]:
+        raise ValueError(
+            f"solver={solver!r} (order {SOLVER_ORDER[solver]}) needs at least {SOLVER_ORDER[solver]} steps; the grid "
+            f"has {len(ts) - 1}."
+        )
     t0 = float(ts[0])
     if x_T is None:
         if num_samples is None:
@@ -110,7 +150,11 @@ def sample(
         if num_samples is not None and num_samples != x.shape[0]:
             raise ValueError(f"num_samples={num_samples} does not match x_T with {x.shape[0]} samples.")
     n = x.shape[0]
-    log_q = composer.initial_log_q(x, t0)
+    if all(hasattr(m, "log_prob") for m in leaves):
+        log_q = torch.stack([m.log_prob(x, t0).to(torch.float64) for m in leaves], dim=-1)
+    else:
+        log_q = composer.initial_log_q(x, t0)
+    x0_prev = None
     span = t0 - float(ts[-1])
     kappas, coeffs = [], []
     node_kappa: dict[str, list] = {}
@@ -122,15 +166,18 @@ def sample(
         iterator = tqdm(iterator, desc=f"compose.sample ({method})")
     for k in iterator:
         t_cur, t_next = float(ts[k]), float(ts[k + 1])
-        t = torch.tensor(t_cur, dtype=torch.float64)
-        eps = torch.stack([model_eps(m, x, t) for m in composer.leaves])
+        t = torch.tensor(t_cur if t_net is None else float(t_net[k]), dtype=torch.float64)
+        eps = torch.stack([model_eps(m, x, t) for m in leaves])
         noise = div = None
         if method == "sde":
             noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
         else:
-            div = _leaf_divergences(composer, x, t, eps, divergence, probes, generator, fd_eps)
+            div = _leaf_divergences(leaves, sch, x, t, eps, divergence, probes, generator, fd_eps)
         out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span)
-        x, log_q = out.x, out.log_q
+        x_next, log_q = out.x, out.log_q
+        if solver == "dpm2m":
+            x_next, log_q, x0_prev = dpm2m_composed(x, out, eps, x0_prev, ts, k, sch)
+        x = x_next
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
             node_kappa.setdefault(path, []).append(kap)
@@ -139,7 +186,7 @@ def sample(
         if callback is not None:
             callback(k, t_next, x, log_q)
     t_last = torch.tensor(float(ts[-1]), dtype=torch.float64)
-    final = torch.stack([model_eps(m, x, t_last) for m in composer.leaves])
+    final = torch.stack([model_eps(m, x, t_last) for m in leaves])
     eps_bar = torch.einsum("nl,ln...->n...", coeffs[-1].to(final.dtype), final)
     denoised = (x - bcast(sch.sigma(t_last), x) * eps_bar) / bcast(sch.alpha(t_last), x)
     return SampleResult(
@@ -153,16 +200,71 @@ def sample(
     )
 
 
-def _leaf_divergences(composer, x, t, eps, kind, probes, generator, fd_eps) -> torch.Tensor:
+def dpm2m_composed(
+    x: torch.Tensor,
+    out: Any,
+    eps: torch.Tensor,
+    x0_prev: torch.Tensor | None,
+    ts: torch.Tensor,
+    k: int,
+    schedule: NoiseSchedule,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replace the Euler ODE step `out` (a `StepOutput` from x at ts[k]) by DPM-Solver++(2M) on the composed eps.
+
+    eps: (L, n, ...) the leaf predictions at (x, ts[k]); x0_prev: the previous step's composed x0_hat (or None).
+    Each model's log q is moved along the step actually taken: dlogq_i += <s_i, dx_2M - dx_Euler>, s_i = -eps_i /
+    sigma (the Euler form of MATH.md section 4 holds for any displacement to first order). Returns (x_next,
+    log_q, x0_bar) with x0_bar the composed x0_hat of this step (the next step's x0_prev).
+    """
+    t_cur, t_next = float(ts[k]), float(ts[k + 1])
+    n = x.shape[0]
+    x0_bar = (x - bcast(schedule.sigma(t_cur), x).to(x.dtype) * out.eps) / bcast(schedule.alpha(t_cur), x).to(x.dtype)
+    h_prev = None
+    if x0_prev is not None:
+        h_prev = 0.5 * float(schedule.log_snr(t_cur) - schedule.log_snr(float(ts[k - 1])))
+    x_2m = dpm2m_step(x, x0_bar, x0_prev, t_cur, t_next, schedule, h_prev)
+    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
+    log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_2m - out.x).reshape(n, -1).to(torch.float64))
+    return x_2m, log_q, x0_bar
+
+
+def dpm2m_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    x0_prev: torch.Tensor | None,
+    t_cur: Any,
+    t_next: Any,
+    schedule: NoiseSchedule,
+    h_prev: Any = None,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, Alg. 2) from t_cur to t_next on data predictions.
+
+    x, x0, x0_prev: (n, ...) state, x0_hat at (x, t_cur), and x0_hat of the previous step (None: first order).
+    With lambda = log(alpha / sigma) (half the log-SNR), h = lambda_next - lambda_cur and r = h_prev / h:
+        x_next = (sigma_next / sigma_cur) x - alpha_next expm1(-h) D,  D = (1 + 1/(2r)) x0 - (1/(2r)) x0_prev.
+    t_cur / t_next may be tensors that carry gradients (learned grids).
+    """
+    lam_cur, lam_next = 0.5 * schedule.log_snr(t_cur), 0.5 * schedule.log_snr(t_next)
+    h = lam_next - lam_cur
+    d = x0
+    if x0_prev is not None:
+        r = h_prev / h
+        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+    ratio = schedule.sigma(t_next) / schedule.sigma(t_cur)
+    coef = -schedule.alpha(t_next) * torch.expm1(-h)
+    return bcast(ratio, x).to(x.dtype) * x + bcast(coef, x).to(x.dtype) * d
+
+
+def _leaf_divergences(leaves, schedule, x, t, eps, kind, probes, generator, fd_eps) -> torch.Tensor:
     """(L, n) divergence of every leaf's eps in x; probes shared across leaves (low-variance differences)."""
     if kind not in DIVERGENCES:
         raise ValueError(f"divergence={kind!r} is not known; use one of {DIVERGENCES}.")
     zeta = None
     if kind != "exact":
         zeta = rademacher((probes, *x.shape), generator, x.dtype, x.device)
-    e = fd_eps * float(composer.schedule.sigma(t))
+    e = fd_eps * float(schedule.sigma(t))
     out = []
-    for i, m in enumerate(composer.leaves):
+    for i, m in enumerate(leaves):
         fn = lambda y, m=m: model_eps(m, y, t)  # noqa: E731
         out.append(divergence(fn, x, kind=kind, probes=zeta, fd_eps=e, fx=eps[i]).detach())
     return torch.stack(out)

@@ -40,7 +40,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import compose
 from compose.engine import Composer, check_grid
+from compose.grids import is_schedule_file, resolve_grid
+from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
+from compose.sampling import SOLVER_ORDER, SOLVERS, dpm2m_composed
 from compose.smc import check_smc_options, choose_one, particle_step
 
 OPERATORS = ("or", "and", "average", "product", "product_smc")
@@ -97,6 +100,8 @@ class ComposeModel:
 
     @property
     def prediction_type(self) -> str:
+        if "FlowMatch" in type(self.scheduler).__name__:  # its config has no prediction_type: it is the velocity
+            return "flow"
         return compose.normalize_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
 
     @property
@@ -572,10 +577,12 @@ class ComposePipeline(DiffusionPipeline):
         temperature: float = 1.0,
         guidance_scale: float | None = None,
         negative_prompt: str | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        grid: str = "log_snr",
+        grid: str | None = None,
+        schedule: str | None = None,
+        solver: str = "euler",
         method: str = "sde",
         divergence: str = "hutchinson",
         probes: int = 1,
@@ -609,8 +616,14 @@ class ComposePipeline(DiffusionPipeline):
             negative_prompt: the unconditional branch's prompt.
             num_inference_steps, timesteps, sigmas, grid: the time grid; `timesteps` are the first checkpoint's
                 network timesteps (e.g. 999, 979, ...), `sigmas` its diffusers sigmas (sigma / alpha, or t for flow
-                matching); otherwise `num_inference_steps` steps of a "log_snr" or "uniform" grid. The output is the
-                final denoised estimate at the last grid time (one more network call per checkpoint).
+                matching); otherwise `num_inference_steps` steps of a named grid. The output is the final denoised
+                estimate at the last grid time (one more network call per checkpoint).
+            schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
+                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
+                refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
+                message names the keys that differ). `grid` is an alias.
+            solver: "euler", or "dpm2m" (DPM-Solver++(2M) on the composed eps; method="ode" only; see
+                `compose.sample` for which operators stay exact).
             method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (probability-flow Euler, divergence).
             divergence: for "ode": "hutchinson" (forward-mode JVPs, math attention) or "hutchinson_fd" (finite
                 differences with step fd_eps * sigma_t, probe points batched into the main UNet call).
@@ -629,6 +642,8 @@ class ComposePipeline(DiffusionPipeline):
         """
         models = self.models
         first = models[0]
+        steps_given = num_inference_steps is not None
+        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
         terms = self._terms(prompt, models)
         if guidance_scale is None:
             guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
@@ -658,6 +673,13 @@ class ComposePipeline(DiffusionPipeline):
         elif num_particles is not None:
             raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
         P = num_particles if smc else 1
+        if grid is not None and schedule is not None and grid != schedule:
+            raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
+        schedule_name = schedule or grid or "log_snr"
+        if solver not in SOLVERS:
+            raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+        if solver != "euler" and method != "ode":
+            raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
         use_cfg = guidance_scale > 1.0
         text_models = _unique([m for m, _ in terms if m.is_text])
         if use_cfg and not text_models:
@@ -682,7 +704,7 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}{what}; got {tuple(latents.shape)}.")
 
         # 1. terms -> leaves on the shared schedule, and their text conditioning
-        schedule = first.schedule
+        noise_schedule = schedule = first.schedule
         leaves = [_Leaf(schedule, _term_name(m, p, len(models)), m, p) for m, p in terms]
         uncond = [_Leaf(schedule, f"uncond@{m.name}", m, _UNCOND) for m in text_models] if use_cfg else []
         conds: dict[int, Any] = {}
@@ -721,7 +743,23 @@ class ComposePipeline(DiffusionPipeline):
         term_index = [next(i for i, lf in enumerate(order) if lf is leaf) for leaf in leaves]
 
         # 3. grid, initial state and its log q
-        ts = self._grid(schedule, num_inference_steps, timesteps, sigmas, grid)
+        t_net = None
+        if timesteps is None and sigmas is None:
+            expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde"}
+            expect["schedule"] = repr(noise_schedule)
+            explicit = is_schedule_file(schedule_name)
+            ts, t_net = resolve_grid(
+                noise_schedule, schedule_name, None if explicit else num_inference_steps, expect=expect
+            )
+            if explicit and steps_given and len(ts) - 1 != num_inference_steps:
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps} does not match the schedule file {schedule_name} "
+                    f"({len(ts) - 1} steps); drop num_inference_steps or learn a schedule for that NFE."
+                )
+        else:
+            ts = self._grid(schedule, num_inference_steps, timesteps, sigmas, "log_snr")
+        if len(ts) - 1 < SOLVER_ORDER[solver]:
+            raise ValueError(f"solver={solver!r} needs at least {SOLVER_ORDER[solver]} steps; got {len(ts) - 1}.")
         t0 = float(ts[0])
         if latents is None:
             latents = _randn_rows(shape, generator, device)  # randn_tensor's draws (by image with a list)
@@ -754,6 +792,11 @@ class ComposePipeline(DiffusionPipeline):
             return eps_l, div_l
 
         if smc:
+            if t_net is not None:
+                raise ValueError(
+                    f"schedule={schedule_name!r} carries learned network times, which operator='product_smc' does not "
+                    "use; give a named grid or a schedule file without a time shift."
+                )
             args = (composer, poe, evaluate, x, log_q, ts, n, P, expr, generator, device)  # kappa: the exponents
             kw = dict(ess_threshold=ess_threshold, resample_window=resample_window, output_type=output_type)
             out = self._sample_particles(*args, **kw, callback=callback_on_step_end,
@@ -765,6 +808,7 @@ class ComposePipeline(DiffusionPipeline):
         # 4. the loop: one batched call per UNet, then the core's step
         kappas, node_kappa, coeffs, trace = [], {}, None, []
         steps = len(ts) - 1
+        x0_prev = None
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
                 t_cur, t_next = float(ts[k]), float(ts[k + 1])
@@ -773,11 +817,14 @@ class ComposePipeline(DiffusionPipeline):
                     noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
                 else:
                     zeta = _rademacher((probes, *x.shape), generator, device)
-                eps, div = evaluate(x, t_cur, zeta)
+                eps, div = evaluate(x, t_cur if t_net is None else float(t_net[k]), zeta)
                 out = composer.step(
                     x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span
                 )
+                x_start = x
                 x, log_q, coeffs = out.x, out.log_q, out.coeffs
+                if solver == "dpm2m":
+                    x, log_q, x0_prev = dpm2m_composed(x_start, out, eps, x0_prev, ts, k, schedule)
                 kappas.append(out.kappa[root.path] if root is not None else torch.ones(n, 1, dtype=torch.float64))
                 for path, kap in out.kappa.items():
                     node_kappa.setdefault(path, []).append(kap)

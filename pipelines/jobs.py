@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from compose.grids import GRIDS
+from compose.grids import GRIDS, is_schedule_file
+from compose.sampling import SOLVERS
 
 from .compose_pipeline import OPERATORS
 
@@ -46,6 +47,7 @@ FIELDS = (
     "negative_prompt",
     "method",
     "divergence",
+    "solver",
     "num_particles",
     "images",
     "height",
@@ -80,6 +82,7 @@ class Job:
     negative_prompt: str | None = None
     method: str = "sde"
     divergence: str | None = None
+    solver: str | None = None
     num_particles: int | None = None
     images: int = 1
     height: int | None = None
@@ -224,14 +227,27 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         if len(weights) != terms:
             raise ValueError(f"weights has {len(weights)} entries for {terms} terms; give one weight per term.")
     schedule = raw.get("schedule") or "log_snr"
-    if schedule not in GRIDS:
-        raise ValueError(f"schedule={schedule!r} is not known; use one of {list(GRIDS)}.")
+    file_steps = 50  # the default number of steps; a schedule file brings its own
+    if is_schedule_file(schedule):
+        from compose.ld3 import load_schedule
+
+        try:
+            file_steps = int(load_schedule(schedule)["nfe"])
+        except ValueError as err:
+            raise ValueError(f"schedule: {err}") from None
+    elif schedule not in GRIDS:
+        raise ValueError(
+            f"schedule={schedule!r} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
+        )
     method = raw.get("method") or "sde"
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not known; use one of {list(METHODS)}.")
     divergence = raw.get("divergence") or None
     if divergence is not None and divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
+    solver = raw.get("solver") or None
+    if solver is not None and solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {list(SOLVERS)} ('dpm2m' needs method 'ode').")
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
     if num_particles is not None and operator != "product_smc":
         raise ValueError(
@@ -258,12 +274,13 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         weights=weights,
         temperature=_float(raw, "temperature", 1.0),
         seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
-        steps=_int(raw, "steps", 50, 1, limits.max_steps),
+        steps=_int(raw, "steps", file_steps, 1, limits.max_steps),
         schedule=schedule,
         guidance=guidance,
         negative_prompt=negative,
         method=method,
         divergence=divergence,
+        solver=solver,
         num_particles=num_particles,
         images=_int(raw, "images", 1, 1, limits.max_images),
         height=_int(raw, "height", None, 8, limits.max_side),
@@ -346,7 +363,7 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         "guidance_scale": job.guidance,
         "negative_prompt": job.negative_prompt,
         "num_inference_steps": job.steps,
-        "grid": job.schedule,
+        "schedule": job.schedule,
         "method": job.method,
         "num_images_per_prompt": job.images,
         "height": job.height,
@@ -354,6 +371,8 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
     }
     if job.divergence is not None:
         kw["divergence"] = job.divergence
+    if job.solver is not None:
+        kw["solver"] = job.solver
     if job.num_particles is not None:
         kw["num_particles"] = job.num_particles
     return kw

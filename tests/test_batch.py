@@ -102,7 +102,7 @@ def test_pipeline_kwargs_is_the_one_mapping():
     job = J.parse_job({**AND_ROW, "schedule": "uniform", "negative_prompt": "blue", "method": "ode"})
     kw = J.pipeline_kwargs(job)
     assert kw["prompt"] == ["a red shape", "a circle"] and kw["operator"] == "and" and kw["guidance_scale"] == 4.0
-    assert kw["num_inference_steps"] == 3 and kw["grid"] == "uniform" and kw["num_images_per_prompt"] == 2
+    assert kw["num_inference_steps"] == 3 and kw["schedule"] == "uniform" and kw["num_images_per_prompt"] == 2
     assert kw["negative_prompt"] == "blue" and kw["method"] == "ode" and "divergence" not in kw
     assert J.pipeline_kwargs(J.parse_job({**AND_ROW, "divergence": "hutchinson_fd"}))["divergence"] == "hutchinson_fd"
     assert J.pipeline_kwargs(J.parse_job(OR_ROW))["prompt"] is None

@@ -75,3 +75,35 @@ def test_space_form_passes_particles(monkeypatch):
         app.job(*fields[:-1], 5)
     gallery, _fig, summary = app.generate(*fields)
     assert len(gallery) == 2 and "product_smc" in summary
+
+
+SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe4.json"
+
+
+@pytest.mark.skipif(not SCHEDULE.is_file(), reason="the shipped learned schedule is missing")
+def test_schedule_file_rows_take_its_steps_and_are_checked(tmp_path):
+    row = {"models": ["shapes-uncond-a", "shapes-uncond-b"], "prompts": [], "operator": "or",
+           "schedule": str(SCHEDULE), "method": "ode", "solver": "dpm2m", "divergence": "hutchinson_fd",
+           "images": 1}  # fmt: skip
+    job = J.parse_job(row)
+    assert job.steps == 4 and J.pipeline_kwargs(job)["schedule"] == str(SCHEDULE)
+    assert J.pipeline_kwargs(job)["solver"] == "dpm2m"
+    with pytest.raises(ValueError, match="solver='rk4' is not known"):
+        J.parse_job({**row, "solver": "rk4"})
+    with pytest.raises(ValueError, match="schedule: schedule file .* does not exist"):
+        J.parse_job({**row, "schedule": str(tmp_path / "none.json")})
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        J.parse_job({**row, "schedule": str(broken)})
+    with pytest.raises(ValueError, match="schedule='karras2' is not known"):
+        J.parse_job({**row, "schedule": "karras2"})
+    from pipelines import ComposePipeline
+
+    pipe = ComposePipeline.from_pretrained([str(CARDS / "shapes-uncond-a"), str(CARDS / "shapes-uncond-b")])
+    pipe.set_progress_bar_config(disable=True)
+    res = J.run_job(pipe, job)
+    assert res.log_q.shape[0] == 4 and len(res.images) == 1
+    # the same file refused for another operator, by the pipeline, with the key named
+    with pytest.raises(ValueError, match="operator"):
+        J.run_job(pipe, J.parse_job({**row, "operator": "and"}))

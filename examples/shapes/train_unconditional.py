@@ -5,6 +5,9 @@ The SuperDiff CIFAR "OR" set-up in miniature: two models trained on disjoint hal
     python examples/shapes/train_unconditional.py --shapes circle square --out model_cards/shapes-uncond-a
     python examples/shapes/train_unconditional.py --shapes triangle star --out model_cards/shapes-uncond-b
 
+`--objective flow` trains the same network by flow matching on the conditional OT path instead (the saved folder then
+holds a FlowMatchEulerDiscreteScheduler config, read by `compose` as alpha = 1 - t, sigma = t, velocity prediction).
+
 The output folder loads with ``diffusers.DDPMPipeline.from_pretrained(folder)`` (``unet/`` with the EMA weights
 as safetensors, ``scheduler/``, ``model_index.json``); ``train_info.json`` records the settings, the command
 line, the step count and the measured wall-clock time. Training data are drawn fresh at every step from
@@ -48,7 +51,16 @@ def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
     )
 
 
-def build_scheduler(num_train_timesteps: int = 1000):
+def build_scheduler(num_train_timesteps: int = 1000, objective: str = "eps"):
+    """The scheduler saved with the model: DDPM linear betas (eps objective) or FlowMatchEuler (flow objective).
+
+    `compose.NoiseSchedule.from_scheduler` reads the first as a discrete VP table and the second as the conditional
+    OT path alpha = 1 - t, sigma = t (the network's timestep input is then 1000 t, as FlowMatchEuler feeds it).
+    """
+    if objective == "flow":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -71,6 +83,13 @@ def save_pipeline(ema_unet, scheduler, out: Path, info: dict) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--objective",
+        choices=("eps", "flow"),
+        default="eps",
+        help="eps: DDPM noise prediction on the linear-beta VP table; flow: flow matching on the conditional OT path "
+        "x_t = (1 - t) x0 + t eps with the velocity target eps - x0 (t ~ U(0, 1), network time 1000 t)",
+    )
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help=f"subset of {SHAPES}")
     p.add_argument("--colours", nargs="+", default=list(COLOURS), help=f"subset of {COLOURS}")
     p.add_argument("--out", required=True, help="output diffusers folder, e.g. model_cards/shapes-uncond-a")
@@ -103,19 +122,23 @@ def main(argv=None):
 
     unet = build_unet(args.size, args.channels, args.layers)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(objective=args.objective)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in unet.parameters())
     step, elapsed, loss_hist = 0, 0.0, []
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = st.get("args", {}).get("objective", "eps")
+        if saved != args.objective:
+            raise ValueError(f"--objective {args.objective} does not match the state {state_path} ({saved}); fix one.")
         unet.load_state_dict(st["unet"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32) if args.objective == "eps" else None
+    n_train = scheduler.config.num_train_timesteps
     budget = args.minutes * 60 if args.minutes else math.inf
     print(
         f"UNet {n_params / 1e6:.2f}M params, size {args.size}, shapes {args.shapes}, colours {args.colours}, "
@@ -126,6 +149,7 @@ def main(argv=None):
     def info(final: bool):
         return {
             "command": command,
+            "objective": args.objective,
             "shapes": args.shapes,
             "colours": args.colours,
             "size": args.size,
@@ -173,12 +197,20 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x0, _, _ = make_batch(args.batch, g, size=args.size, shapes=args.shapes, colours=args.colours)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if args.objective == "flow":
+            # Conditional OT / flow matching (Lipman et al. 2023): alpha = 1 - t, sigma = t, target u = eps - x0.
+            t_c = torch.rand(args.batch, generator=g)
+            tt = t_c.view(-1, 1, 1, 1)
+            xt = (1 - tt) * x0 + tt * noise
+            t, target = t_c * n_train, noise - x0
+        else:
+            t = torch.randint(0, n_train, (args.batch,), generator=g)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            target = noise
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip:

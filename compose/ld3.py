@@ -1,0 +1,542 @@
+"""Learned step schedules (LD3, Tong et al., arXiv 2405.15506; MATH.md section 6).
+
+An N-step grid for one (model or composed expression, solver, NFE, guidance) is learned by distilling a many-step
+teacher into the N-step student:
+
+- parameters xi (N,): the N gaps of the grid are softmax(xi) of the log-SNR span between the fixed endpoints
+  lambda(t_max) and lambda(t_min), so the grid is strictly decreasing by construction (MATH.md writes N + 1
+  numbers for the N + 1 grid points; N gaps are N numbers). Optional decoupled network times: a second vector
+  s (N,) moves the time fed to the network at step k by 0.5 * (smallest adjacent gap) * tanh(s_k);
+- the teacher (DPM-Solver++(2M), `teacher_steps` log-SNR steps, or any `compose.sample` set-up) runs once on the
+  training and validation noises;
+- the relaxed loss: || student(x'_T) - teacher(x_T) ||_2 with x'_T free inside the ball of radius r * sigma_T
+  around x_T (r = 1e-3 d / N^2 by default), minimised over xi, s and x'_T with Adam;
+- validation: the plain distance || student(x_T) - teacher(x_T) || on held-out noises (no ball), the number the
+  benchmark reports; the parameters with the best validation distance are kept.
+
+Gradients flow through the student's steps and every model call. For OR and AND the per-step coefficients come
+from the tracked densities (`compose.Composer`); they are treated as constants in the backward pass (a
+straight-through approximation: the grid moves the trajectory, not the weights' dependence on it).
+
+A schedule is stored as JSON with the keys of `REQUIRED_KEYS` (`save_schedule` / `load_schedule`); loading checks
+the grid and, given `expect`, that the file was learned for the same model, operator, solver, NFE and guidance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import Composer, check_grid, divergence
+from .grids import GRIDS, make_grid
+from .models import model_eps, model_name
+from .operators import AND, OR, Expr, Guided
+from .predictions import bcast
+from .schedule import NoiseSchedule
+
+FORMAT = "compose-schedule/1"
+REQUIRED_KEYS = (
+    "format",
+    "model",
+    "operator",
+    "solver",
+    "nfe",
+    "guidance",
+    "schedule",
+    "grid",
+    "train_size",
+    "teacher",
+    "loss",
+    "date",
+)
+CHECKED_KEYS = ("model", "operator", "solver", "nfe", "guidance", "schedule")
+
+
+# ---------------------------------------------------------------------- schedule files
+def expression_keys(expr: Any) -> dict[str, Any]:
+    """The identity a schedule file is checked against: model names, operator expression and guidance scale."""
+    if isinstance(expr, Expr):
+        leaves = expr.leaves()
+        guidance = next((n.scale for n in expr.nodes() if isinstance(n, Guided)), 1.0)
+        return {"model": ",".join(model_name(m) for m in leaves), "operator": repr(expr), "guidance": guidance}
+    return {"model": model_name(expr), "operator": "none", "guidance": 1.0}
+
+
+def save_schedule(path: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Write a schedule file (keys `REQUIRED_KEYS`, plus anything else in `info`) after checking it."""
+    _check_schedule(dict(info), str(path))
+    with open(path, "w") as fh:
+        json.dump(info, fh, indent=2)
+        fh.write("\n")
+
+
+def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read and check a schedule file; `expect` maps keys of `CHECKED_KEYS` to this call's values.
+
+    Raises ValueError when the file is missing, not valid JSON, lacks a key, holds a grid that is not strictly
+    decreasing in (0, 1] or whose length does not match its NFE, or was learned for another model / operator /
+    solver / NFE / guidance / noise schedule than `expect` says (the message names every mismatching key).
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"schedule file {path!r} does not exist; learn one with `python -m compose.learn_schedule`.")
+    try:
+        with open(path) as fh:
+            info = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"schedule file {path!r} is not valid JSON ({err}); regenerate it.") from err
+    if not isinstance(info, dict):
+        raise ValueError(f"schedule file {path!r} must hold a JSON object; got {type(info).__name__}.")
+    _check_schedule(info, path)
+    if expect:
+        bad = []
+        for key, want in expect.items():
+            have = info.get(key)
+            same = math.isclose(float(have), float(want)) if key == "guidance" else have == want
+            if not same:
+                bad.append(f"{key}={have!r} (this call: {want!r})")
+        if bad:
+            raise ValueError(
+                f"schedule file {path!r} was learned for another set-up: " + ", ".join(bad) + ". Learn a schedule "
+                "for this call (python -m compose.learn_schedule) or pass a matching file."
+            )
+    return info
+
+
+def _check_schedule(info: dict, path: str) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"schedule file {path!r} lacks the keys {missing}; it was not written by compose.ld3.")
+    grid = info["grid"]
+    try:
+        ts = check_grid(grid, f"the grid of schedule file {path!r}")
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"the grid of schedule file {path!r} is not a list of numbers: {err}") from err
+    if info["nfe"] != ts.numel() - 1:
+        raise ValueError(f"schedule file {path!r}: nfe={info['nfe']} but the grid has {ts.numel() - 1} steps.")
+    net = info.get("network_times")
+    if net is not None and len(net) != info["nfe"]:
+        raise ValueError(f"schedule file {path!r}: network_times has {len(net)} entries for nfe={info['nfe']}.")
+
+
+# ---------------------------------------------------------------------- the differentiable student
+def _math_attention():
+    """Forward-mode AD (JVP divergences) through attention needs the math SDPA backend (see the project NOTES)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _tracks_density(expr: Any) -> bool:
+    return isinstance(expr, Expr) and any(isinstance(n, (OR, AND)) for n in expr.nodes())
+
+
+def solve(
+    expr: Any,
+    x: torch.Tensor,
+    ts: torch.Tensor,
+    solver: str = "dpm2m",
+    network_times: torch.Tensor | None = None,
+    *,
+    schedule: NoiseSchedule | None = None,
+    divergence_kind: str | None = None,
+) -> torch.Tensor:
+    """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler" or "dpm2m"), differentiable in x and ts.
+
+    x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad); network_times: (N,) times fed
+    to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND coefficients are computed from
+    densities tracked along the way (exact divergences for d <= 16, else one Hutchinson probe) and detached.
+    """
+    from .sampling import SOLVER_ORDER, dpm2m_step
+
+    if solver not in SOLVER_ORDER:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVER_ORDER)}.")
+    composer = Composer(expr, schedule=schedule, method="ode")
+    sch = composer.schedule
+    leaves = composer.leaves
+    tracks = _tracks_density(expr)
+    d = x[0].numel()
+    kind = divergence_kind or ("exact" if d <= 16 else "hutchinson")
+    log_q = composer.initial_log_q(x.detach(), float(ts[0].detach()))
+    x0_prev = h_prev = None
+    n = x.shape[0]
+    for k in range(ts.numel() - 1):
+        t_cur, t_next = ts[k], ts[k + 1]
+        t_in = t_cur if network_times is None else network_times[k]
+        eps = torch.stack([model_eps(m, x, t_in) for m in leaves])
+        if tracks:
+            xd, t_d = x.detach(), t_in.detach()
+            fd = 1e-3 * float(sch.sigma(t_d))  # hutchinson_fd step, as in compose.sample
+            zeta = None if kind == "exact" else torch.randint(0, 2, (1, *x.shape)).to(x.dtype) * 2 - 1
+            with _math_attention():
+                div = torch.stack(
+                    [
+                        divergence(
+                            lambda y, m=m, tt=t_d: model_eps(m, y, tt), xd, kind=kind, probes=zeta, fd_eps=fd
+                        ).detach()
+                        for m in leaves
+                    ]
+                )
+        else:
+            div = torch.zeros(len(leaves), n, dtype=torch.float64)
+        out = composer.step(
+            x.detach(), float(t_cur.detach()), float(t_next.detach()), eps.detach(), log_q, div_eps=div
+        )
+        c = out.coeffs.to(eps.dtype)
+        eps_bar = torch.einsum("nl,ln...->n...", c, eps)
+        sigma, alpha = sch.sigma(t_cur), sch.alpha(t_cur)
+        if solver == "euler":
+            h = t_cur - t_next
+            f, g2_over_sigma = sch.f(t_cur), sch.g2_over_sigma2(t_cur) * sigma
+            x_next = x + bcast(h * -f, x).to(x.dtype) * x - bcast(h * 0.5 * g2_over_sigma, x).to(x.dtype) * eps_bar
+            log_q = out.log_q
+        else:
+            x0 = (x - bcast(sigma, x).to(x.dtype) * eps_bar) / bcast(alpha, x).to(x.dtype)
+            x_next = dpm2m_step(x, x0, x0_prev, t_cur, t_next, sch, h_prev)
+            s = -eps.detach().reshape(len(leaves), n, -1).to(torch.float64) / float(sigma.detach())
+            dx = (x_next.detach() - out.x).reshape(n, -1).to(torch.float64)
+            log_q = out.log_q + torch.einsum("lnd,nd->nl", s, dx)
+            x0_prev = x0
+            h_prev = 0.5 * (sch.log_snr(t_next) - sch.log_snr(t_cur))
+        x = x_next
+    return x
+
+
+# ---------------------------------------------------------------------- grid parametrisation
+def grid_from_params(schedule: NoiseSchedule, xi: torch.Tensor, t_max: float, t_min: float) -> torch.Tensor:
+    """(N + 1,) grid whose log-SNR gaps are softmax(xi) (N,) of [lambda(t_max), lambda(t_min)]; differentiable."""
+    lam0, lam1 = float(schedule.log_snr(t_max)), float(schedule.log_snr(t_min))
+    frac = torch.cumsum(torch.softmax(xi.to(torch.float64), 0), 0)
+    lam = lam0 + (lam1 - lam0) * frac[:-1]
+    t_b = schedule.t_from_log_snr(lam.detach())
+    if schedule.kind == "discrete":
+        # bisection has no gradient: one Newton step through lambda(t) gives dt/dlambda = 1 / lambda'(t)
+        t_inner = t_b + (lam - lam.detach()) / (-schedule.g2_over_sigma2(t_b))
+    else:
+        t_inner = schedule.t_from_log_snr(lam)
+    one = torch.ones(1, dtype=torch.float64)
+    return torch.cat([one * t_max, t_inner, one * t_min])
+
+
+def params_from_grid(schedule: NoiseSchedule, ts: torch.Tensor) -> torch.Tensor:
+    """Inverse of `grid_from_params`: xi (N,) = log of the log-SNR gaps of `ts` (up to an additive constant)."""
+    lam = schedule.log_snr(ts)
+    gaps = (lam[1:] - lam[:-1]).clamp_min(1e-12)
+    return gaps.log()
+
+
+def network_times_from_params(ts: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(N,) network times t_k + 0.5 * (smallest adjacent gap) * tanh(s_k), kept in [t_N, t_0]."""
+    gaps = ts[:-1] - ts[1:]
+    left = torch.cat([gaps[:1], gaps[:-1]])
+    half = 0.5 * torch.minimum(left, gaps)
+    return (ts[:-1] + half * torch.tanh(s)).clamp(float(ts[-1].detach()), float(ts[0].detach()))
+
+
+# ---------------------------------------------------------------------- learning
+@dataclass
+class LD3Result:
+    """A learned schedule: grid (N + 1,), network_times (N,) or None, and how it was learned."""
+
+    grid: torch.Tensor
+    network_times: torch.Tensor | None
+    val_loss: float
+    val_loss_init: float
+    train_losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def learn_schedule(
+    expr: Any,
+    nfe: int,
+    x_train: torch.Tensor,
+    x_val: torch.Tensor,
+    *,
+    solver: str = "dpm2m",
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_steps: int = 200,
+    init: str = "log_snr",
+    time_shift: bool = False,
+    divergence_kind: str | None = None,
+    iters: int = 200,
+    lr: float = 0.05,
+    batch_size: int = 50,
+    ball: float | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> LD3Result:
+    """Learn an `nfe`-step grid for `expr` (a model or composed expression) and `solver` ("euler", "dpm2m").
+
+    x_train: (n, ...) and x_val: (m, ...) starting noises at the schedule's t_max (e.g. sigma_T * randn).
+    teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
+    init: the named grid the parameters start from, or "best": the named grid closest to the teacher on x_val
+        (every named grid's validation distance is recorded in the result's info either way).
+    time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
+        "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
+    ball: r of the relaxed loss (x'_T within r * sigma_T of x_T); default 1e-3 d / nfe^2. iters: Adam steps.
+    """
+    from .sampling import SOLVER_ORDER
+
+    if solver not in SOLVER_ORDER:
+        raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVER_ORDER)}.")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < SOLVER_ORDER[solver]:
+        raise ValueError(
+            f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
+            f"nfe >= {SOLVER_ORDER[solver]}."
+        )
+    if init not in GRIDS and init != "best":
+        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS} or 'best'.")
+    if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
+        raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
+    if not (iters >= 0 and lr > 0 and batch_size >= 1):
+        raise ValueError(f"need iters >= 0, lr > 0, batch_size >= 1; got {iters}, {lr}, {batch_size}.")
+    sch = Composer(expr, method="ode").schedule
+    t_max, t_min = sch.t_max, sch.t_min
+    d = x_train[0].numel()
+    r = 1e-3 * d / nfe**2 if ball is None else float(ball)
+    if r < 0:
+        raise ValueError(f"ball must be >= 0; got {ball}.")
+    sigma_T = float(sch.sigma(t_max))
+    start = time.time()
+
+    if teacher is None:
+        t_teacher = make_grid(sch, teacher_steps, "log_snr")
+
+        def teacher(x):  # noqa: F811 - the default teacher
+            with torch.no_grad():
+                return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind)
+
+    with torch.no_grad():
+        y_train, y_val = teacher(x_train), teacher(x_val)
+    t_teach = time.time() - start
+    if progress:
+        log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {t_teach:.1f} s")
+
+    def run(x, ts, net=None):
+        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind)
+
+    with torch.no_grad():
+        named = {
+            k: float((run(x_val, make_grid(sch, nfe, k)) - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+            for k in GRIDS
+        }
+    if init == "best":
+        init = min(GRIDS, key=lambda k: named[k])
+    ts0 = make_grid(sch, nfe, init)
+    xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
+    s = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
+    delta = torch.zeros_like(x_train, requires_grad=True)
+    params = [xi, s] if time_shift else [xi]
+    opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])
+
+    def current():
+        ts = grid_from_params(sch, xi, t_max, t_min)
+        return ts, (network_times_from_params(ts, s) if time_shift else None)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            ts, net = current()
+            out = run(x_val, ts, net)
+            return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+
+    best = val_loss()
+    init_loss = best
+    best_state = (xi.detach().clone(), s.detach().clone())
+    losses = []
+    n = x_train.shape[0]
+    if progress:
+        log(f"ld3: nfe {nfe}, solver {solver}, init {init}: validation distance {init_loss:.5f}")
+    for it in range(iters):
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+        ts, net = current()
+        x_start = x_train[idx] + delta[idx]
+        out = run(x_start, ts, net)
+        loss = (out - y_train[idx]).reshape(len(idx), -1).norm(dim=1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # project x'_T back into its ball
+            norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+            delta.mul_(bcast((r * sigma_T / norm).clamp(max=1.0), delta))
+        losses.append(float(loss.detach()))
+        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
+            v = val_loss()
+            if v < best:
+                best, best_state = v, (xi.detach().clone(), s.detach().clone())
+            if progress:
+                log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
+    with torch.no_grad():
+        xi.copy_(best_state[0])
+        s.copy_(best_state[1])
+        ts, net = current()
+    seconds = time.time() - start
+    info = {
+        **expression_keys(expr),
+        "format": FORMAT,
+        "solver": solver,
+        "nfe": nfe,
+        "schedule": repr(sch),
+        "grid": [float(v) for v in ts],
+        "network_times": None if net is None else [float(v) for v in net],
+        "train_size": int(x_train.shape[0]),
+        "val_size": int(x_val.shape[0]),
+        "teacher": f"dpm2m, {teacher_steps} log_snr steps" if teacher_steps else "custom",
+        "loss": "l2",
+        "ball_r": r,
+        "init": init,
+        "iters": iters,
+        "lr": lr,
+        "val_distance": best,
+        "val_distance_init": init_loss,
+        "val_distance_named": named,
+        "seconds": round(seconds, 2),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return LD3Result(
+        grid=ts.detach(),
+        network_times=None if net is None else net.detach(),
+        val_loss=best,
+        val_loss_init=init_loss,
+        train_losses=losses,
+        seconds=seconds,
+        info=info,
+    )
+
+
+# ---------------------------------------------------------------------- command line
+def toy_models(schedule: str = "vp_linear") -> dict[str, Any]:
+    """The two 2-D mixtures of the tests: A = {(-2, 0), (2, 0)}, B = {(2, 0), (0, 3)}, std 0.5."""
+    from .toy import GaussianMixture
+
+    sch = {"vp_linear": NoiseSchedule.vp_linear, "cosine": NoiseSchedule.cosine, "ot": NoiseSchedule.ot}[schedule]()
+    return {
+        "A": GaussianMixture([[-2.0, 0.0], [2.0, 0.0]], 0.5, schedule=sch, name="A"),
+        "B": GaussianMixture([[2.0, 0.0], [0.0, 3.0]], 0.5, schedule=sch, name="B"),
+    }
+
+
+class DiffusersUnconditional:
+    """A diffusers unconditional folder (unet/ + scheduler/) as a compose model (eps(x, t), schedule)."""
+
+    def __init__(self, folder: str) -> None:
+        from diffusers import DDPMPipeline
+
+        from .predictions import normalize_prediction_type, to_eps
+
+        pipe = DDPMPipeline.from_pretrained(folder)
+        self.unet = pipe.unet.eval().requires_grad_(False)
+        self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        flow = "FlowMatch" in type(pipe.scheduler).__name__
+        self.prediction_type = (
+            "flow" if flow else normalize_prediction_type(pipe.scheduler.config.get("prediction_type", "epsilon"))
+        )
+        self._to_eps = to_eps
+        c, s = self.unet.config.in_channels, self.unet.config.sample_size
+        self.sample_shape = (c, s, s)
+        self.name = os.path.basename(os.path.normpath(folder))
+
+    def eps(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        ts = self.schedule.timestep(t).to(torch.float32).expand(x.shape[0])
+        pred = self.unet(x.to(torch.float32), ts).sample.to(x.dtype)
+        return self._to_eps(pred, x, t, self.schedule, self.prediction_type)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Learn an N-step schedule (LD3) and write it as a JSON schedule file.")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        help="toy:A / toy:B (2-D mixtures) or diffusers unconditional folders (e.g. model_cards/...)",
+    )
+    p.add_argument("--operator", default="none", choices=("none", "or", "and", "average"))
+    p.add_argument("--nfe", type=int, required=True)
+    p.add_argument("--solver", default="dpm2m", choices=("euler", "dpm2m"))
+    p.add_argument("--teacher-steps", type=int, default=200)
+    p.add_argument("--train", type=int, default=100, help="training noises")
+    p.add_argument("--val", type=int, default=50, help="validation noises")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--init", default="best", choices=(*GRIDS, "best"), help="start grid (best: closest named grid)")
+    p.add_argument(
+        "--divergence",
+        default=None,
+        choices=("exact", "hutchinson", "hutchinson_fd"),
+        help="divergence estimate for OR / AND density tracking (default: exact for d <= 16)",
+    )
+    p.add_argument("--time-shift", action="store_true", help="learn the decoupled network times too")
+    p.add_argument("--toy-schedule", default="vp_linear", choices=("vp_linear", "cosine", "ot"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True, help="the JSON schedule file to write")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    models = []
+    for spec in a.model:
+        if spec.startswith("toy:"):
+            toys = toy_models(a.toy_schedule)
+            if spec[4:] not in toys:
+                raise ValueError(f"--model {spec}: the toy models are {['toy:' + k for k in toys]}.")
+            models.append(toys[spec[4:]])
+        else:
+            models.append(DiffusersUnconditional(spec))
+    ops = {"or": OR, "and": AND}
+    if a.operator == "none":
+        if len(models) != 1:
+            raise ValueError("--operator none takes one --model; give --operator or/and/average for several.")
+        expr = models[0]
+    elif a.operator == "average":
+        from .operators import Average
+
+        expr = Average(*models)
+    else:
+        expr = ops[a.operator](*models)
+    sch = Composer(expr, method="ode").schedule
+    g = torch.Generator().manual_seed(a.seed)
+    shape = models[0].sample_shape
+    dtype = torch.float64 if len(shape) == 1 else torch.float32
+    noise = torch.randn((a.train + a.val, *shape), generator=g, dtype=torch.float64).to(dtype)
+    x_all = noise * float(sch.sigma(sch.t_max))
+    res = learn_schedule(
+        expr,
+        a.nfe,
+        x_all[: a.train],
+        x_all[a.train :],
+        solver=a.solver,
+        teacher_steps=a.teacher_steps,
+        init=a.init,
+        time_shift=a.time_shift,
+        divergence_kind=a.divergence,
+        iters=a.iters,
+        lr=a.lr,
+        batch_size=a.batch,
+        generator=g,
+    )
+    res.info["command"] = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
+    save_schedule(a.out, res.info)
+    print(
+        f"wrote {a.out}: validation distance {res.val_loss:.5f} (init {a.init}: {res.val_loss_init:.5f}), "
+        f"{res.seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Smoke run of benchmarks/bench_schedules.py with tiny settings: the tables hold what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("bench_schedules", ROOT / "benchmarks" / "bench_schedules.py")
+bench_schedules = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench_schedules)
+
+
+def test_bench_schedules_quick(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    res = bench_schedules.main(["--quick", "--setups", "A", "--solvers", "dpm2m", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| A | dpm2m | 4 |" in text and "Spearman" in text
+    row = res["grids"][0]
+    # learning starts at the best hand-made grid and keeps the best validation distance: never worse
+    assert row["learned"] <= row[row["best_hand"]] + 1e-12
+    actions = {r["schedule"]: r["kinetic_action"] for r in res["schedules"]}
+    assert actions["OT"] == pytest.approx(2 * 0.999, rel=1e-6)
+    assert actions["cosine"] == pytest.approx(math.pi**2 / 4 * 0.999, rel=1e-6)
+    assert actions["VP-linear"] == pytest.approx(3.65, abs=0.01)
+    assert json.loads(out.read_text())["settings"]["quick"] is True

@@ -1,0 +1,140 @@
+"""LD3 learned schedules on 2-D mixtures (exact models, exact-enough teacher) and the schedule-file checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import compose
+from compose import ld3
+from compose.grids import make_grid
+
+
+def noises(sch, n, seed):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * float(
+        sch.sigma(sch.t_max)
+    )
+
+
+def test_grid_parametrisation_is_monotone_and_invertible():
+    sch = compose.NoiseSchedule.vp_linear()
+    xi = torch.randn(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    ts = ld3.grid_from_params(sch, xi, sch.t_max, sch.t_min)
+    assert ts.shape == (8,) and bool(torch.all(ts[1:] < ts[:-1]))
+    assert float(ts[0]) == sch.t_max and float(ts[-1]) == sch.t_min
+    back = ld3.grid_from_params(sch, ld3.params_from_grid(sch, ts), sch.t_max, sch.t_min)
+    torch.testing.assert_close(back, ts)
+
+
+def test_grid_gradient_on_a_discrete_table_matches_finite_differences():
+    from compose.schedule import alphas_cumprod_from_config
+
+    sch = compose.NoiseSchedule.from_alphas_cumprod(alphas_cumprod_from_config({"beta_schedule": "linear"}))
+    xi = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.0, 1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    (ld3.grid_from_params(sch, xi, sch.t_max, sch.t_min) * w).sum().backward()
+    e = 1e-5
+    for j in range(4):
+        d = torch.zeros(4, dtype=torch.float64)
+        d[j] = e
+        with torch.no_grad():
+            fp = (ld3.grid_from_params(sch, xi + d, sch.t_max, sch.t_min) * w).sum()
+            fm = (ld3.grid_from_params(sch, xi - d, sch.t_max, sch.t_min) * w).sum()
+        assert abs(float(xi.grad[j]) - float(fp - fm) / (2 * e)) < 2e-3 * (1 + abs(float(xi.grad[j])))
+
+
+def test_the_teacher_is_the_exact_flow_of_a_gaussian():
+    sch = compose.NoiseSchedule.vp_linear()
+    mu, std = torch.tensor([1.0, -0.5], dtype=torch.float64), 0.5
+    g = compose.toy.GaussianMixture(mu[None], std, schedule=sch)
+    x_T = noises(sch, 16, 0)
+    out = ld3.solve(g, x_T, make_grid(sch, 200, "log_snr"), "dpm2m")
+    a0, s0, a1, s1 = (
+        float(v) for v in (sch.alpha(sch.t_max), sch.sigma(sch.t_max), sch.alpha(sch.t_min), sch.sigma(sch.t_min))
+    )
+    v0, v1 = (a0**2 * std**2 + s0**2) ** 0.5, (a1**2 * std**2 + s1**2) ** 0.5
+    exact = a1 * mu + (v1 / v0) * (x_T - a0 * mu)
+    assert float((out - exact).norm(dim=1).max()) < 5e-4  # vs distances ~0.1-1 at NFE 4-10
+
+
+@pytest.mark.parametrize("solver", ["dpm2m", "euler"])
+def test_learned_grid_cuts_the_distance_to_the_teacher(solver, two_mixtures):
+    a, _ = two_mixtures()
+    sch = a.schedule
+    x = noises(sch, 96, 1)
+    res = ld3.learn_schedule(
+        a, 4, x[:64], x[64:], solver=solver, iters=60, progress=False, generator=torch.Generator().manual_seed(0)
+    )
+    assert bool(torch.all(res.grid[1:] < res.grid[:-1])) and res.grid.shape == (5,)
+    assert res.val_loss < 0.5 * res.val_loss_init, (res.val_loss, res.val_loss_init)
+    # the reported validation distance is the distance of the plain student on the learned grid
+    teacher = ld3.solve(a, x[64:], make_grid(sch, 200, "log_snr"), "dpm2m")
+    student = ld3.solve(a, x[64:], res.grid, solver)
+    assert abs(float((student - teacher).norm(dim=1).mean()) - res.val_loss) < 1e-6
+
+
+def test_learned_grid_for_or_with_time_shift(two_mixtures):
+    a, b = two_mixtures()
+    x = noises(a.schedule, 48, 2)
+    expr = compose.OR(a, b)
+    res = ld3.learn_schedule(expr, 4, x[:32], x[32:], iters=20, time_shift=True, progress=False, teacher_steps=100)
+    assert res.val_loss < res.val_loss_init
+    net = res.network_times
+    gaps = res.grid[:-1] - res.grid[1:]
+    assert net.shape == (4,) and bool(torch.all((net - res.grid[:-1]).abs() <= 0.5 * gaps + 1e-12))
+    assert res.info["operator"] == "OR(A, B)" and res.info["model"] == "A,B"
+
+
+def test_command_line_schedule_file_and_its_checks(tmp_path, two_mixtures, capsys):
+    path = tmp_path / "sched.json"
+    ld3.main(["--model", "toy:A", "--nfe", "4", "--iters", "10", "--train", "32", "--val", "16", "--out", str(path)])
+    assert "validation distance" in capsys.readouterr().out
+    info = json.loads(path.read_text())
+    for key in ld3.REQUIRED_KEYS:
+        assert key in info
+    assert info["nfe"] == 4 and info["solver"] == "dpm2m" and info["model"] == "A" and info["train_size"] == 32
+    a, b = two_mixtures()
+    out = compose.sample(a, num_samples=4, grid=str(path), method="ode", solver="dpm2m", divergence="exact")
+    torch.testing.assert_close(out.timesteps, torch.tensor(info["grid"], dtype=torch.float64))
+    with pytest.raises(ValueError, match="solver='dpm2m' \\(this call: 'euler'\\)"):
+        compose.sample(a, num_samples=4, grid=str(path), method="ode", solver="euler", divergence="exact")
+    with pytest.raises(ValueError, match="model='A' \\(this call: 'B'\\)"):
+        compose.sample(b, num_samples=4, grid=str(path), method="ode", solver="dpm2m", divergence="exact")
+    with pytest.raises(ValueError, match="operator"):
+        compose.sample(compose.OR(a, b), num_samples=4, grid=str(path), method="ode", solver="dpm2m")
+    with pytest.raises(ValueError, match="steps=6 does not match"):
+        compose.sample(a, num_samples=4, steps=6, grid=str(path), method="ode", solver="dpm2m", divergence="exact")
+
+
+def test_bad_schedule_files_are_refused(tmp_path):
+    good = {k: None for k in ld3.REQUIRED_KEYS} | {"grid": [1.0, 0.5, 0.001], "nfe": 2}
+    p = tmp_path / "s.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ld3.load_schedule(p)
+    p.write_text(json.dumps(good | {"grid": [1.0, 0.001, 0.5]}))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ld3.load_schedule(p)
+    p.write_text(json.dumps({"grid": [1.0, 0.5, 0.001]}))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        ld3.load_schedule(p)
+    p.write_text(json.dumps(good | {"nfe": 3}))
+    with pytest.raises(ValueError, match="nfe=3 but the grid has 2 steps"):
+        ld3.load_schedule(p)
+    with pytest.raises(ValueError, match="does not exist"):
+        ld3.load_schedule(tmp_path / "missing.json")
+    p.write_text(json.dumps(good))
+    assert ld3.load_schedule(p, expect={"nfe": 2})["nfe"] == 2
+    with pytest.raises(ValueError, match="nfe=2 \\(this call: 4\\)"):
+        ld3.load_schedule(p, expect={"nfe": 4})
+
+
+def test_nfe_too_small_for_the_solver_is_refused(two_mixtures):
+    a, _ = two_mixtures()
+    x = noises(a.schedule, 8, 3)
+    with pytest.raises(ValueError, match="too small for solver='dpm2m'"):
+        ld3.learn_schedule(a, 1, x, x, solver="dpm2m", progress=False)
+    with pytest.raises(ValueError, match="solver="):
+        ld3.learn_schedule(a, 4, x, x, solver="rk4", progress=False)
