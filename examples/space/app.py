@@ -215,7 +215,12 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                 operator = gr.Dropdown(list(OPERATORS), value="and", label="operator", elem_id="operator")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(50, lim.max_steps), step=1, label="steps")
-                    schedule = gr.Dropdown(list(GRIDS), value="log_snr", label="schedule")
+                    schedule = gr.Dropdown(
+                        list(GRIDS),
+                        value="log_snr",
+                        label="schedule (a name, or a learned-schedule JSON path)",
+                        allow_custom_value=True,
+                    )
                 with gr.Row():
                     guidance = gr.Slider(1, 15, value=4, step=0.5, label="guidance (1 = none)")
                     seed = gr.Number(0, precision=0, minimum=0, label="seed")
