@@ -15,8 +15,16 @@ from .predictions import bcast
 from .schedule import NoiseSchedule
 from .smc import PoE, SMCResult, sample_smc
 
-SOLVERS = ("euler", "dpm2m")
 SOLVER_ORDER = {"euler": 1, "dpm2m": 2}
+SOLVERS = tuple(SOLVER_ORDER)
+
+
+def check_solver(solver: str, method: str) -> None:
+    """ValueError unless `solver` is known and fits `method` (the higher-order solvers are ODE-only)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+    if solver != "euler" and method != "ode":
+        raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
 
 
 @dataclass
@@ -102,10 +110,7 @@ def sample(
         return sample_smc(expr, num_samples, x_T=x_T, timesteps=timesteps, steps=steps, method=method,
                           generator=generator, **kw, **smc_options)  # fmt: skip
     check_method(method, divergence)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
-    if solver != "euler" and method != "ode":
-        raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
+    check_solver(solver, method)
     if not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive integer; got {probes!r}.")
     if divergence == "hutchinson_fd" and not fd_eps > 0:

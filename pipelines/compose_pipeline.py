@@ -43,7 +43,7 @@ from compose.engine import Composer, check_grid
 from compose.grids import is_schedule_file, resolve_grid
 from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
-from compose.sampling import SOLVER_ORDER, SOLVERS, dpm2m_composed
+from compose.sampling import SOLVER_ORDER, check_solver, dpm2m_composed
 from compose.smc import check_smc_options, choose_one, particle_step
 
 OPERATORS = ("or", "and", "average", "product", "product_smc")
@@ -676,10 +676,7 @@ class ComposePipeline(DiffusionPipeline):
         if grid is not None and schedule is not None and grid != schedule:
             raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
         schedule_name = schedule or grid or "log_snr"
-        if solver not in SOLVERS:
-            raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
-        if solver != "euler" and method != "ode":
-            raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it (or solver='euler').")
+        check_solver(solver, method)
         use_cfg = guidance_scale > 1.0
         text_models = _unique([m for m, _ in terms if m.is_text])
         if use_cfg and not text_models:

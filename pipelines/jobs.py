@@ -227,12 +227,12 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         if len(weights) != terms:
             raise ValueError(f"weights has {len(weights)} entries for {terms} terms; give one weight per term.")
     schedule = raw.get("schedule") or "log_snr"
-    file_steps = 50  # the default number of steps; a schedule file brings its own
+    default_steps = 50  # a schedule file brings its own
     if is_schedule_file(schedule):
         from compose.ld3 import load_schedule
 
         try:
-            file_steps = int(load_schedule(schedule)["nfe"])
+            default_steps = int(load_schedule(schedule)["nfe"])
         except ValueError as err:
             raise ValueError(f"schedule: {err}") from None
     elif schedule not in GRIDS:
@@ -274,7 +274,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         weights=weights,
         temperature=_float(raw, "temperature", 1.0),
         seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
-        steps=_int(raw, "steps", file_steps, 1, limits.max_steps),
+        steps=_int(raw, "steps", default_steps, 1, limits.max_steps),
         schedule=schedule,
         guidance=guidance,
         negative_prompt=negative,
