@@ -107,14 +107,11 @@ PIPE_NAMES = {
 }
 
 
-def load(folders: list[str], device: str = "cpu"):
-    from pipelines import ComposePipeline
+def load(names: list[str], device: str = "cpu"):
+    """Shipped models by folder name under model_cards/ (the demo's loader: missing / corrupt folders are named)."""
+    from examples.demo import load as load_shipped
 
-    for f in folders:
-        if not (Path(f) / "model_index.json").is_file():
-            raise SystemExit(f"model folder {f} is missing; restore it with `git checkout -- {f}` (see its card).")
-    pipe = ComposePipeline.from_pretrained(folders[0] if len(folders) == 1 else folders)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_shipped(names)
     return pipe if device == "cpu" else pipe.to(device)  # .to() on CPU only warns about fp32 modules
 
 
@@ -130,24 +127,22 @@ def run(args) -> dict:
 
     judge = load_classifier(CARDS / "shapes-classifier")
     examples = []  # (label, images) for --examples: the first EXAMPLES_PER_PAIR images of every pair, every AND row
-    cards = {
-        k: CARDS / v
-        for k, v in dict(
-            text="shapes-text",
-            colour="shapes-text-colour",
-            shape=args.shape_expert,
-            a="shapes-uncond-a",
-            b="shapes-uncond-b",
-        ).items()
-    }
+    names = dict(
+        text="shapes-text",
+        colour="shapes-text-colour",
+        shape=args.shape_expert,
+        a="shapes-uncond-a",
+        b="shapes-uncond-b",
+    )
+    cards = {k: CARDS / v for k, v in names.items()}
     pipes = {}
     if not args.skip_and:
-        pipes["text"] = load([str(cards["text"])], args.device)
-        pipes["experts"] = load([str(cards["colour"]), str(cards["shape"])], args.device)
+        pipes["text"] = load([names["text"]], args.device)
+        pipes["experts"] = load([names["colour"], names["shape"]], args.device)
     if not args.skip_or:
-        pipes["a"] = load([str(cards["a"])], args.device)
-        pipes["b"] = load([str(cards["b"])], args.device)
-        pipes["ab"] = load([str(cards["a"]), str(cards["b"])], args.device)
+        pipes["a"] = load([names["a"]], args.device)
+        pipes["b"] = load([names["b"]], args.device)
+        pipes["ab"] = load([names["a"], names["b"]], args.device)
     pairs = ALL_PAIRS if args.all_pairs else DEFAULT_PAIRS[: args.pairs]
     result = {
         "config": dict(

@@ -42,7 +42,11 @@ def model_dir(name: str) -> str:
     if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
         raise SystemExit(
             f"shipped model folder {folder} is missing or incomplete. Restore it with `git checkout -- {folder}` "
-            f"or re-train it: `python examples/shapes/{RESTORE[name]} --out model_cards/{name}`"
+            + (
+                f"or re-train it: `python examples/shapes/{RESTORE[name]} --out model_cards/{name}`"
+                if name in RESTORE
+                else "or re-train it (its card gives the command)."
+            )
         )
     return str(folder)
 

@@ -58,6 +58,8 @@ def test_missing_model_names_folder_and_restore(tmp_path, monkeypatch):
     msg = str(e.value)
     assert str(tmp_path / "shapes-uncond-a") in msg
     assert "git checkout --" in msg and "train_unconditional.py --shapes circle square" in msg
+    with pytest.raises(SystemExit, match="its card gives the command"):  # a folder the demo has no recipe for
+        demo.model_dir("shapes-text-shape-snapshot")
 
 
 def test_corrupt_model_names_folder_and_restore(tmp_path, monkeypatch):
