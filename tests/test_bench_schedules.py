@@ -17,11 +17,12 @@ SPEC.loader.exec_module(bench_schedules)
 
 def test_bench_schedules_quick(tmp_path, capsys):
     out = tmp_path / "b.json"
-    res = bench_schedules.main(["--quick", "--setups", "A", "--solvers", "dpm2m", "--json", str(out)])
+    # --test 0 reports on the selection noises, where learning (which starts at the best hand-made grid and keeps
+    # the best iterate) can never be worse; the default reports on disjoint test noises, where it can
+    res = bench_schedules.main(["--quick", "--setups", "A", "--solvers", "dpm2m", "--test", "0", "--json", str(out)])
     text = capsys.readouterr().out
     assert "| A | dpm2m | 4 |" in text and "Spearman" in text
     row = res["grids"][0]
-    # learning starts at the best hand-made grid and keeps the best validation distance: never worse
     assert row["learned"] <= row[row["best_hand"]] + 1e-12
     actions = {r["schedule"]: r["kinetic_action"] for r in res["schedules"]}
     assert actions["OT"] == pytest.approx(2 * 0.999, rel=1e-6)

@@ -1,0 +1,234 @@
+"""Learned step schedules (LD3) on the shipped unconditional shapes models, and the schedule files we ship.
+
+For each set-up (`shapes-uncond-a` alone, OR(a, b), AND(a, b); DPM-Solver++(2M) on the probability-flow ODE) the
+teacher (DPM-Solver++(2M), `--teacher-steps` log-SNR steps) runs ONCE on three disjoint sets of noises: training
+(the LD3 loss), selection (the best iterate and the starting grid are picked on it) and test (every number in the
+table). Then for each NFE: the distance to the teacher of every named grid, `compose.ld3.learn_schedule` started
+from the grid closest on the selection noises, and the learned grid on the test noises. OR and AND track the
+densities with the Hutchinson finite-difference divergence (one extra forward per model and step, as the pipeline's
+`divergence="hutchinson_fd"`); the global RNG is re-seeded before every evaluation, so all grids see the same probes.
+
+The operator metrics of the quality benchmark (`bench_shapes.py`) on the test outputs, by the shipped classifier:
+valid = share with confidence > 0.9 on both heads; half A = share classified circle or square (model A's half).
+
+    python benchmarks/bench_schedules_shapes.py --setups A OR AND --nfe 4 6 8 \
+        --out-dir model_cards/schedules-shapes-uncond --json benchmarks/results/schedules_shapes.json
+
+Writes one schedule file per (set-up, NFE) into --out-dir (keys of `compose.ld3.REQUIRED_KEYS` plus the test
+distances), prints a markdown table and writes everything as JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import compose  # noqa: E402
+from compose import ld3  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CARDS = ROOT / "model_cards"
+SETUPS = ("A", "OR", "AND")
+FILE_NAMES = {"A": "a", "OR": "or", "AND": "and"}
+LABELS = {"valid": "valid", "half_a": "half A"}
+
+
+def build(setup: str):
+    a = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
+    if setup == "A":
+        return a, None
+    b = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-b"))
+    return (compose.OR(a, b) if setup == "OR" else compose.AND(a, b)), "hutchinson_fd"
+
+
+def distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (out - ref).reshape(out.shape[0], -1).norm(dim=1)
+
+
+def metrics(images: torch.Tensor, clf) -> dict:
+    """valid and half-A shares of images in [-1, 1] (the classifier's input range)."""
+    ps, pc = clf.predict(images.clamp(-1, 1))
+    valid = (ps.max(1).values > 0.9) & (pc.max(1).values > 0.9)
+    half_a = ps.argmax(1) <= 1  # SHAPES = (circle, square, triangle, star)
+    return {"valid": float(valid.float().mean()), "half_a": float(half_a.float().mean())}
+
+
+def run_setup(setup: str, args, clf, log) -> list[dict]:
+    expr, div = build(setup)
+    sch = compose.Composer(expr, method="ode").schedule
+    shape = (expr.leaves()[0] if isinstance(expr, compose.Expr) else expr).sample_shape
+    g = torch.Generator().manual_seed(args.seed)
+    n_all = args.train + args.select + args.test
+    x = torch.randn((n_all, *shape), generator=g) * float(sch.sigma(sch.t_max))
+    x_train, x_sel, x_test = x[: args.train], x[args.train : args.train + args.select], x[args.train + args.select :]
+
+    def solve(z: torch.Tensor, ts: torch.Tensor, net=None, seed_offset: int = 0) -> torch.Tensor:
+        torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    ld3.solve(expr, z[i : i + args.chunk], ts, "dpm2m", net, divergence_kind=div)
+                    for i in range(0, z.shape[0], args.chunk)
+                ]
+            )
+
+    t0 = time.time()
+    teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
+    y_train = solve(x_train, teacher_grid, seed_offset=1)
+    y_sel = solve(x_sel, teacher_grid, seed_offset=2)
+    y_test = solve(x_test, teacher_grid, seed_offset=3)
+    teacher_s = time.time() - t0
+    log(f"{setup}: teacher ({args.teacher_steps} steps, {n_all} noises) {teacher_s:.0f} s")
+    teacher_metrics = metrics(y_test, clf)
+    lookup = {id(x_train): y_train, id(x_sel): y_sel}
+    rows = []
+    for nfe in args.nfe:
+        row = {"setup": setup, "solver": "dpm2m", "nfe": nfe, "teacher_steps": args.teacher_steps}
+        row["teacher_seconds"] = round(teacher_s, 1)
+        row["teacher_metrics"] = teacher_metrics
+        named, named_metrics = {}, {}
+        for kind in compose.GRIDS:
+            out = solve(x_test, compose.make_grid(sch, nfe, kind))
+            named[kind] = float(distances(out, y_test).mean())
+            named_metrics[kind] = metrics(out, clf)
+        best = min(named, key=named.get)
+        torch.manual_seed(args.seed + 10 + nfe)
+        res = ld3.learn_schedule(
+            expr,
+            nfe,
+            x_train,
+            x_sel,
+            solver="dpm2m",
+            teacher=lambda z: lookup[id(z)],
+            teacher_steps=args.teacher_steps,
+            init="best",
+            time_shift=not args.no_time_shift,
+            divergence_kind=div,
+            iters=args.iters,
+            lr=args.lr,
+            batch_size=args.batch,
+            ball=args.ball,
+            generator=torch.Generator().manual_seed(args.seed),
+            log=lambda s, nfe=nfe: log(f"  {setup} nfe {nfe}: {s}"),
+        )
+        out = solve(x_test, res.grid, res.network_times)
+        d = distances(out, y_test)
+        row.update(
+            named=named,
+            named_metrics=named_metrics,
+            best_named=best,
+            learned=float(d.mean()),
+            learned_se=float(d.std() / len(d) ** 0.5),
+            learned_metrics=metrics(out, clf),
+            cut_pct=100.0 * (1.0 - float(d.mean()) / named[best]),
+            learn_seconds=round(res.seconds, 1),
+            grid=[float(t) for t in res.grid],
+            network_times=None if res.network_times is None else [float(t) for t in res.network_times],
+            init=res.info["init"],
+        )
+        rows.append(row)
+        log(
+            f"{setup} nfe {nfe}: best named {best} {named[best]:.3f}, learned {row['learned']:.3f} "
+            f"({row['cut_pct']:.0f}% cut), learning {res.seconds:.0f} s"
+        )
+        if args.out_dir:
+            info = dict(res.info)
+            info.update(
+                teacher_seconds=round(teacher_s, 1),
+                test_size=int(x_test.shape[0]),
+                test_distance=row["learned"],
+                test_distance_named=named,
+                command="python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv),
+            )
+            path = Path(args.out_dir) / f"{FILE_NAMES[setup]}-dpm2m-nfe{nfe}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ld3.save_schedule(path, info)
+            log(f"  wrote {path}")
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ["set-up", "NFE", *compose.GRIDS, "learned (LD3)", "cut vs best named", "learn s", "teacher s"]
+    out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cells = [r["setup"], str(r["nfe"])]
+        for k in compose.GRIDS:
+            v = f"{r['named'][k]:.2f}"
+            cells.append(f"**{v}**" if k == r["best_named"] else v)
+        cells += [f"{r['learned']:.2f} ± {r['learned_se']:.2f}", f"{r['cut_pct']:.0f}%"]
+        cells += [f"{r['learn_seconds']:.0f}", f"{r['teacher_seconds']:.0f}"]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| set-up | NFE | metric | teacher | best named grid | learned |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        keys = ("valid", "half_a") if r["setup"] != "A" else ("valid",)
+        for k in keys:
+            best = r["named_metrics"][r["best_named"]][k]
+            out.append(
+                f"| {r['setup']} | {r['nfe']} | {LABELS[k]} | {r['teacher_metrics'][k]:.2f} | "
+                f"{best:.2f} ({r['best_named']}) | {r['learned_metrics'][k]:.2f} |"
+            )
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
+    p.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8])
+    p.add_argument("--train", type=int, default=64, help="training noises")
+    p.add_argument("--select", type=int, default=32, help="noises that pick the start grid and the best iterate")
+    p.add_argument("--test", type=int, default=64, help="held-out noises of the table")
+    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--ball", type=float, default=0.0, help="relaxed-loss radius r (0: the plain distance)")
+    p.add_argument("--no-time-shift", action="store_true", help="learn the grid only (no decoupled network times)")
+    p.add_argument("--chunk", type=int, default=32, help="noises per solver call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk"):
+        if getattr(a, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
+    if min(a.nfe) < 2:
+        raise SystemExit(f"--nfe: DPM-Solver++(2M) needs at least 2 steps; got {a.nfe}.")
+    return a
+
+
+def main(argv=None) -> None:
+    from examples.shapes.classifier import load_classifier
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"# {msg}", file=sys.stderr, flush=True)
+
+    clf = load_classifier(CARDS / "shapes-classifier")
+    rows = []
+    for setup in args.setups:
+        rows += run_setup(setup, args, clf, log)
+        if args.json:  # keep what is done if a later set-up is interrupted
+            Path(args.json).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1) + "\n")
+    print(
+        f"Shipped models, DPM-Solver++(2M): {args.train} training / {args.select} selection / {args.test} test "
+        f"noises, teacher {args.teacher_steps} log-SNR steps, {args.iters} Adam steps (batch {args.batch}, "
+        f"lr {args.lr}), time shift {'off' if args.no_time_shift else 'on'}; mean L2 distance to the teacher on "
+        "the test noises (bold: best named grid)\n"
+    )
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
