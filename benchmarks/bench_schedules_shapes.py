@@ -15,7 +15,10 @@ valid = share with confidence > 0.9 on both heads; half A = share classified cir
         --out-dir model_cards/schedules-shapes-uncond --json benchmarks/results/schedules_shapes.json
 
 Writes one schedule file per (set-up, NFE) into --out-dir (keys of `compose.ld3.REQUIRED_KEYS` plus the test
-distances), prints a markdown table and writes everything as JSON with --json.
+distances), prints a markdown table and writes everything as JSON with --json. Then, from that JSON, the per-grid
+step lengths along the teacher trajectory (their uniformity) for `shapes-uncond-a`:
+
+    python benchmarks/bench_schedules_shapes.py --steps-from benchmarks/results/schedules_shapes.json
 """
 
 from __future__ import annotations
@@ -178,6 +181,40 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def step_report(rows: list[dict], args, log) -> list[dict]:
+    """Uniformity of each grid's steps along the teacher trajectory (set-up A): `compose.thermo.step_lengths` of the
+    teacher (DPM-Solver++(2M), `--substeps` log-SNR steps per grid step) sampled at the grid's times; cv = std / mean
+    of the per-step displacements (0 for a constant-speed walk), max / min their ratio."""
+    from compose import thermo
+
+    model = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
+    sch = model.schedule
+    g = torch.Generator().manual_seed(args.seed + 7)
+    x_T = torch.randn((args.step_noises, *model.sample_shape), generator=g) * float(sch.sigma(sch.t_max))
+    out = []
+    for r in rows:
+        if r["setup"] != "A":
+            continue
+        grids = {k: compose.make_grid(sch, r["nfe"], k) for k in compose.GRIDS}
+        grids["learned"] = torch.tensor(r["grid"], dtype=torch.float64)
+        rec = {"nfe": r["nfe"], "cv": {}, "ratio": {}}
+        for name, ts in grids.items():
+            st = thermo.step_lengths(thermo.teacher_trajectory(model, x_T, ts, substeps=args.substeps))
+            rec["cv"][name], rec["ratio"][name] = st["cv"], st["ratio"]
+        log(f"A nfe {r['nfe']}: step cv " + ", ".join(f"{k} {v:.2f}" for k, v in rec["cv"].items()))
+        out.append(rec)
+    return out
+
+
+def step_markdown(recs: list[dict]) -> str:
+    names = [*compose.GRIDS, "learned"]
+    out = ["| NFE | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for r in recs:
+        cells = [f"{r['cv'][k]:.2f} ({r['ratio'][k]:.1f})" for k in names]
+        out.append(f"| {r['nfe']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
@@ -196,6 +233,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
     p.add_argument("--json", default=None)
+    p.add_argument("--steps-from", default=None, help="only the step-length report, for the grids of this JSON")
+    p.add_argument("--step-noises", type=int, default=16, help="noises of the step-length report")
+    p.add_argument("--substeps", type=int, default=10, help="teacher steps per grid step in the step-length report")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk"):
@@ -215,6 +255,16 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(f"# {msg}", file=sys.stderr, flush=True)
 
+    if args.steps_from:
+        data = json.loads(Path(args.steps_from).read_text())
+        data["steps"] = step_report(data["rows"], args, log)
+        Path(args.steps_from).write_text(json.dumps(data, indent=1) + "\n")
+        print(
+            f"Step lengths along the teacher ({args.step_noises} noises, {args.substeps} DPM-Solver++(2M) steps per "
+            "grid step), shapes-uncond-a: cv = std / mean of the per-step displacement (max / min)\n"
+        )
+        print(step_markdown(data["steps"]))
+        return
     clf = load_classifier(CARDS / "shapes-classifier")
     rows = []
     for setup in args.setups:
