@@ -158,7 +158,7 @@ def exact_part(args) -> list[dict]:
 
     lv = dict(after=args.langevin_after, langevin_step=args.langevin_step)
     for toy, d in [("shared", 2), ("shared", 16), ("two-mode", 2)]:
-        if args.toys and f"{toy}-{d}" not in args.toys:
+        if args.toys is not None and f"{toy}-{d}" not in args.toys:
             continue
         for K in args.particles:
             for L in args.langevin_steps:
@@ -301,7 +301,7 @@ def parse_args(argv=None):
     p.add_argument("--langevin-after", choices=["every", "resample"], default="every")
     p.add_argument("--langevin-step", type=float, default=0.5, help="the moves' step in units of sigma_t^2 / A")
     p.add_argument("--toys", nargs="*", default=None,
-                   help="exact part: only these of shared-2 shared-16 two-mode-2 (default all)")  # fmt: skip
+                   help="exact part: shared-2 shared-16 two-mode-2 (default: all; --toys alone: none)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-exact", action="store_true")
     p.add_argument("--shapes", action="store_true", help="also the shapes models (minutes of CPU)")
