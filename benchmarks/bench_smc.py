@@ -3,6 +3,8 @@
     python benchmarks/bench_smc.py                    # exact mixtures: error vs particles, baselines, variance cost
     python benchmarks/bench_smc.py --shapes           # also the shapes models at equal network evaluations per image
     python benchmarks/bench_smc.py --json out.json    # also write every figure as JSON
+    python benchmarks/bench_smc.py --langevin-steps 0 1   # particle rows without and with one Langevin move per step
+    python benchmarks/bench_smc.py --render a.json b.json # print the merged tables of earlier runs
 
 Exact part. Two "pretrained models" with closed-form scores: A = {(-2, 0), (2, 0)} and B = {(2, 0), (0, 3)} (std 0.5,
 VP-linear, equal weights), which share one component ("shared" toy); and A' = {(-2,0), (2,0), (0,3)} with weights
@@ -22,6 +24,8 @@ is the exact product A x B (`compose.toy.product_of_mixtures`). Every row runs R
   - ESS / resamples / ancestors: mean minimum ESS (fraction of K), resampling events per run, distinct starting
     particles among the K final ones.
 Baselines use the same sample counts and groups: the plain sum of scores (compose.Product) and SuperDiff AND.
+NFE: network evaluations per sample (particle) and model, the final x0_hat included; Langevin moves
+(`--langevin-steps`, compose.sample_smc's rejuvenation) add one each.
 
 Shapes part (--shapes): AND("a <colour> shape", "a <shape>") judged by the shipped classifier (see
 benchmarks/bench_shapes.py), on shapes-text and on the two experts, at EQUAL network evaluations per image: a step of
@@ -248,7 +252,8 @@ def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = []
     if result.get("exact"):
-        lv = "".join(f", Langevin step {c} sigma_t^2 / A ({a})" for a, c in result.get("langevin") or [])
+        steps = sorted({c for _, c in result.get("langevin") or []})
+        lv = "".join(f", Langevin step {c} sigma_t^2 / A" for c in steps)
         lines += [
             f"Exact mixtures: {cfg['steps']} steps, ESS threshold {cfg['ess_threshold']}, >= {cfg['total']} "
             f"samples per row in groups of K, seed {cfg['seed']}{lv}; NFE = network evaluations per sample and model",
