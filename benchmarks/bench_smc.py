@@ -3,6 +3,8 @@
     python benchmarks/bench_smc.py                    # exact mixtures: error vs particles, baselines, variance cost
     python benchmarks/bench_smc.py --shapes           # also the shapes models at equal network evaluations per image
     python benchmarks/bench_smc.py --json out.json    # also write every figure as JSON
+    python benchmarks/bench_smc.py --langevin-steps 0 1   # particle rows without and with one Langevin move per step
+    python benchmarks/bench_smc.py --render a.json b.json # print the merged tables of earlier runs
 
 Exact part. Two "pretrained models" with closed-form scores: A = {(-2, 0), (2, 0)} and B = {(2, 0), (0, 3)} (std 0.5,
 VP-linear, equal weights), which share one component ("shared" toy); and A' = {(-2,0), (2,0), (0,3)} with weights
@@ -22,6 +24,8 @@ is the exact product A x B (`compose.toy.product_of_mixtures`). Every row runs R
   - ESS / resamples / ancestors: mean minimum ESS (fraction of K), resampling events per run, distinct starting
     particles among the K final ones.
 Baselines use the same sample counts and groups: the plain sum of scores (compose.Product) and SuperDiff AND.
+NFE: network evaluations per sample (particle) and model, the final x0_hat included; Langevin moves
+(`--langevin-steps`, compose.sample_smc's rejuvenation) add one each.
 
 Shapes part (--shapes): AND("a <colour> shape", "a <shape>") judged by the shipped classifier (see
 benchmarks/bench_shapes.py), on shapes-text and on the two experts, at EQUAL network evaluations per image: a step of
@@ -98,21 +102,33 @@ class Judge:
         }
 
 
-def run_toy(toy: str, d: int, K: int, steps: int, seed: int, total: int, threshold: float) -> dict:
+def poe_label(langevin: int, after: str) -> str:
+    if langevin == 0:
+        return "particle product (PoE)"
+    return f"PoE + {langevin} Langevin " + ("/ step" if after == "every" else "after resampling")
+
+
+def run_toy(
+    toy: str, d: int, K: int, steps: int, seed: int, total: int, threshold: float, langevin: int = 0,
+    after: str = "every", langevin_step: float = 0.5,
+) -> dict:  # fmt: skip
     a, b = make_toy(toy, d)
     judge = Judge(a, b)
     G = max(4, total // K)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     r = sample(PoE(a, b), num_samples=G, num_particles=K, steps=steps, generator=gen, final="weights",
-               ess_threshold=threshold, dtype=torch.float64)  # fmt: skip
+               ess_threshold=threshold, dtype=torch.float64, langevin_steps=langevin, langevin_after=after,
+               langevin_step=langevin_step)  # fmt: skip
     sec = time.perf_counter() - t0
-    rec = dict(toy=toy, d=d, method="particle product (PoE)", K=K, groups=G, seconds=sec)
+    rec = dict(toy=toy, d=d, method=poe_label(langevin, after), K=K, groups=G, seconds=sec, langevin=langevin)
     rec.update(judge.metrics(r.samples, r.log_weights.exp()))
     rec.update(
         min_ess=float((r.ess.min(0).values / K).mean()),
         resamples=float(r.num_resamples.double().mean()),
         ancestors=float(r.unique_ancestors().double().mean()),
+        nfe=float(r.evaluations.mean()),
+        acceptance=float(r.acceptance.nanmean()) if langevin else None,
     )
     return rec
 
@@ -127,7 +143,7 @@ def run_baseline(toy: str, d: int, K: int, steps: int, seed: int, total: int, op
     r = sample(expr, num_samples=G * K, steps=steps, generator=gen, dtype=torch.float64)
     sec = time.perf_counter() - t0
     label = "sum of scores (Product)" if op == "product" else "SuperDiff AND"
-    rec = dict(toy=toy, d=d, method=label, K=K, groups=G, seconds=sec)
+    rec = dict(toy=toy, d=d, method=label, K=K, groups=G, seconds=sec, nfe=steps + 1)
     rec.update(judge.metrics(r.samples.reshape(G, K, d), torch.full((G, K), 1.0 / K, dtype=torch.float64)))
     return rec
 
@@ -144,13 +160,18 @@ def exact_part(args) -> list[dict]:
             flush=True,
         )
 
+    lv = dict(after=args.langevin_after, langevin_step=args.langevin_step)
     for toy, d in [("shared", 2), ("shared", 16), ("two-mode", 2)]:
+        if args.toys is not None and f"{toy}-{d}" not in args.toys:
+            continue
         for K in args.particles:
-            log(run_toy(toy, d, K, args.steps, args.seed, args.total, args.ess_threshold))
-        for op in ("product", "and"):
+            for L in args.langevin_steps:
+                log(run_toy(toy, d, K, args.steps, args.seed, args.total, args.ess_threshold, L, **lv))
+        for op in ("product", "and") if not args.no_baselines else ():
             log(run_baseline(toy, d, args.baseline_k, args.steps, args.seed, args.total, op))
     for d in args.dims:
-        log(run_toy("shared", d, args.baseline_k, args.steps, args.seed, args.total, args.ess_threshold))
+        for L in args.langevin_steps:
+            log(run_toy("shared", d, args.baseline_k, args.steps, args.seed, args.total, args.ess_threshold, L, **lv))
     return rows
 
 
@@ -211,22 +232,41 @@ def shapes_part(args) -> list[dict]:
     return out
 
 
+def merge(results: list[dict]) -> dict:
+    """One result from several JSON files: exact rows interleaved by (toy, d), baselines last, then K and Langevin."""
+    out = dict(results[0])
+    rows = [r for res in results for r in res.get("exact") or []]
+    cases: list = []
+    for r in rows:
+        if (r["toy"], r["d"]) not in cases:
+            cases.append((r["toy"], r["d"]))
+    key = lambda r: (cases.index((r["toy"], r["d"])), "PoE" not in r["method"], r["K"], r.get("langevin", 0))  # noqa: E731
+    out["exact"] = sorted(rows, key=key)
+    out["shapes"] = [r for res in results for r in res.get("shapes") or []]
+    cfgs = [res["config"] for res in results if any(L > 0 for L in res["config"].get("langevin_steps", [0]))]
+    out["langevin"] = sorted({(c.get("langevin_after", "every"), c.get("langevin_step", 0.5)) for c in cfgs})
+    return out
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
     lines = []
     if result.get("exact"):
+        steps = sorted({c for _, c in result.get("langevin") or []})
+        lv = "".join(f", Langevin step {c} sigma_t^2 / A" for c in steps)
         lines += [
             f"Exact mixtures: {cfg['steps']} steps, ESS threshold {cfg['ess_threshold']}, >= {cfg['total']} "
-            f"samples per row in groups of K, seed {cfg['seed']}",
+            f"samples per row in groups of K, seed {cfg['seed']}{lv}; NFE = network evaluations per sample and model",
             "",
-            "| toy | d | method | K | groups | mode TV | mean err | negligible | mean RMSE / indep. | min ESS "
+            "| toy | d | method | K | NFE | groups | mode TV | mean err | negligible | mean RMSE / indep. | min ESS "
             "| resamples | ancestors | s |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     for r in result.get("exact") or []:
         fmt = lambda k, f, r=r: f.format(r[k]) if r.get(k) is not None else ""  # noqa: E731
+        nfe = r.get("nfe", cfg["steps"] + 1)  # rows written before the column existed: steps + 1, no Langevin
         lines.append(
-            f"| {r['toy']} | {r['d']} | {r['method']} | {r['K']} | {r['groups']} | {r['mode_tv']:.3f} | "
+            f"| {r['toy']} | {r['d']} | {r['method']} | {r['K']} | {nfe:.0f} | {r['groups']} | {r['mode_tv']:.3f} | "
             f"{r['mean_err']:.3f} | {r['negligible']:.4f} | {r['spread_ratio']:.1f} | {fmt('min_ess', '{:.2f}')} | "
             f"{fmt('resamples', '{:.1f}')} | {fmt('ancestors', '{:.0f}')} | {r['seconds']:.0f} |"
         )
@@ -261,6 +301,12 @@ def parse_args(argv=None):
     p.add_argument("--total", type=int, default=16384, help="samples per row (groups = max(4, total / K))")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--ess-threshold", type=float, default=0.5)
+    p.add_argument("--langevin-steps", type=int, nargs="+", default=[0],
+                   help="Langevin moves (rejuvenation) of the particle rows; one row per value, 0 = none")  # fmt: skip
+    p.add_argument("--langevin-after", choices=["every", "resample"], default="every")
+    p.add_argument("--langevin-step", type=float, default=0.5, help="the moves' step in units of sigma_t^2 / A")
+    p.add_argument("--toys", nargs="*", default=None,
+                   help="exact part: shared-2 shared-16 two-mode-2 (default: all; --toys alone: none)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-exact", action="store_true")
     p.add_argument("--shapes", action="store_true", help="also the shapes models (minutes of CPU)")
@@ -271,15 +317,18 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--fixed-steps", action="store_true", help="every shapes row gets --budget steps (NFE = steps x P)")
     p.add_argument("--models", nargs="+", default=["text", "experts"], choices=["text", "experts"])
-    p.add_argument("--no-baselines", action="store_true", help="shapes: particle-product rows only")
+    p.add_argument("--no-baselines", action="store_true", help="particle-product rows only (exact part and shapes)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", nargs="?", const="-", default=None, help="write JSON to this file ('-': stdout)")
-    p.add_argument("--render", default=None, help="print the tables of a JSON file written by --json, run nothing")
+    p.add_argument("--render", nargs="+", default=None,
+                   help="print the tables of JSON files written by --json (merged), run nothing")  # fmt: skip
     args = p.parse_args(argv)
     if any(k < 2 for k in args.particles) or args.baseline_k < 2:
         p.error("particle counts must be >= 2")
     if not 0 < args.ess_threshold <= 1:
         p.error("--ess-threshold must lie in (0, 1]")
+    if any(L < 0 for L in args.langevin_steps) or not 0 < args.langevin_step <= 1:
+        p.error("--langevin-steps must be >= 0 and --langevin-step in (0, 1]")
     if args.budget < max(args.shape_p):
         p.error("--budget must be at least the largest --shape-p")
     return args
@@ -288,7 +337,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.render:
-        print(markdown(json.loads(Path(args.render).read_text())))
+        print(markdown(merge([json.loads(Path(f).read_text()) for f in args.render])))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -302,7 +351,7 @@ def main(argv=None) -> None:
     if args.json == "-":
         print(json.dumps(result, indent=2))
         return
-    print(markdown(result))
+    print(markdown(merge([result])))
     print(f"\n({result['total_seconds']:.0f} s in all; {math.ceil(result['total_seconds'] / 60)} min)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -44,7 +44,14 @@ from compose.grids import is_schedule_file, resolve_grid
 from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
 from compose.sampling import SOLVER_ORDER, check_solver, dpm2m_composed
-from compose.smc import check_smc_options, choose_one, particle_step
+from compose.smc import (
+    check_langevin_options,
+    check_smc_options,
+    choose_one,
+    langevin_groups,
+    particle_step,
+    rejuvenate,
+)
 
 OPERATORS = ("or", "and", "average", "product", "product_smc")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -68,6 +75,8 @@ class ComposePipelineOutput(BaseOutput):
     ess, num_resamples, log_weights (operator="product_smc" only): (steps, n) effective sample size of every image's
         particles at every step (in particles, before resampling), (n,) resampling events per image, and (n, P)
         float64 final normalised log-weights of the P particles (the image is one particle drawn by them).
+    evaluations (operator="product_smc" only): (n,) UNet evaluations per particle of every image (per term; the final
+        denoising included): steps + 1, plus langevin_steps for every Langevin rejuvenation.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -79,6 +88,7 @@ class ComposePipelineOutput(BaseOutput):
     ess: torch.Tensor | None = None
     num_resamples: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
+    evaluations: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -600,6 +610,9 @@ class ComposePipeline(DiffusionPipeline):
         num_particles: int | None = None,
         ess_threshold: float = 0.5,
         resample_window: tuple[float, float] = (0.0, 1.0),
+        langevin_steps: int = 0,
+        langevin_step: float = 0.5,
+        langevin_after: str = "every",
     ) -> ComposePipelineOutput | tuple:
         """Sample the composition of the terms (prompts x checkpoints).
 
@@ -639,6 +652,10 @@ class ComposePipeline(DiffusionPipeline):
                 of one image share prompts and go through the UNet in the same batched call, so a step costs P times
                 the rows of one image. With guidance the exponents are guidance_scale * weights around the
                 unconditional branch (eps_u + w sum_i w_i (eps_i - eps_u), as "product", plus the weights).
+            langevin_steps, langevin_step, langevin_after: for operator="product_smc": Metropolis-adjusted Langevin
+                moves that leave the current product target invariant (`compose.sample_smc`, resample-move), after
+                every step ("every") or after a resampling ("resample"); each move is one more batched UNet call on
+                the moved particles. 0 (default): none.
         """
         models = self.models
         first = models[0]
@@ -670,8 +687,14 @@ class ComposePipeline(DiffusionPipeline):
         smc = isinstance(operator, str) and operator.lower() == "product_smc"
         if smc:
             resample_window = check_smc_options(num_particles, ess_threshold, resample_window, method)
+            check_langevin_options(langevin_steps, langevin_step, langevin_after)
         elif num_particles is not None:
             raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
+        elif langevin_steps != 0:
+            raise ValueError(
+                f"langevin_steps is used by operator='product_smc' (Langevin moves of the particles); got "
+                f"operator={operator!r}. Drop langevin_steps or use operator='product_smc' with num_particles."
+            )
         P = num_particles if smc else 1
         if grid is not None and schedule is not None and grid != schedule:
             raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
@@ -795,7 +818,8 @@ class ComposePipeline(DiffusionPipeline):
                     "use; give a named grid or a schedule file without a time shift."
                 )
             args = (composer, poe, evaluate, x, log_q, ts, n, P, expr, generator, device)  # kappa: the exponents
-            kw = dict(ess_threshold=ess_threshold, resample_window=resample_window, output_type=output_type)
+            kw = dict(ess_threshold=ess_threshold, resample_window=resample_window, output_type=output_type,
+                      langevin=(langevin_steps, langevin_step, langevin_after))  # fmt: skip
             out = self._sample_particles(*args, **kw, callback=callback_on_step_end,
                                          callback_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
             out.log_q = out.log_q[:, term_index]
@@ -856,23 +880,41 @@ class ComposePipeline(DiffusionPipeline):
 
     def _sample_particles(
         self, composer, poe, evaluate, x, log_q, ts, n, P, root, generator, device, *, ess_threshold, resample_window,
-        output_type, callback, callback_inputs,
+        output_type, callback, callback_inputs, langevin=(0, 0.5, "every"),
     ) -> ComposePipelineOutput:  # fmt: skip
         """Steps 4-5 of operator="product_smc": x (n P, ...) particles, image-major; `compose.smc` does the maths."""
         log_w = torch.zeros(n, P, dtype=torch.float64, device=x.device)
         kappas, ess, resampled, node_kappa, trace = [], [], [], {}, []
         steps = len(ts) - 1
+        L, step, after = langevin
+        evaluations = torch.zeros(n, dtype=torch.float64)
+        pending = None  # UNet predictions the Langevin moves left at (x, t_next), reused by the next step
+
+        def eps_fn(x_in: torch.Tensor, t: float) -> torch.Tensor:
+            return evaluate(x_in, t)[0]
+
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
                 t_cur, t_next = float(ts[k]), float(ts[k + 1])
                 noise = _randn_rows(x.shape, generator, device)
                 u = _uniforms(n, generator)
-                eps, _ = evaluate(x, t_cur)  # one batched call per UNet: every particle of every image
+                # one batched call per UNet: every particle of every image (the rows the moves left unevaluated)
+                eps = eps_fn(x, t_cur) if pending is None else pending.complete(eps_fn, x, t_cur)
                 st = particle_step(composer, poe, x, t_cur, t_next, eps, log_q, log_w, noise, u,
                                    ess_threshold=ess_threshold, resample_window=resample_window)  # fmt: skip
                 x, log_q, log_w, coeffs = st.x, st.log_q, st.log_w, st.coeffs
                 ess.append(st.ess)
                 resampled.append(st.resampled)
+                evaluations += 1
+                pending = None
+                groups = langevin_groups(after, st.resampled, t_next, resample_window) if L else None
+                if groups is not None and bool(groups.any()):
+                    noises = [_randn_rows(x.shape, generator, device) for _ in range(L)]
+                    us = [_uniform_rows(n * P, generator) for _ in range(L)]
+                    sigma = float(composer.schedule.sigma(t_next))
+                    rj = rejuvenate(poe, eps_fn, x, t_next, sigma, log_q, groups, noises, us, step)
+                    x, log_q, pending = rj.x, rj.log_q, rj.eps
+                    evaluations += groups.cpu().double() * L
                 kap = st.kappa[root.path] if root is not None else torch.ones(n * P, 1, dtype=torch.float64)
                 kappas.append(kap.reshape(n, P, -1)[:, 0])
                 for path, kp in st.kappa.items():
@@ -882,10 +924,12 @@ class ComposePipeline(DiffusionPipeline):
                     chosen = {m: tensors[m] for m in callback_inputs or []}
                     ret = callback(self, k, composer.schedule.timestep(t_cur), chosen) or {}
                     x, log_q = ret.get("latents", x), ret.get("log_q", log_q)
+                    pending = None if "latents" in ret else pending  # new latents: evaluate them afresh
                 trace.append(log_q)
                 bar.update()
         t_last = float(ts[-1])
-        eps, _ = evaluate(x, t_last)
+        eps = eps_fn(x, t_last) if pending is None else pending.complete(eps_fn, x, t_last)
+        evaluations += 1
         eps_bar = torch.einsum("nl,ln...->n...", coeffs.to(eps.dtype), eps)
         x0 = compose.eps_to_x0(eps_bar, x, t_last, composer.schedule)
         log_w = log_w - torch.logsumexp(log_w, -1, keepdim=True)
@@ -903,6 +947,7 @@ class ComposePipeline(DiffusionPipeline):
             ess=torch.stack(ess),
             num_resamples=res.sum(0),
             log_weights=log_w,
+            evaluations=evaluations,
         )
 
     @staticmethod
@@ -976,6 +1021,15 @@ def _randn_rows(shape: tuple, generator, device) -> torch.Tensor:
         per = shape[0] // len(generator)
         return torch.cat([randn_tensor((per, *shape[1:]), generator=g, device=device) for g in generator])
     return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def _uniform_rows(rows: int, generator) -> torch.Tensor:
+    """(rows,) float64 uniforms on the CPU; with a list of n generators, rows / n consecutive ones from each."""
+    if isinstance(generator, list):
+        per = rows // len(generator)
+        return torch.cat([torch.rand(per, generator=g, device=g.device).cpu() for g in generator]).double()
+    device = generator.device if generator is not None else "cpu"
+    return torch.rand(rows, generator=generator, device=device).cpu().double()
 
 
 def _uniforms(n: int, generator) -> torch.Tensor:

@@ -49,6 +49,7 @@ FIELDS = (
     "divergence",
     "solver",
     "num_particles",
+    "langevin_steps",
     "images",
     "height",
     "width",
@@ -64,6 +65,7 @@ class Limits:
     max_terms: int = 8
     max_side: int = 1024
     max_particles: int = 64
+    max_langevin_steps: int = 8
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Job:
     divergence: str | None = None
     solver: str | None = None
     num_particles: int | None = None
+    langevin_steps: int | None = None
     images: int = 1
     height: int | None = None
     width: int | None = None
@@ -254,6 +257,12 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
             f"num_particles is used by operator 'product_smc' only; got operator={operator!r}. Drop num_particles or "
             "use operator 'product_smc'."
         )
+    langevin_steps = _int(raw, "langevin_steps", None, 0, limits.max_langevin_steps)
+    if langevin_steps is not None and num_particles is None:
+        raise ValueError(
+            f"langevin_steps (Langevin moves of the particles) needs operator 'product_smc' with num_particles; got "
+            f"operator={operator!r}, num_particles=None. Drop langevin_steps or give both."
+        )
     guidance = _float(raw, "guidance", None)
     if guidance is not None and not 1.0 <= guidance <= 50.0:
         raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
@@ -282,6 +291,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         divergence=divergence,
         solver=solver,
         num_particles=num_particles,
+        langevin_steps=langevin_steps,
         images=_int(raw, "images", 1, 1, limits.max_images),
         height=_int(raw, "height", None, 8, limits.max_side),
         width=_int(raw, "width", None, 8, limits.max_side),
@@ -375,6 +385,8 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         kw["solver"] = job.solver
     if job.num_particles is not None:
         kw["num_particles"] = job.num_particles
+    if job.langevin_steps is not None:
+        kw["langevin_steps"] = job.langevin_steps
     return kw
 
 

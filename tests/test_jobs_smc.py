@@ -40,6 +40,21 @@ def test_num_particles_is_checked_and_passed():
     )
 
 
+def test_langevin_steps_are_checked_and_passed():
+    job = J.parse_job({**ROW, "langevin_steps": 2})
+    assert job.langevin_steps == 2 and J.pipeline_kwargs(job)["langevin_steps"] == 2
+    assert "langevin_steps" not in J.pipeline_kwargs(J.parse_job(ROW))
+    with pytest.raises(ValueError, match="langevin_steps .* needs operator 'product_smc' with num_particles"):
+        J.parse_job({**ROW, "operator": "and", "num_particles": None, "langevin_steps": 1})
+    with pytest.raises(ValueError, match="langevin_steps=-1 is out of range; give an integer from 0 to 8"):
+        J.parse_job({**ROW, "langevin_steps": -1})
+    with pytest.raises(ValueError, match="langevin_steps=3 is out of range"):
+        J.parse_job({**ROW, "langevin_steps": 3}, J.Limits(max_langevin_steps=2))
+    with pytest.raises(ValueError, match="langevin_steps must be an integer"):
+        J.parse_job({**ROW, "langevin_steps": 1.5})
+    assert J.parse_job(ROW).key() == J.parse_job({**ROW, "langevin_steps": None}).key()  # earlier manifests resume
+
+
 @needs_models
 def test_run_job_matches_the_pipeline():
     from pipelines import ComposePipeline

@@ -131,6 +131,10 @@ def test_initial_particles_are_scaled_by_the_total_exponent(sd, monkeypatch):
         (dict(num_particles=4, weights=[1.0, 0.0]), "exponent of 0"),
         (dict(num_particles=4, resample_window=(1.0, 0.5)), "resample_window"),
         (dict(operator="and", num_particles=4), "product_smc"),
+        (dict(num_particles=4, langevin_steps=-1), "langevin_steps"),
+        (dict(num_particles=4, langevin_steps=1, langevin_step=0.0), "langevin_step"),
+        (dict(num_particles=4, langevin_steps=1, langevin_after="never"), "langevin_after"),
+        (dict(operator="product", langevin_steps=1), "langevin_steps is used by operator='product_smc'"),
     ],
 )
 def test_bad_inputs_name_the_argument(sd, kwargs, match):
@@ -147,3 +151,33 @@ def test_guidance_one_and_negative_weight_without_unconditional_is_refused(sd):
     out = sd(prompt=["a", "b"], operator="product_smc", num_particles=2, weights=[1.0, -0.25], guidance_scale=2.0,
              num_inference_steps=1, output_type="latent")  # fmt: skip
     assert torch.allclose(out.kappa[0, 0], torch.tensor([2.0, -0.5, -0.5], dtype=torch.float64))
+
+
+def test_langevin_moves_are_batched_calls_and_reuse_the_last_prediction(sd):
+    """langevin_steps=1 after every step: per step one call at the moved-from particles and one at the proposals, whose
+    predictions the next step reuses: 1 + 2 x steps calls of all rows (evaluations = 2 steps + 1 per particle)."""
+    kw = dict(prompt=["a cat", "a dog"], operator="product_smc", num_particles=3, guidance_scale=3.0,
+              num_inference_steps=3, batch_size=2, output_type="pt")  # fmt: skip
+    calls = CallCounter(sd.unet)
+    out = sd(**kw, generator=seed(1), langevin_steps=1)
+    assert calls.rows == [2 * 3 * 3] * (1 + 2 * 3)
+    assert torch.equal(out.evaluations, torch.full((2,), 7.0, dtype=torch.float64))
+    again = sd(**kw, generator=seed(1), langevin_steps=1).images
+    plain = sd(**kw, generator=seed(1))
+    assert torch.equal(out.images, again) and not torch.equal(out.images, plain.images)
+    assert torch.equal(plain.evaluations, torch.full((2,), 4.0, dtype=torch.float64))
+    # one generator per image: image i depends on generator i only, with the moves too
+    g1 = sd(**kw, generator=[seed(5), seed(6)], langevin_steps=1).images
+    g2 = sd(**kw, generator=[seed(5), seed(7)], langevin_steps=1).images
+    assert torch.equal(g1[0], g2[0]) and not torch.equal(g1[1], g2[1])
+
+
+def test_langevin_after_resample_moves_only_resampled_images(sd):
+    kw = dict(prompt=["a cat", "a dog"], operator="product_smc", num_particles=4, num_inference_steps=4,
+              guidance_scale=6.0, batch_size=2, generator=None, output_type="latent")  # fmt: skip
+    never = sd(**{**kw, "generator": seed(0)}, ess_threshold=1e-6, langevin_steps=2, langevin_after="resample")
+    plain = sd(**{**kw, "generator": seed(0)}, ess_threshold=1e-6)
+    assert torch.equal(never.images, plain.images)  # nothing resampled, nothing moved, no extra draws
+    moved = sd(**{**kw, "generator": seed(0)}, ess_threshold=1.0, langevin_steps=2, langevin_after="resample")
+    assert int(moved.num_resamples.sum()) > 0
+    assert torch.equal(moved.evaluations, 5 + 2 * moved.num_resamples.double())
