@@ -93,7 +93,7 @@ def part1(args, log) -> list[dict]:
                     out = ld3.solve(expr, x_test, res.grid, solver, res.network_times)
                 row["learned"] = distance(out, y_test)
                 row["best_hand"] = best_kind
-                row["cut_vs_best_pct"] = 100.0 * (1 - res.val_loss / row[best_kind])
+                row["cut_vs_best_pct"] = 100.0 * (1 - row["learned"] / row[best_kind])
                 row["learn_seconds"] = round(res.seconds, 1)
                 row["learned_grid"] = [round(float(t), 5) for t in res.grid]
                 if res.network_times is not None:
@@ -101,7 +101,7 @@ def part1(args, log) -> list[dict]:
                 rows.append(row)
                 log(
                     f"{name} {solver} nfe {nfe}: best hand {best_kind} {row[best_kind]:.4f}, learned "
-                    f"{res.val_loss:.4f} ({row['cut_vs_best_pct']:.0f}% cut, {res.seconds:.1f} s)"
+                    f"{row['learned']:.4f} ({row['cut_vs_best_pct']:.0f}% cut, {res.seconds:.1f} s)"
                 )
     return rows
 
@@ -204,6 +204,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
     p.add_argument("--json", default=None)
+    p.add_argument("--render", default=None, help="only re-print the tables of this JSON (a saved run)")
     a = p.parse_args(argv)
     if a.quick:
         a.nfe, a.train, a.val, a.test, a.teacher_steps, a.iters, a.mc = [4], 16, 16, 16, 40, 3, 512
@@ -219,8 +220,15 @@ def main(argv=None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     start = time.time()
-    rows1 = part1(args, log)
-    rows2 = [] if args.no_diagnostics else part2(args, log)
+    if args.render:  # re-print a saved run (the cut is recomputed from the stored distances)
+        saved = json.loads(Path(args.render).read_text())
+        rows1, rows2, nfes = saved["grids"], saved["schedules"], saved["settings"]["nfe"]
+        for r in rows1:
+            r["cut_vs_best_pct"] = 100.0 * (1 - r["learned"] / r[r["best_hand"]])
+        args.nfe = nfes
+    else:
+        rows1 = part1(args, log)
+        rows2 = [] if args.no_diagnostics else part2(args, log)
     low = [r for r in rows1 if r["nfe"] <= 6]
     cuts = [r["cut_vs_best_pct"] for r in low]
     corr = (
@@ -249,6 +257,8 @@ def main(argv=None) -> dict:
         )
     )
     print(text)
+    if args.render:
+        return saved
     result = {
         "settings": vars(args),
         "grids": rows1,

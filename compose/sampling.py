@@ -101,7 +101,8 @@ def sample(
         dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.
         smc_options: for a `compose.PoE` only (sampled by `compose.sample_smc`, which returns an `SMCResult`):
-            num_particles, ess_threshold, resample_window, final.
+            num_particles, ess_threshold, resample_window, final, and the rejuvenation moves langevin_steps,
+            langevin_step, langevin_after.
     """
     if isinstance(expr, PoE) or smc_options:
         if not isinstance(expr, PoE):
