@@ -18,7 +18,8 @@ Writes one schedule file per (set-up, NFE) into --out-dir (keys of `compose.ld3.
 distances), prints a markdown table and writes everything as JSON with --json. Then, from that JSON, the per-grid
 step lengths along the teacher trajectory (their uniformity) for `shapes-uncond-a`:
 
-    python benchmarks/bench_schedules_shapes.py --steps-from benchmarks/results/schedules_shapes.json
+    python benchmarks/bench_schedules_shapes.py --steps-from benchmarks/results/schedules_shapes.json \
+        --json benchmarks/results/schedules_shapes_steps.json
 """
 
 from __future__ import annotations
@@ -234,6 +235,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
     p.add_argument("--json", default=None)
     p.add_argument("--steps-from", default=None, help="only the step-length report, for the grids of this JSON")
+    p.add_argument("--render", nargs="+", default=None, help="only re-print the tables of these JSON files (merged)")
     p.add_argument("--step-noises", type=int, default=16, help="noises of the step-length report")
     p.add_argument("--substeps", type=int, default=10, help="teacher steps per grid step in the step-length report")
     a = p.parse_args(argv)
@@ -255,10 +257,22 @@ def main(argv=None) -> None:
     def log(msg: str) -> None:
         print(f"# {msg}", file=sys.stderr, flush=True)
 
+    if args.render:
+        runs = [json.loads(Path(f).read_text()) for f in args.render]
+        cfg = runs[0]["config"]
+        print(
+            f"Shipped models, DPM-Solver++(2M): {cfg['train']} training / {cfg['select']} selection / {cfg['test']} "
+            f"test noises, teacher {cfg['teacher_steps']} log-SNR steps, {cfg['iters']} Adam steps (batch "
+            f"{cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
+            "distance to the teacher on the test noises (bold: best named grid)\n"
+        )
+        print(markdown([r for run in runs for r in run["rows"]]))
+        return
     if args.steps_from:
         data = json.loads(Path(args.steps_from).read_text())
         data["steps"] = step_report(data["rows"], args, log)
-        Path(args.steps_from).write_text(json.dumps(data, indent=1) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": vars(args), "steps": data["steps"]}, indent=1) + "\n")
         print(
             f"Step lengths along the teacher ({args.step_noises} noises, {args.substeps} DPM-Solver++(2M) steps per "
             "grid step), shapes-uncond-a: cv = std / mean of the per-step displacement (max / min)\n"
