@@ -87,6 +87,34 @@ def test_learned_grid_for_or_with_time_shift(two_mixtures):
     assert res.info["operator"] == "OR(A, B)" and res.info["model"] == "A,B"
 
 
+@pytest.mark.parametrize("op", ["OR", "AND"])
+def test_weight_grad_is_the_full_gradient_of_the_composed_solve(two_mixtures, op):
+    """With weight_grad the gradient in x_T of the student's output matches central finite differences (the weights
+    depend on x_T through the tracked densities); holding the weights constant gives a different, partial gradient.
+    Both runs give the same values."""
+    a, b = two_mixtures()
+    expr = getattr(compose, op)(a, b)
+    ts = make_grid(a.schedule, 4, "ays_sdxl")
+    x = noises(a.schedule, 6, 5).requires_grad_(True)
+    w = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss(z, grad):
+        return (ld3.solve(expr, z, ts, "dpm2m", weight_grad=grad) * w).sum()
+
+    (full,) = torch.autograd.grad(loss(x, True), x)
+    (part,) = torch.autograd.grad(loss(x, False), x)
+    with torch.no_grad():
+        assert float(loss(x, True)) == float(loss(x, False))
+        h, fd = 1e-6, torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            for j in range(2):
+                e = torch.zeros_like(x)
+                e[i, j] = h
+                fd[i, j] = (loss(x + e, True) - loss(x - e, True)) / (2 * h)
+    torch.testing.assert_close(full, fd, rtol=1e-4, atol=1e-6)
+    assert float((part - fd).abs().max()) > 1e-3 * float(fd.abs().max())
+
+
 def test_command_line_schedule_file_and_its_checks(tmp_path, two_mixtures, capsys):
     path = tmp_path / "sched.json"
     ld3.main(["--model", "toy:A", "--nfe", "4", "--iters", "10", "--train", "32", "--val", "16", "--out", str(path)])
