@@ -90,6 +90,13 @@ def test_space_form_passes_particles(monkeypatch):
         app.job(*fields[:-1], 5)
     gallery, _fig, summary = app.generate(*fields)
     assert len(gallery) == 2 and "product_smc" in summary
+    # the moves slider: 0 leaves the field out (earlier jobs unchanged), otherwise it reaches the pipeline
+    assert job.langevin_steps is None
+    moved = app.job(*fields, 1)
+    assert moved.langevin_steps == 1 and J.pipeline_kwargs(moved)["langevin_steps"] == 1
+    assert app.job(*fields[:3], "and", *fields[4:], 1).langevin_steps is None  # only with product_smc
+    with pytest.raises(ValueError, match="langevin_steps=3 is out of range"):
+        mod.App(J.Limits(max_particles=4, max_langevin_steps=2)).job(*fields, 3)
 
 
 SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe4.json"

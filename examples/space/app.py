@@ -50,6 +50,7 @@ def space_limits() -> J.Limits:
         max_terms=int(env("COMPOSE_MAX_TERMS", 4)),
         max_side=int(env("COMPOSE_MAX_SIDE", 512)),
         max_particles=int(env("COMPOSE_MAX_PARTICLES", 8)),
+        max_langevin_steps=int(env("COMPOSE_MAX_LANGEVIN_STEPS", 2)),
     )
 
 
@@ -73,6 +74,7 @@ class App:
         images: float,
         size: float,
         particles: float = 4,
+        moves: float = 0,
     ) -> J.Job:
         """The form's fields -> a checked `Job` (ValueError naming the field on bad input)."""
         names = list(models or []) + [m.strip() for m in (other_models or "").splitlines() if m.strip()]
@@ -92,6 +94,8 @@ class App:
             raw["height"] = raw["width"] = size
         if operator == "product_smc" and terms > 1:
             raw["num_particles"] = particles
+            if moves:  # Langevin rejuvenation moves per step (0: none; the field is left out of the job)
+                raw["langevin_steps"] = moves
         return J.parse_job(raw, self.limits)
 
     def run(self, job: J.Job, progress=None) -> J.JobResult:
@@ -234,6 +238,13 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                     step=1,
                     label="particles per image (operator product_smc)",
                 )
+                moves = gr.Slider(
+                    0,
+                    lim.max_langevin_steps,
+                    value=0,
+                    step=1,
+                    label="Langevin moves per step (product_smc; each one more network call per particle)",
+                )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column():
                 out = gr.Gallery(label="images", columns=4, elem_id="out", height="auto")
@@ -241,7 +252,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         plot = gr.Plot(label="kappa and log q over the steps", elem_id="plot")
         run.click(
             app.generate,
-            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles],
+            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves],
             outputs=[out, plot, summary],
             api_name="generate",
         )
