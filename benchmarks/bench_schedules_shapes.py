@@ -116,6 +116,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             init="best",
             time_shift=not args.no_time_shift,
             divergence_kind=div,
+            weight_grad=not args.detach_weights,
             iters=args.iters,
             lr=args.lr,
             batch_size=args.batch,
@@ -229,6 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--ball", type=float, default=0.0, help="relaxed-loss radius r (0: the plain distance)")
     p.add_argument("--no-time-shift", action="store_true", help="learn the grid only (no decoupled network times)")
+    p.add_argument("--detach-weights", action="store_true", help="OR / AND: hold the weights constant in the backward")
     p.add_argument("--chunk", type=int, default=32, help="noises per solver call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
