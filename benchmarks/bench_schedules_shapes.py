@@ -268,7 +268,8 @@ def main(argv=None) -> None:
             f"{cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
             "distance to the teacher on the test noises (bold: best named grid)\n"
         )
-        print(markdown([r for run in runs for r in run["rows"]]))
+        rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (SETUPS.index(r["setup"]), r["nfe"]))
+        print(markdown(rows))
         return
     if args.steps_from:
         data = json.loads(Path(args.steps_from).read_text())
