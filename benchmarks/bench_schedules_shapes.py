@@ -58,11 +58,19 @@ def distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def metrics(images: torch.Tensor, clf) -> dict:
-    """valid and half-A shares of images in [-1, 1] (the classifier's input range)."""
-    ps, pc = clf.predict(images.clamp(-1, 1))
-    valid = (ps.max(1).values > 0.9) & (pc.max(1).values > 0.9)
-    half_a = ps.argmax(1) <= 1  # SHAPES = (circle, square, triangle, star)
-    return {"valid": float(valid.float().mean()), "half_a": float(half_a.float().mean())}
+    """valid and half-A shares (`bench_shapes.or_metrics`) of images in [-1, 1] (the classifier's input range)."""
+    from benchmarks.bench_shapes import or_metrics
+
+    return or_metrics(*clf.predict(images.clamp(-1, 1)))
+
+
+def heading(cfg: dict) -> str:
+    return (
+        f"Shipped models, DPM-Solver++(2M): {cfg['train']} training / {cfg['select']} selection / {cfg['test']} test "
+        f"noises, teacher {cfg['teacher_steps']} log-SNR steps, {cfg['iters']} Adam steps (batch {cfg['batch']}, "
+        f"lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 distance to the teacher on "
+        "the test noises (bold: best named grid)\n"
+    )
 
 
 def run_setup(setup: str, args, clf, log) -> list[dict]:
@@ -247,6 +255,8 @@ def parse_args(argv=None):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
     if min(a.nfe) < 2:
         raise SystemExit(f"--nfe: DPM-Solver++(2M) needs at least 2 steps; got {a.nfe}.")
+    if a.teacher_steps <= max(a.nfe):
+        raise SystemExit(f"--teacher-steps {a.teacher_steps} must exceed every --nfe ({max(a.nfe)}): it is the reference.")
     return a
 
 
@@ -261,13 +271,7 @@ def main(argv=None) -> None:
 
     if args.render:
         runs = [json.loads(Path(f).read_text()) for f in args.render]
-        cfg = runs[0]["config"]
-        print(
-            f"Shipped models, DPM-Solver++(2M): {cfg['train']} training / {cfg['select']} selection / {cfg['test']} "
-            f"test noises, teacher {cfg['teacher_steps']} log-SNR steps, {cfg['iters']} Adam steps (batch "
-            f"{cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
-            "distance to the teacher on the test noises (bold: best named grid)\n"
-        )
+        print(heading(runs[0]["config"]))
         rows = sorted((r for run in runs for r in run["rows"]), key=lambda r: (SETUPS.index(r["setup"]), r["nfe"]))
         print(markdown(rows))
         return
@@ -288,12 +292,7 @@ def main(argv=None) -> None:
         rows += run_setup(setup, args, clf, log)
         if args.json:  # keep what is done if a later set-up is interrupted
             Path(args.json).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1) + "\n")
-    print(
-        f"Shipped models, DPM-Solver++(2M): {args.train} training / {args.select} selection / {args.test} test "
-        f"noises, teacher {args.teacher_steps} log-SNR steps, {args.iters} Adam steps (batch {args.batch}, "
-        f"lr {args.lr}), time shift {'off' if args.no_time_shift else 'on'}; mean L2 distance to the teacher on "
-        "the test noises (bold: best named grid)\n"
-    )
+    print(heading(vars(args)))
     print(markdown(rows))
 
 

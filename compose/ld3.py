@@ -198,12 +198,8 @@ def solve(
             div = div if weight_grad else div.detach()
         else:
             div = torch.zeros(len(leaves), n, dtype=torch.float64)
-        if weight_grad:
-            out = composer.step(x, float(t_cur.detach()), float(t_next.detach()), eps, log_q, div_eps=div)
-        else:
-            out = composer.step(
-                x.detach(), float(t_cur.detach()), float(t_next.detach()), eps.detach(), log_q, div_eps=div
-            )
+        x_w, eps_w = (x, eps) if weight_grad else (x.detach(), eps.detach())
+        out = composer.step(x_w, float(t_cur.detach()), float(t_next.detach()), eps_w, log_q, div_eps=div)
         c = out.coeffs.to(eps.dtype)
         eps_bar = torch.einsum("nl,ln...->n...", c, eps)
         sigma, alpha = sch.sigma(t_cur), sch.alpha(t_cur)
@@ -215,8 +211,7 @@ def solve(
         else:
             x0 = (x - bcast(sigma, x).to(x.dtype) * eps_bar) / bcast(alpha, x).to(x.dtype)
             x_next = dpm2m_step(x, x0, x0_prev, t_cur, t_next, sch, h_prev)
-            e_l = eps if weight_grad else eps.detach()
-            s = -e_l.reshape(len(leaves), n, -1).to(torch.float64) / float(sigma.detach())
+            s = -eps_w.reshape(len(leaves), n, -1).to(torch.float64) / float(sigma.detach())
             dx = ((x_next if weight_grad else x_next.detach()) - out.x).reshape(n, -1).to(torch.float64)
             log_q = out.log_q + torch.einsum("lnd,nd->nl", s, dx)
             x0_prev = x0
