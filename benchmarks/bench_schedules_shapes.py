@@ -256,7 +256,9 @@ def parse_args(argv=None):
     if min(a.nfe) < 2:
         raise SystemExit(f"--nfe: DPM-Solver++(2M) needs at least 2 steps; got {a.nfe}.")
     if a.teacher_steps <= max(a.nfe):
-        raise SystemExit(f"--teacher-steps {a.teacher_steps} must exceed every --nfe ({max(a.nfe)}): it is the reference.")
+        raise SystemExit(
+            f"--teacher-steps {a.teacher_steps} must exceed every --nfe ({max(a.nfe)}); it is the reference."
+        )
     return a
 
 
