@@ -29,3 +29,12 @@ def test_bench_schedules_quick(tmp_path, capsys):
     assert actions["cosine"] == pytest.approx(math.pi**2 / 4 * 0.999, rel=1e-6)
     assert actions["VP-linear"] == pytest.approx(3.65, abs=0.01)
     assert json.loads(out.read_text())["settings"]["quick"] is True
+
+
+def test_bench_schedules_parts_can_be_skipped(capsys):
+    res = bench_schedules.main(["--quick", "--no-grids"])
+    text = capsys.readouterr().out
+    assert res["grids"] == [] and len(res["schedules"]) == 4
+    assert "Distance to the teacher" not in text and "Spearman" in text
+    with pytest.raises(SystemExit, match="--no-grids and --no-diagnostics"):
+        bench_schedules.main(["--quick", "--no-grids", "--no-diagnostics"])
