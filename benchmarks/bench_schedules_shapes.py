@@ -93,12 +93,22 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             )
 
     t0 = time.time()
-    teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
-    y_train = solve(x_train, teacher_grid, seed_offset=1)
-    y_sel = solve(x_sel, teacher_grid, seed_offset=2)
-    y_test = solve(x_test, teacher_grid, seed_offset=3)
-    teacher_s = time.time() - t0
-    log(f"{setup}: teacher ({args.teacher_steps} steps, {n_all} noises) {teacher_s:.0f} s")
+    key = f"{setup}-seed{args.seed}-{args.train}-{args.select}-{args.test}-steps{args.teacher_steps}-chunk{args.chunk}"
+    cached = Path(args.teacher_cache) / f"teacher-{key}.pt" if args.teacher_cache else None
+    if cached is not None and cached.exists():
+        saved = torch.load(cached)
+        y_train, y_sel, y_test, teacher_s = saved["train"], saved["select"], saved["test"], saved["seconds"]
+        log(f"{setup}: teacher read from {cached} (it took {teacher_s:.0f} s)")
+    else:
+        teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
+        y_train = solve(x_train, teacher_grid, seed_offset=1)
+        y_sel = solve(x_sel, teacher_grid, seed_offset=2)
+        y_test = solve(x_test, teacher_grid, seed_offset=3)
+        teacher_s = time.time() - t0
+        log(f"{setup}: teacher ({args.teacher_steps} steps, {n_all} noises) {teacher_s:.0f} s")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(train=y_train, select=y_sel, test=y_test, seconds=teacher_s), cached)
     teacher_metrics = metrics(y_test, clf)
     lookup = {id(x_train): y_train, id(x_sel): y_sel}
     rows = []
@@ -243,6 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
+    p.add_argument(
+        "--teacher-cache", default=None, help="keep each set-up's teacher states in this folder and reuse them"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--steps-from", default=None, help="only the step-length report, for the grids of this JSON")
     p.add_argument("--render", nargs="+", default=None, help="only re-print the tables of these JSON files (merged)")

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, check_grid, divergence
+from .engine import Composer, check_grid, divergence, rademacher
 from .grids import GRIDS, make_grid
 from .models import model_eps, model_name
 from .operators import AND, OR, Expr, Guided
@@ -157,6 +157,7 @@ def solve(
     schedule: NoiseSchedule | None = None,
     divergence_kind: str | None = None,
     weight_grad: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler" or "dpm2m"), differentiable in x and ts.
 
@@ -165,7 +166,8 @@ def solve(
     densities tracked along the way (exact divergences for d <= 16, else one Hutchinson probe). weight_grad=False
     detaches them (the grid moves the trajectory, not the weights); True lets gradients flow through the tracked
     log-densities, the divergences included, into the weights (through the states; the log-density increments'
-    explicit dependence on the step sizes stays detached). Same values either way.
+    explicit dependence on the step sizes stays detached). Same values either way. generator: draws the Hutchinson
+    probes (default: torch's global RNG).
     """
     from .sampling import SOLVER_ORDER, dpm2m_step
 
@@ -187,7 +189,7 @@ def solve(
         if tracks:
             xd, t_d = (x if weight_grad else x.detach()), t_in.detach()
             fd = 1e-3 * float(sch.sigma(t_d))  # hutchinson_fd step, as in compose.sample
-            zeta = None if kind == "exact" else torch.randint(0, 2, (1, *x.shape)).to(x.dtype) * 2 - 1
+            zeta = None if kind == "exact" else rademacher((1, *x.shape), generator, x.dtype, x.device)
             with _math_attention():
                 div = torch.stack(
                     [
@@ -283,6 +285,7 @@ def learn_schedule(
     batch_size: int = 50,
     ball: float | None = None,
     generator: torch.Generator | None = None,
+    probe_seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> LD3Result:
@@ -297,6 +300,9 @@ def learn_schedule(
     weight_grad: for OR / AND, let the gradient flow through the tracked densities into the per-step weights (see
         `solve`); False treats the weights as constants (cheaper: no backward through the divergences).
     ball: r of the relaxed loss (x'_T within r * sigma_T of x_T); default 1e-3 d / nfe^2. iters: Adam steps.
+    generator: draws the training batches and, for OR / AND with Hutchinson divergences, the training probes.
+    probe_seed: every validation (the named grids, each iterate) uses the same Hutchinson probes, drawn from this
+        seed (common random numbers: the comparison between grids is not a comparison between probe draws).
     """
     from .sampling import SOLVER_ORDER
 
@@ -335,15 +341,16 @@ def learn_schedule(
     if progress:
         log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {t_teach:.1f} s")
 
-    def run(x, ts, net=None):
+    def run(x, ts, net=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
-        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad)
+        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen)
 
-    with torch.no_grad():
-        named = {
-            k: float((run(x_val, make_grid(sch, nfe, k)) - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
-            for k in GRIDS
-        }
+    def val_distance(ts, net=None) -> float:
+        with torch.no_grad():
+            out = run(x_val, ts, net, torch.Generator().manual_seed(probe_seed))
+            return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+
+    named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
     if init == "best":
         init = min(GRIDS, key=lambda k: named[k])
     ts0 = make_grid(sch, nfe, init)
@@ -359,9 +366,7 @@ def learn_schedule(
 
     def val_loss() -> float:
         with torch.no_grad():
-            ts, net = current()
-            out = run(x_val, ts, net)
-            return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+            return val_distance(*current())
 
     best = val_loss()
     init_loss = best
