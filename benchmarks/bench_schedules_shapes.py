@@ -122,6 +122,10 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             named[kind] = float(distances(out, y_test).mean())
             named_metrics[kind] = metrics(out, clf)
         best = min(named, key=named.get)
+        init = "best"
+        if args.init_from:
+            path = Path(args.init_from) / f"a-dpm2m-nfe{nfe}.json"
+            init = dict(ld3.load_schedule(path), path=str(path))
         torch.manual_seed(args.seed + 10 + nfe)
         res = ld3.learn_schedule(
             expr,
@@ -131,7 +135,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             solver="dpm2m",
             teacher=lambda z: lookup[id(z)],
             teacher_steps=args.teacher_steps,
-            init="best",
+            init=init,
             time_shift=not args.no_time_shift,
             divergence_kind=div,
             weight_grad=not args.detach_weights,
@@ -253,6 +257,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from the schedule files a-dpm2m-nfe<N>.json in this folder (model A's: a warm start for OR / AND)",
+    )
     p.add_argument(
         "--teacher-cache", default=None, help="keep each set-up's teacher states in this folder and reuse them"
     )

@@ -276,7 +276,7 @@ def learn_schedule(
     solver: str = "dpm2m",
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
     teacher_steps: int = 200,
-    init: str = "log_snr",
+    init: str | dict = "log_snr",
     time_shift: bool = False,
     divergence_kind: str | None = None,
     weight_grad: bool = True,
@@ -293,7 +293,9 @@ def learn_schedule(
 
     x_train: (n, ...) and x_val: (m, ...) starting noises at the schedule's t_max (e.g. sigma_T * randn).
     teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
-    init: the named grid the parameters start from, or "best": the named grid closest to the teacher on x_val
+    init: the named grid the parameters start from, "best": the named grid closest to the teacher on x_val, or a
+        schedule (a dict with "grid" and optionally "network_times", e.g. `load_schedule(path)` of a file learned
+        for one of the composed models: a warm start)
         (every named grid's validation distance is recorded in the result's info either way).
     time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
         "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
@@ -313,8 +315,17 @@ def learn_schedule(
             f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
             f"nfe >= {SOLVER_ORDER[solver]}."
         )
-    if init not in GRIDS and init != "best":
-        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS} or 'best'.")
+    start_net = None
+    if isinstance(init, dict):
+        if "grid" not in init:
+            raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
+        start_ts = torch.as_tensor(init["grid"], dtype=torch.float64)
+        start_net = init.get("network_times")
+        init = str(init.get("path", "schedule"))
+    elif init not in GRIDS and init != "best":
+        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
+    else:
+        start_ts = None
     if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
         raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
     if not (iters >= 0 and lr > 0 and batch_size >= 1):
@@ -353,9 +364,21 @@ def learn_schedule(
     named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
     if init == "best":
         init = min(GRIDS, key=lambda k: named[k])
-    ts0 = make_grid(sch, nfe, init)
+    ts0 = make_grid(sch, nfe, init) if start_ts is None else start_ts
+    if ts0.shape != (nfe + 1,) or abs(float(ts0[0]) - t_max) > 1e-6 or abs(float(ts0[-1]) - t_min) > 1e-6:
+        raise ValueError(
+            f"init: the start grid must have nfe + 1 = {nfe + 1} times from t_max = {t_max} to t_min = {t_min} "
+            f"(this schedule's ends); got {ts0.numel()} times from {float(ts0[0])} to {float(ts0[-1])}."
+        )
     xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
-    s = torch.zeros(nfe, dtype=torch.float64, requires_grad=True)
+    s0 = torch.zeros(nfe, dtype=torch.float64)
+    if start_net is not None and time_shift:  # invert network_times_from_params
+        ts0 = grid_from_params(sch, xi.detach(), t_max, t_min)
+        gaps = ts0[:-1] - ts0[1:]
+        half = 0.5 * torch.minimum(torch.cat([gaps[:1], gaps[:-1]]), gaps)
+        u = (torch.as_tensor(start_net, dtype=torch.float64) - ts0[:-1]) / half
+        s0 = torch.atanh(u.clamp(-0.999, 0.999))
+    s = s0.clone().requires_grad_(True)
     delta = torch.zeros_like(x_train, requires_grad=True)
     params = [xi, s] if time_shift else [xi]
     opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])

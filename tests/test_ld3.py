@@ -196,3 +196,27 @@ def test_hutchinson_probes_are_seeded_and_every_validation_sees_the_same_ones(tw
     assert first.info["val_distance_named"] == second.info["val_distance_named"]
     direct = float((run(5) - teacher).norm(dim=1).mean())
     assert first.info["val_distance_named"]["log_snr"] == pytest.approx(direct, rel=1e-12)
+
+
+def test_warm_start_from_a_schedule_of_one_of_the_models(two_mixtures, tmp_path):
+    """A schedule learned for model A starts OR(A, B)'s learning exactly where it was (grid and network times),
+    and a grid whose ends are not the schedule's is refused."""
+    a, b = two_mixtures()
+    x = noises(a.schedule, 48, 4)
+    first = ld3.learn_schedule(a, 4, x[:32], x[32:], iters=15, time_shift=True, progress=False, teacher_steps=100)
+    ld3.save_schedule(tmp_path / "a4.json", first.info)
+    info = dict(ld3.load_schedule(tmp_path / "a4.json"), path="a4.json")
+    again = ld3.learn_schedule(a, 4, x[:32], x[32:], init=info, iters=0, time_shift=True, progress=False,
+                               teacher_steps=100)  # fmt: skip
+    assert again.val_loss_init == pytest.approx(first.val_loss, rel=1e-9)
+    torch.testing.assert_close(again.network_times, first.network_times)
+    assert again.info["init"] == "a4.json"
+    expr = compose.OR(a, b)
+    warm = ld3.learn_schedule(expr, 4, x[:32], x[32:], init=info, iters=10, time_shift=True, progress=False,
+                              teacher_steps=100)  # fmt: skip
+    assert warm.val_loss <= warm.val_loss_init
+    bad = dict(info, grid=[0.9, 0.5, 0.2, 0.1, 1e-3])
+    with pytest.raises(ValueError, match="init: the start grid must have"):
+        ld3.learn_schedule(expr, 4, x[:32], x[32:], init=bad, iters=0, progress=False, teacher_steps=20)
+    with pytest.raises(ValueError, match="nfe \\+ 1 = 7"):
+        ld3.learn_schedule(expr, 6, x[:32], x[32:], init=info, iters=0, progress=False, teacher_steps=20)
