@@ -512,7 +512,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=50)
-    p.add_argument("--init", default="best", choices=(*GRIDS, "best"), help="start grid (best: closest named grid)")
+    p.add_argument(
+        "--init",
+        default="best",
+        help=f"start grid: one of {GRIDS}, best (the closest named grid) or a schedule file (a warm start, e.g. "
+        "one model's file for OR / AND of it)",
+    )
     p.add_argument(
         "--divergence",
         default=None,
@@ -530,6 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="the JSON schedule file to write")
     a = p.parse_args(argv)
+    init: str | dict = a.init
+    if a.init not in (*GRIDS, "best"):
+        if not a.init.endswith(".json") and not os.path.exists(a.init):
+            p.error(f"--init {a.init}: not a named grid {GRIDS}, 'best' or a schedule file.")
+        init = dict(load_schedule(a.init, {"solver": a.solver, "nfe": a.nfe}), path=a.init)  # names what is wrong
     torch.set_num_threads(a.threads)
     models = []
     for spec in a.model:
@@ -564,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
         x_all[a.train :],
         solver=a.solver,
         teacher_steps=a.teacher_steps,
-        init=a.init,
+        init=init,
         time_shift=a.time_shift,
         divergence_kind=a.divergence,
         weight_grad=not a.detach_weights,

@@ -134,6 +134,16 @@ def test_command_line_schedule_file_and_its_checks(tmp_path, two_mixtures, capsy
         compose.sample(compose.OR(a, b), num_samples=4, grid=str(path), method="ode", solver="dpm2m")
     with pytest.raises(ValueError, match="steps=6 does not match"):
         compose.sample(a, num_samples=4, steps=6, grid=str(path), method="ode", solver="dpm2m", divergence="exact")
+    # a warm start from that file: OR(A, B) learned from A's grid; a file for another NFE or a non-file is refused
+    warm = tmp_path / "or.json"
+    argv = ["--model", "toy:A", "toy:B", "--operator", "or", "--iters", "3", "--train", "16", "--val", "8"]
+    ld3.main([*argv, "--nfe", "4", "--init", str(path), "--out", str(warm)])
+    assert json.loads(warm.read_text())["init"] == str(path)
+    with pytest.raises(ValueError, match="nfe=4 \\(this call: 6\\)"):
+        ld3.main([*argv, "--nfe", "6", "--init", str(path), "--out", str(warm)])
+    with pytest.raises(SystemExit):
+        ld3.main([*argv, "--nfe", "4", "--init", "karas", "--out", str(warm)])
+    assert "--init karas: not a named grid" in capsys.readouterr().err
 
 
 def test_bad_schedule_files_are_refused(tmp_path):
