@@ -295,7 +295,8 @@ def learn_schedule(
     teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
     init: the named grid the parameters start from, "best": the named grid closest to the teacher on x_val, or a
         schedule (a dict with "grid" and optionally "network_times", e.g. `load_schedule(path)` of a file learned
-        for one of the composed models: a warm start)
+        for one of the composed models: a warm start; its network times are the start of the time shift's, and
+        are dropped when time_shift is False)
         (every named grid's validation distance is recorded in the result's info either way).
     time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
         "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
