@@ -245,12 +245,21 @@ def params_from_grid(schedule: NoiseSchedule, ts: torch.Tensor) -> torch.Tensor:
     return gaps.log()
 
 
+def _shift_widths(ts: torch.Tensor) -> torch.Tensor:
+    """(N,) how far each network time may move from t_k: half the smaller of its two adjacent gaps."""
+    gaps = ts[:-1] - ts[1:]
+    return 0.5 * torch.minimum(torch.cat([gaps[:1], gaps[:-1]]), gaps)
+
+
 def network_times_from_params(ts: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """(N,) network times t_k + 0.5 * (smallest adjacent gap) * tanh(s_k), kept in [t_N, t_0]."""
-    gaps = ts[:-1] - ts[1:]
-    left = torch.cat([gaps[:1], gaps[:-1]])
-    half = 0.5 * torch.minimum(left, gaps)
-    return (ts[:-1] + half * torch.tanh(s)).clamp(float(ts[-1].detach()), float(ts[0].detach()))
+    return (ts[:-1] + _shift_widths(ts) * torch.tanh(s)).clamp(float(ts[-1].detach()), float(ts[0].detach()))
+
+
+def params_from_network_times(ts: torch.Tensor, network_times: Any) -> torch.Tensor:
+    """Inverse of `network_times_from_params` (s (N,); shifts at the edge of their range are pulled just inside)."""
+    u = (torch.as_tensor(network_times, dtype=torch.float64) - ts[:-1]) / _shift_widths(ts)
+    return torch.atanh(u.clamp(-0.999, 0.999))
 
 
 # ---------------------------------------------------------------------- learning
@@ -293,11 +302,11 @@ def learn_schedule(
 
     x_train: (n, ...) and x_val: (m, ...) starting noises at the schedule's t_max (e.g. sigma_T * randn).
     teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
-    init: the named grid the parameters start from, "best": the named grid closest to the teacher on x_val, or a
-        schedule (a dict with "grid" and optionally "network_times", e.g. `load_schedule(path)` of a file learned
-        for one of the composed models: a warm start; its network times are the start of the time shift's, and
-        are dropped when time_shift is False)
-        (every named grid's validation distance is recorded in the result's info either way).
+    init: the named grid the parameters start from, "best": the named grid closest to the teacher on x_val (every
+        named grid's validation distance is recorded in the result's info either way), or a schedule (a dict with
+        "grid" and optionally "network_times", e.g. `load_schedule(path)` of a file learned for one of the
+        composed models: a warm start; its network times start the time shift's, and are dropped when
+        time_shift is False).
     time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
         "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
     weight_grad: for OR / AND, let the gradient flow through the tracked densities into the per-step weights (see
@@ -373,12 +382,8 @@ def learn_schedule(
         )
     xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
     s0 = torch.zeros(nfe, dtype=torch.float64)
-    if start_net is not None and time_shift:  # invert network_times_from_params
-        ts0 = grid_from_params(sch, xi.detach(), t_max, t_min)
-        gaps = ts0[:-1] - ts0[1:]
-        half = 0.5 * torch.minimum(torch.cat([gaps[:1], gaps[:-1]]), gaps)
-        u = (torch.as_tensor(start_net, dtype=torch.float64) - ts0[:-1]) / half
-        s0 = torch.atanh(u.clamp(-0.999, 0.999))
+    if start_net is not None and time_shift:
+        s0 = params_from_network_times(grid_from_params(sch, xi.detach(), t_max, t_min), start_net)
     s = s0.clone().requires_grad_(True)
     delta = torch.zeros_like(x_train, requires_grad=True)
     params = [xi, s] if time_shift else [xi]
