@@ -126,7 +126,6 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
         if args.init_from:
             path = Path(args.init_from) / f"a-dpm2m-nfe{nfe}.json"
             init = dict(ld3.load_schedule(path), path=str(path))
-        torch.manual_seed(args.seed + 10 + nfe)
         res = ld3.learn_schedule(
             expr,
             nfe,

@@ -325,7 +325,7 @@ def learn_schedule(
             f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
             f"nfe >= {SOLVER_ORDER[solver]}."
         )
-    start_net = None
+    start_ts = start_net = None
     if isinstance(init, dict):
         if "grid" not in init:
             raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
@@ -334,8 +334,6 @@ def learn_schedule(
         init = str(init.get("path", "schedule"))
     elif init not in GRIDS and init != "best":
         raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
-    else:
-        start_ts = None
     if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
         raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
     if not (iters >= 0 and lr > 0 and batch_size >= 1):
