@@ -37,6 +37,7 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3  # noqa: E402
+from compose.grids import GRIDS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
@@ -73,14 +74,18 @@ def heading(cfg: dict) -> str:
     )
 
 
-def run_setup(setup: str, args, clf, log) -> list[dict]:
+def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
+    """The set-up's model, schedule, noises (training / selection / test, split from one seeded draw), a batched
+    solver with fixed Hutchinson probes per call (`seed_offset`), and the teacher's states on the noises of `parts`
+    (read from or written to --teacher-cache when all three are asked for)."""
     expr, div = build(setup)
     sch = compose.Composer(expr, method="ode").schedule
     shape = (expr.leaves()[0] if isinstance(expr, compose.Expr) else expr).sample_shape
     g = torch.Generator().manual_seed(args.seed)
     n_all = args.train + args.select + args.test
     x = torch.randn((n_all, *shape), generator=g) * float(sch.sigma(sch.t_max))
-    x_train, x_sel, x_test = x[: args.train], x[args.train : args.train + args.select], x[args.train + args.select :]
+    xs = {"train": x[: args.train], "select": x[args.train : args.train + args.select]}
+    xs["test"] = x[args.train + args.select :]
 
     def solve(z: torch.Tensor, ts: torch.Tensor, net=None, seed_offset: int = 0) -> torch.Tensor:
         torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
@@ -95,20 +100,28 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
     t0 = time.time()
     key = f"{setup}-seed{args.seed}-{args.train}-{args.select}-{args.test}-steps{args.teacher_steps}-chunk{args.chunk}"
     cached = Path(args.teacher_cache) / f"teacher-{key}.pt" if args.teacher_cache else None
+    teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
     if cached is not None and cached.exists():
-        saved = torch.load(cached)
-        y_train, y_sel, y_test, teacher_s = saved["train"], saved["select"], saved["test"], saved["seconds"]
+        ys = torch.load(cached)
+        teacher_s = ys.pop("seconds")
         log(f"{setup}: teacher read from {cached} (it took {teacher_s:.0f} s)")
     else:
-        teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
-        y_train = solve(x_train, teacher_grid, seed_offset=1)
-        y_sel = solve(x_sel, teacher_grid, seed_offset=2)
-        y_test = solve(x_test, teacher_grid, seed_offset=3)
+        offsets = {"train": 1, "select": 2, "test": 3}  # the probes of each part's teacher run
+        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k]) for k in parts}
         teacher_s = time.time() - t0
-        log(f"{setup}: teacher ({args.teacher_steps} steps, {n_all} noises) {teacher_s:.0f} s")
-        if cached is not None:
+        n_noises = sum(len(xs[k]) for k in parts)
+        log(f"{setup}: teacher ({args.teacher_steps} steps, {n_noises} noises) {teacher_s:.0f} s")
+        if cached is not None and len(parts) == 3:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(train=y_train, select=y_sel, test=y_test, seconds=teacher_s), cached)
+            torch.save(dict(ys, seconds=teacher_s), cached)
+    return dict(expr=expr, div=div, sch=sch, xs=xs, ys=ys, solve=solve, teacher_grid=teacher_grid, teacher_s=teacher_s)
+
+
+def run_setup(setup: str, args, clf, log) -> list[dict]:
+    data = prepare(setup, args, log)
+    expr, div, sch, solve, teacher_s = data["expr"], data["div"], data["sch"], data["solve"], data["teacher_s"]
+    x_train, x_sel, x_test = (data["xs"][k] for k in ("train", "select", "test"))
+    y_train, y_sel, y_test = (data["ys"][k] for k in ("train", "select", "test"))
     teacher_metrics = metrics(y_test, clf)
     lookup = {id(x_train): y_train, id(x_sel): y_sel}
     rows = []
@@ -179,6 +192,85 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             ld3.save_schedule(path, info)
             log(f"  wrote {path}")
     return rows
+
+
+def floor_report(setup: str, args, clf, log) -> list[dict]:
+    """How much of the distance to the teacher a grid can remove, per NFE, on the test noises.
+
+    teacher rerun: the teacher run again with other Hutchinson probes (OR / AND; A is deterministic): its distance to
+    the teacher of the table is error that no student can remove, and `flips` is the share of noises whose image
+    changes shape class between the two runs (for OR: which model the sample follows). student rerun: the same for
+    the schedule file in --floor-of. random grids (--random-grids N): N grids with uniform random interior times
+    (no time shift), the best on the selection noises measured on the test noises: a grid search next to LD3's.
+    """
+    parts = ("select", "test") if args.random_grids else ("test",)
+    data = prepare(setup, args, log, parts=parts)
+    sch, solve, xs, ys = data["sch"], data["solve"], data["xs"], data["ys"]
+    x_test, y_test = xs["test"], ys["test"]
+
+    def shape_class(images: torch.Tensor) -> torch.Tensor:
+        return clf.predict(images.clamp(-1, 1))[0].argmax(1)
+
+    def rerun(out: torch.Tensor, again: torch.Tensor) -> dict:
+        d = distances(out, again)
+        flips = (shape_class(out) != shape_class(again)).float().mean()
+        return {"mean": float(d.mean()), "median": float(d.median()), "flips": float(flips)}
+
+    if data["div"] is None:
+        teacher = {"mean": 0.0, "median": 0.0, "flips": 0.0}
+    else:
+        teacher = rerun(y_test, solve(x_test, data["teacher_grid"], seed_offset=1003))
+    log(f"{setup}: teacher rerun {teacher}")
+    rows = []
+    for nfe in args.nfe:
+        row = {"setup": setup, "nfe": nfe, "teacher_rerun": teacher}
+        named = {k: float(distances(solve(x_test, compose.make_grid(sch, nfe, k)), y_test).mean()) for k in GRIDS}
+        row["best_named"] = min(named, key=named.get)
+        row["best_named_distance"] = named[row["best_named"]]
+        path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-dpm2m-nfe{nfe}.json"
+        expr = data["expr"]
+        f = ld3.load_schedule(path, expect={**ld3.expression_keys(expr), "solver": "dpm2m", "nfe": nfe})
+        ts = torch.tensor(f["grid"], dtype=torch.float64)
+        net = None if f.get("network_times") is None else torch.tensor(f["network_times"], dtype=torch.float64)
+        out = solve(x_test, ts, net)
+        row["file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        row["file_distance"] = float(distances(out, y_test).mean())
+        row["file_cut_pct"] = 100.0 * (1.0 - row["file_distance"] / row["best_named_distance"])
+        row["student_rerun"] = rerun(out, solve(x_test, ts, net, seed_offset=1000)) if data["div"] else teacher
+        if args.random_grids:
+            g = torch.Generator().manual_seed(args.seed + 11)
+            best = None
+            for _ in range(args.random_grids):
+                u = torch.rand(nfe - 1, generator=g, dtype=torch.float64).sort(descending=True).values
+                inner = sch.t_min + (sch.t_max - sch.t_min) * u
+                grid = torch.cat([torch.tensor([sch.t_max]), inner, torch.tensor([sch.t_min])]).to(torch.float64)
+                v = float(distances(solve(xs["select"], grid), ys["select"]).mean())
+                if best is None or v < best[0]:
+                    best = (v, grid)
+            row["random_grids"] = args.random_grids
+            row["random_best_select"] = best[0]
+            row["random_best_grid"] = [float(t) for t in best[1]]
+            row["random_best_distance"] = float(distances(solve(x_test, best[1]), y_test).mean())
+        rows.append(row)
+        log(f"{setup} nfe {nfe}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("setup", "nfe")))
+    return rows
+
+
+def floor_markdown(rows: list[dict]) -> str:
+    head = ["set-up", "NFE", "best named", "shipped file", "cut", "random grids: best",
+            "teacher rerun (median, flips)", "student rerun (median, flips)"]  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+
+    def rr(r: dict) -> str:
+        return f"{r['mean']:.2f} ({r['median']:.2f}, {100 * r['flips']:.0f}%)"
+
+    for r in rows:
+        rand = f"{r['random_best_distance']:.2f} (of {r['random_grids']})" if "random_grids" in r else "-"
+        cells = [r["setup"], str(r["nfe"]), f"{r['best_named_distance']:.2f} ({r['best_named']})",
+                 f"{r['file_distance']:.2f}", f"{r['file_cut_pct']:.0f}%", rand, rr(r["teacher_rerun"]),
+                 rr(r["student_rerun"])]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -265,6 +357,12 @@ def parse_args(argv=None):
         "--teacher-cache", default=None, help="keep each set-up's teacher states in this folder and reuse them"
     )
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--floor-of",
+        default=None,
+        help="only the floor report for the schedule files in this folder (teacher and student reruns, random grids)",
+    )
+    p.add_argument("--random-grids", type=int, default=0, help="floor report: random grids searched per NFE")
     p.add_argument("--steps-from", default=None, help="only the step-length report, for the grids of this JSON")
     p.add_argument("--render", nargs="+", default=None, help="only re-print the tables of these JSON files (merged)")
     p.add_argument("--step-noises", type=int, default=16, help="noises of the step-length report")
@@ -310,6 +408,18 @@ def main(argv=None) -> None:
         print(step_markdown(data["steps"]))
         return
     clf = load_classifier(CARDS / "shapes-classifier")
+    if args.floor_of:
+        rows = []
+        for setup in args.setups:
+            rows += floor_report(setup, args, clf, log)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": vars(args), "floor": rows}, indent=1) + "\n")
+        print(
+            f"Distance to the teacher ({args.teacher_steps} log-SNR steps) on {args.test} test noises: what a grid "
+            "can remove (mean; in brackets the median and the share of noises that change shape class)\n"
+        )
+        print(floor_markdown(rows))
+        return
     rows = []
     for setup in args.setups:
         rows += run_setup(setup, args, clf, log)

@@ -27,3 +27,21 @@ def test_tiny_run_writes_a_loadable_file_and_reuses_its_teacher(tmp_path, capsys
     assert "teacher read from" in capsys.readouterr().err
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in ("one", "two"))
     assert one["named"] == two["named"] and one["learned"] == two["learned"] and one["grid"] == two["grid"]
+
+
+def test_floor_report_reruns_the_teacher_with_other_probes_and_searches_random_grids(tmp_path, capsys):
+    import torch
+
+    files = ROOT / "model_cards" / "schedules-shapes-uncond"
+    argv = ["--setups", "A", "OR", "--nfe", "4", "--train", "2", "--select", "2", "--test", "2", "--teacher-steps",
+            "5", "--threads", "2", "--random-grids", "3", "--floor-of", str(files),
+            "--json", str(tmp_path / "fl.json")]  # fmt: skip
+    bench.main(argv)
+    assert "| OR | 4 |" in capsys.readouterr().out
+    a, o = json.loads((tmp_path / "fl.json").read_text())["floor"]
+    # A's probability-flow ODE has no Hutchinson probes: a rerun is the same; OR's densities use probes: it is not
+    assert a["teacher_rerun"] == {"mean": 0.0, "median": 0.0, "flips": 0.0} and o["teacher_rerun"]["mean"] > 0
+    assert a["file_cut_pct"] == 100.0 * (1.0 - a["file_distance"] / a["best_named_distance"])
+    grid = torch.tensor(a["random_best_grid"])
+    assert grid.numel() == 5 and bool((grid[1:] < grid[:-1]).all())
+    assert abs(float(grid[0]) - 1.0) < 1e-6 and abs(float(grid[-1]) - 1e-3) < 1e-6
