@@ -66,11 +66,13 @@ def metrics(images: torch.Tensor, clf) -> dict:
 
 
 def heading(cfg: dict) -> str:
+    probes, tp = cfg.get("probes", 1), cfg.get("teacher_probes") or cfg.get("probes", 1)
+    hutch = f" ({probes} Hutchinson probes per step, teacher {tp})" if (probes, tp) != (1, 1) else ""
     return (
         f"Shipped models, DPM-Solver++(2M): {cfg['train']} training / {cfg['select']} selection / {cfg['test']} test "
-        f"noises, teacher {cfg['teacher_steps']} log-SNR steps, {cfg['iters']} Adam steps (batch {cfg['batch']}, "
-        f"lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 distance to the teacher on "
-        "the test noises (bold: best named grid)\n"
+        f"noises, teacher {cfg['teacher_steps']} log-SNR steps{hutch}, {cfg['iters']} Adam steps "
+        f"(batch {cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
+        "distance to the teacher on the test noises (bold: best named grid)\n"
     )
 
 
@@ -87,18 +89,20 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     xs = {"train": x[: args.train], "select": x[args.train : args.train + args.select]}
     xs["test"] = x[args.train + args.select :]
 
-    def solve(z: torch.Tensor, ts: torch.Tensor, net=None, seed_offset: int = 0) -> torch.Tensor:
+    def solve(z: torch.Tensor, ts: torch.Tensor, net=None, seed_offset: int = 0, probes: int = args.probes):
         torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
         with torch.no_grad():
             return torch.cat(
                 [
-                    ld3.solve(expr, z[i : i + args.chunk], ts, "dpm2m", net, divergence_kind=div)
+                    ld3.solve(expr, z[i : i + args.chunk], ts, "dpm2m", net, divergence_kind=div, probes=probes)
                     for i in range(0, z.shape[0], args.chunk)
                 ]
             )
 
     t0 = time.time()
     key = f"{setup}-seed{args.seed}-{args.train}-{args.select}-{args.test}-steps{args.teacher_steps}-chunk{args.chunk}"
+    tp = args.teacher_probes or args.probes
+    key += f"-probes{tp}" if div and tp != 1 else ""
     cached = Path(args.teacher_cache) / f"teacher-{key}.pt" if args.teacher_cache else None
     teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
     if cached is not None and cached.exists():
@@ -107,14 +111,15 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
         log(f"{setup}: teacher read from {cached} (it took {teacher_s:.0f} s)")
     else:
         offsets = {"train": 1, "select": 2, "test": 3}  # the probes of each part's teacher run
-        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k]) for k in parts}
+        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k], probes=tp) for k in parts}
         teacher_s = time.time() - t0
         n_noises = sum(len(xs[k]) for k in parts)
         log(f"{setup}: teacher ({args.teacher_steps} steps, {n_noises} noises) {teacher_s:.0f} s")
         if cached is not None and len(parts) == 3:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dict(ys, seconds=teacher_s), cached)
-    return dict(expr=expr, div=div, sch=sch, xs=xs, ys=ys, solve=solve, teacher_grid=teacher_grid, teacher_s=teacher_s)
+    return dict(expr=expr, div=div, sch=sch, xs=xs, ys=ys, solve=solve, teacher_grid=teacher_grid, teacher_s=teacher_s,
+                teacher_probes=tp)  # fmt: skip
 
 
 def run_setup(setup: str, args, clf, log) -> list[dict]:
@@ -156,6 +161,8 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             batch_size=args.batch,
             ball=args.ball,
             generator=torch.Generator().manual_seed(args.seed),
+            probes=args.probes,
+            teacher_probes=data["teacher_probes"],
             log=lambda s, nfe=nfe: log(f"  {setup} nfe {nfe}: {s}"),
         )
         out = solve(x_test, res.grid, res.network_times)
@@ -219,7 +226,7 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
     if data["div"] is None:
         teacher = {"mean": 0.0, "median": 0.0, "flips": 0.0}
     else:
-        teacher = rerun(y_test, solve(x_test, data["teacher_grid"], seed_offset=1003))
+        teacher = rerun(y_test, solve(x_test, data["teacher_grid"], seed_offset=1003, probes=data["teacher_probes"]))
     log(f"{setup}: teacher rerun {teacher}")
     rows = []
     for nfe in args.nfe:
@@ -345,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--no-time-shift", action="store_true", help="learn the grid only (no decoupled network times)")
     p.add_argument("--detach-weights", action="store_true", help="OR / AND: hold the weights constant in the backward")
     p.add_argument("--chunk", type=int, default=32, help="noises per solver call")
+    p.add_argument("--probes", type=int, default=1, help="OR / AND: Hutchinson probes per step of every grid")
+    p.add_argument("--teacher-probes", type=int, default=None, help="the same for the teacher (default --probes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
@@ -369,8 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--substeps", type=int, default=10, help="teacher steps per grid step in the step-length report")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk"):
-        if getattr(a, name) < 1:
+    for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk", "probes", "teacher_probes"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
     if min(a.nfe) < 2:
         raise SystemExit(f"--nfe: DPM-Solver++(2M) needs at least 2 steps; got {a.nfe}.")

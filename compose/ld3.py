@@ -158,12 +158,14 @@ def solve(
     divergence_kind: str | None = None,
     weight_grad: bool = False,
     generator: torch.Generator | None = None,
+    probes: int = 1,
 ) -> torch.Tensor:
     """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler" or "dpm2m"), differentiable in x and ts.
 
     x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad); network_times: (N,) times fed
     to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND coefficients are computed from
-    densities tracked along the way (exact divergences for d <= 16, else one Hutchinson probe). weight_grad=False
+    densities tracked along the way (exact divergences for d <= 16, else `probes` Hutchinson probes per step, shared
+    by the models, as `compose.sample`'s `probes`). weight_grad=False
     detaches them (the grid moves the trajectory, not the weights); True lets gradients flow through the tracked
     log-densities, the divergences included, into the weights (through the states; the log-density increments'
     explicit dependence on the step sizes stays detached). Same values either way. generator: draws the Hutchinson
@@ -173,6 +175,7 @@ def solve(
 
     if solver not in SOLVER_ORDER:
         raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVER_ORDER)}.")
+    _check_probes(probes, "probes")
     composer = Composer(expr, schedule=schedule, method="ode")
     sch = composer.schedule
     leaves = composer.leaves
@@ -189,7 +192,7 @@ def solve(
         if tracks:
             xd, t_d = (x if weight_grad else x.detach()), t_in.detach()
             fd = 1e-3 * float(sch.sigma(t_d))  # hutchinson_fd step, as in compose.sample
-            zeta = None if kind == "exact" else rademacher((1, *x.shape), generator, x.dtype, x.device)
+            zeta = None if kind == "exact" else rademacher((probes, *x.shape), generator, x.dtype, x.device)
             with _math_attention():
                 div = torch.stack(
                     [
@@ -220,6 +223,11 @@ def solve(
             h_prev = 0.5 * (sch.log_snr(t_next) - sch.log_snr(t_cur))
         x = x_next
     return x
+
+
+def _check_probes(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (Hutchinson probes per step); got {value!r}.")
 
 
 # ---------------------------------------------------------------------- grid parametrisation
@@ -295,6 +303,8 @@ def learn_schedule(
     ball: float | None = None,
     generator: torch.Generator | None = None,
     probe_seed: int = 0,
+    probes: int = 1,
+    teacher_probes: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> LD3Result:
@@ -315,6 +325,9 @@ def learn_schedule(
     generator: draws the training batches and, for OR / AND with Hutchinson divergences, the training probes.
     probe_seed: every validation (the named grids, each iterate) uses the same Hutchinson probes, drawn from this
         seed (common random numbers: the comparison between grids is not a comparison between probe draws).
+    probes: Hutchinson probes per step of the student (OR / AND with Hutchinson divergences; each costs one forward
+        pass or JVP per model, like `compose.sample`'s `probes`). teacher_probes: the same for the default teacher
+        (default `probes`); more probes make the reference less dependent on its probe draw.
     """
     from .sampling import SOLVER_ORDER
 
@@ -334,6 +347,9 @@ def learn_schedule(
         init = str(init.get("path", "schedule"))
     elif init not in GRIDS and init != "best":
         raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
+    _check_probes(probes, "probes")
+    teacher_probes = probes if teacher_probes is None else teacher_probes
+    _check_probes(teacher_probes, "teacher_probes")
     if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
         raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
     if not (iters >= 0 and lr > 0 and batch_size >= 1):
@@ -352,7 +368,7 @@ def learn_schedule(
 
         def teacher(x):  # noqa: F811 - the default teacher
             with torch.no_grad():
-                return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind)
+                return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind, probes=teacher_probes)
 
     with torch.no_grad():
         y_train, y_val = teacher(x_train), teacher(x_val)
@@ -362,7 +378,9 @@ def learn_schedule(
 
     def run(x, ts, net=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
-        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen)
+        return solve(
+            expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen, probes=probes
+        )
 
     def val_distance(ts, net=None) -> float:
         with torch.no_grad():
@@ -440,6 +458,7 @@ def learn_schedule(
         "loss": "l2",
         "ball_r": r,
         "weight_grad": bool(weight_grad) and _tracks_density(expr),
+        **({"probes": probes, "teacher_probes": teacher_probes} if _tracks_density(expr) else {}),
         "init": init,
         "iters": iters,
         "lr": lr,
@@ -528,6 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=("exact", "hutchinson", "hutchinson_fd"),
         help="divergence estimate for OR / AND density tracking (default: exact for d <= 16)",
     )
+    p.add_argument("--probes", type=int, default=1, help="OR / AND: Hutchinson probes per step of the student")
+    p.add_argument("--teacher-probes", type=int, default=None, help="the same for the teacher (default --probes)")
     p.add_argument("--time-shift", action="store_true", help="learn the decoupled network times too")
     p.add_argument(
         "--detach-weights",
@@ -586,6 +607,8 @@ def main(argv: list[str] | None = None) -> None:
         lr=a.lr,
         batch_size=a.batch,
         generator=g,
+        probes=a.probes,
+        teacher_probes=a.teacher_probes,
     )
     res.info["command"] = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
     save_schedule(a.out, res.info)
