@@ -423,9 +423,11 @@ def main(argv=None) -> None:
             rows += floor_report(setup, args, clf, log)
             if args.json:
                 Path(args.json).write_text(json.dumps({"config": vars(args), "floor": rows}, indent=1) + "\n")
+        tp = args.teacher_probes or args.probes
         print(
-            f"Distance to the teacher ({args.teacher_steps} log-SNR steps) on {args.test} test noises: what a grid "
-            "can remove (mean; in brackets the median and the share of noises that change shape class)\n"
+            f"Distance to the teacher ({args.teacher_steps} log-SNR steps) on {args.test} test noises, OR / AND with "
+            f"{args.probes} Hutchinson probes per step (teacher {tp}): what a grid can remove (mean; in brackets the "
+            "median and the share of noises that change shape class)\n"
         )
         print(floor_markdown(rows))
         return
