@@ -37,7 +37,6 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3  # noqa: E402
-from compose.grids import GRIDS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
@@ -76,6 +75,11 @@ def heading(cfg: dict) -> str:
     )
 
 
+def teacher_probes(args) -> int:
+    """Hutchinson probes per step of the teacher: --teacher-probes, else --probes."""
+    return args.teacher_probes or args.probes
+
+
 def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     """The set-up's model, schedule, noises (training / selection / test, split from one seeded draw), a batched
     solver with fixed Hutchinson probes per call (`seed_offset`), and the teacher's states on the noises of `parts`
@@ -101,7 +105,7 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
 
     t0 = time.time()
     key = f"{setup}-seed{args.seed}-{args.train}-{args.select}-{args.test}-steps{args.teacher_steps}-chunk{args.chunk}"
-    tp = args.teacher_probes or args.probes
+    tp = teacher_probes(args)
     key += f"-probes{tp}" if div and tp != 1 else ""
     cached = Path(args.teacher_cache) / f"teacher-{key}.pt" if args.teacher_cache else None
     teacher_grid = compose.make_grid(sch, args.teacher_steps, "log_snr")
@@ -231,7 +235,9 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
     rows = []
     for nfe in args.nfe:
         row = {"setup": setup, "nfe": nfe, "teacher_rerun": teacher}
-        named = {k: float(distances(solve(x_test, compose.make_grid(sch, nfe, k)), y_test).mean()) for k in GRIDS}
+        named = {
+            k: float(distances(solve(x_test, compose.make_grid(sch, nfe, k)), y_test).mean()) for k in compose.GRIDS
+        }
         row["best_named"] = min(named, key=named.get)
         row["best_named_distance"] = named[row["best_named"]]
         path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-dpm2m-nfe{nfe}.json"
@@ -423,7 +429,7 @@ def main(argv=None) -> None:
             rows += floor_report(setup, args, clf, log)
             if args.json:
                 Path(args.json).write_text(json.dumps({"config": vars(args), "floor": rows}, indent=1) + "\n")
-        tp = args.teacher_probes or args.probes
+        tp = teacher_probes(args)
         print(
             f"Distance to the teacher ({args.teacher_steps} log-SNR steps) on {args.test} test noises, OR / AND with "
             f"{args.probes} Hutchinson probes per step (teacher {tp}): what a grid can remove (mean; in brackets the "
