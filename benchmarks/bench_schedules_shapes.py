@@ -1,6 +1,7 @@
 """Learned step schedules (LD3) on the shipped unconditional shapes models, and the schedule files we ship.
 
-For each set-up (`shapes-uncond-a` alone, OR(a, b), AND(a, b); DPM-Solver++(2M) on the probability-flow ODE) the
+For each set-up (`shapes-uncond-a` alone, OR(a, b), AND(a, b); DPM-Solver++(2M) on the probability-flow ODE, or
+another `--solver`, e.g. unipc, with `--compare-solvers` measuring the named grids under other solvers too) the
 teacher (DPM-Solver++(2M), `--teacher-steps` log-SNR steps) runs ONCE on three disjoint sets of noises: training
 (the LD3 loss), selection (the best iterate and the starting grid are picked on it) and test (every number in the
 table). Then for each NFE: the distance to the teacher of every named grid, `compose.ld3.learn_schedule` started
@@ -43,6 +44,7 @@ CARDS = ROOT / "model_cards"
 SETUPS = ("A", "OR", "AND")
 FILE_NAMES = {"A": "a", "OR": "or", "AND": "and"}
 LABELS = {"valid": "valid", "half_a": "half A"}
+SOLVER_NAMES = {"euler": "Euler", "dpm2m": "DPM-Solver++(2M)", "unipc": "UniPC (bh2, 2M predictor + UniC)"}
 
 
 def build(setup: str):
@@ -68,7 +70,8 @@ def heading(cfg: dict) -> str:
     probes, tp = cfg.get("probes", 1), cfg.get("teacher_probes") or cfg.get("probes", 1)
     hutch = f" ({probes} Hutchinson probes per step, teacher {tp})" if (probes, tp) != (1, 1) else ""
     return (
-        f"Shipped models, DPM-Solver++(2M): {cfg['train']} training / {cfg['select']} selection / {cfg['test']} test "
+        f"Shipped models, {SOLVER_NAMES[cfg.get('solver', 'dpm2m')]}: {cfg['train']} training / {cfg['select']} "
+        f"selection / {cfg['test']} test "
         f"noises, teacher {cfg['teacher_steps']} log-SNR steps{hutch}, {cfg['iters']} Adam steps "
         f"(batch {cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
         "distance to the teacher on the test noises (bold: best named grid)\n"
@@ -93,12 +96,12 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     xs = {"train": x[: args.train], "select": x[args.train : args.train + args.select]}
     xs["test"] = x[args.train + args.select :]
 
-    def solve(z: torch.Tensor, ts: torch.Tensor, net=None, seed_offset: int = 0, probes: int = args.probes):
+    def solve(z, ts, net=None, seed_offset: int = 0, probes: int = args.probes, solver: str = args.solver):
         torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
         with torch.no_grad():
             return torch.cat(
                 [
-                    ld3.solve(expr, z[i : i + args.chunk], ts, "dpm2m", net, divergence_kind=div, probes=probes)
+                    ld3.solve(expr, z[i : i + args.chunk], ts, solver, net, divergence_kind=div, probes=probes)
                     for i in range(0, z.shape[0], args.chunk)
                 ]
             )
@@ -115,7 +118,7 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
         log(f"{setup}: teacher read from {cached} (it took {teacher_s:.0f} s)")
     else:
         offsets = {"train": 1, "select": 2, "test": 3}  # the probes of each part's teacher run
-        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k], probes=tp) for k in parts}
+        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k], probes=tp, solver="dpm2m") for k in parts}
         teacher_s = time.time() - t0
         n_noises = sum(len(xs[k]) for k in parts)
         log(f"{setup}: teacher ({args.teacher_steps} steps, {n_noises} noises) {teacher_s:.0f} s")
@@ -135,7 +138,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
     lookup = {id(x_train): y_train, id(x_sel): y_sel}
     rows = []
     for nfe in args.nfe:
-        row = {"setup": setup, "solver": "dpm2m", "nfe": nfe, "teacher_steps": args.teacher_steps}
+        row = {"setup": setup, "solver": args.solver, "nfe": nfe, "teacher_steps": args.teacher_steps}
         row["teacher_seconds"] = round(teacher_s, 1)
         row["teacher_metrics"] = teacher_metrics
         named, named_metrics = {}, {}
@@ -143,17 +146,25 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             out = solve(x_test, compose.make_grid(sch, nfe, kind))
             named[kind] = float(distances(out, y_test).mean())
             named_metrics[kind] = metrics(out, clf)
+        other = {  # the named grids with the other --compare-solvers: the best hand-made set-up may use another solver
+            sv: {k: float(distances(solve(x_test, compose.make_grid(sch, nfe, k), solver=sv), y_test).mean())
+                 for k in compose.GRIDS}
+            for sv in args.compare_solvers if sv != args.solver
+        }  # fmt: skip
         best = min(named, key=named.get)
+        best_any = min(
+            [(named[best], best)] + [(min(v.values()), f"{min(v, key=v.get)} ({sv})") for sv, v in other.items()]
+        )
         init = "best"
         if args.init_from:
-            path = Path(args.init_from) / f"a-dpm2m-nfe{nfe}.json"
+            path = Path(args.init_from) / f"a-{args.solver}-nfe{nfe}.json"
             init = dict(ld3.load_schedule(path), path=str(path))
         res = ld3.learn_schedule(
             expr,
             nfe,
             x_train,
             x_sel,
-            solver="dpm2m",
+            solver=args.solver,
             teacher=lambda z: lookup[id(z)],
             teacher_steps=args.teacher_steps,
             init=init,
@@ -179,6 +190,15 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             learned_se=float(d.std() / len(d) ** 0.5),
             learned_metrics=metrics(out, clf),
             cut_pct=100.0 * (1.0 - float(d.mean()) / named[best]),
+            **(
+                {
+                    "named_other": other,
+                    "best_any": best_any[1],
+                    "cut_any_pct": 100.0 * (1.0 - float(d.mean()) / best_any[0]),
+                }
+                if other
+                else {}
+            ),  # fmt: skip
             learn_seconds=round(res.seconds, 1),
             grid=[float(t) for t in res.grid],
             network_times=None if res.network_times is None else [float(t) for t in res.network_times],
@@ -198,7 +218,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
                 test_distance_named=named,
                 command="python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv),
             )
-            path = Path(args.out_dir) / f"{FILE_NAMES[setup]}-dpm2m-nfe{nfe}.json"
+            path = Path(args.out_dir) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             ld3.save_schedule(path, info)
             log(f"  wrote {path}")
@@ -240,9 +260,9 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
         }
         row["best_named"] = min(named, key=named.get)
         row["best_named_distance"] = named[row["best_named"]]
-        path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-dpm2m-nfe{nfe}.json"
+        path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
         expr = data["expr"]
-        f = ld3.load_schedule(path, expect={**ld3.expression_keys(expr), "solver": "dpm2m", "nfe": nfe})
+        f = ld3.load_schedule(path, expect={**ld3.expression_keys(expr), "solver": args.solver, "nfe": nfe})
         ts = torch.tensor(f["grid"], dtype=torch.float64)
         net = None if f.get("network_times") is None else torch.tensor(f["network_times"], dtype=torch.float64)
         out = solve(x_test, ts, net)
@@ -297,6 +317,13 @@ def markdown(rows: list[dict]) -> str:
         cells += [f"{r['learned']:.2f} ± {r['learned_se']:.2f}", f"{r['cut_pct']:.0f}%"]
         cells += [f"{r['learn_seconds']:.0f}", f"{r['teacher_seconds']:.0f}"]
         out.append("| " + " | ".join(cells) + " |")
+    others = [r for r in rows if "best_any" in r]
+    if others:
+        out += ["", "| set-up | NFE | best named grid, any solver | learned | cut |", "|---|---:|---|---:|---:|"]
+        for r in others:
+            best = min([r["named"][r["best_named"]], *(min(v.values()) for v in r["named_other"].values())])
+            out.append(f"| {r['setup']} | {r['nfe']} | {best:.2f}, {r['best_any']} | {r['learned']:.2f} | "
+                       f"{r['cut_any_pct']:.0f}% |")  # fmt: skip
     out += ["", "| set-up | NFE | metric | teacher | best named grid | learned |", "|---|---:|---|---:|---:|---:|"]
     for r in rows:
         keys = ("valid", "half_a") if r["setup"] != "A" else ("valid",)
@@ -347,6 +374,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8])
+    p.add_argument("--solver", default="dpm2m", choices=compose.SOLVERS, help="the student's ODE solver")
+    p.add_argument(
+        "--compare-solvers",
+        nargs="+",
+        default=[],
+        choices=compose.SOLVERS,
+        help="also measure the named grids with these solvers; the cut is then also given against the best of all",
+    )
     p.add_argument("--train", type=int, default=64, help="training noises")
     p.add_argument("--select", type=int, default=32, help="noises that pick the start grid and the best iterate")
     p.add_argument("--test", type=int, default=64, help="held-out noises of the table")
@@ -366,7 +401,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--init-from",
         default=None,
-        help="start from the schedule files a-dpm2m-nfe<N>.json in this folder (model A's: a warm start for OR / AND)",
+        help="start from model A's schedule files a-<solver>-nfe<N>.json in this folder (warm starts for OR, AND)",
     )
     p.add_argument(
         "--teacher-cache", default=None, help="keep each set-up's teacher states in this folder and reuse them"
@@ -387,8 +422,11 @@ def parse_args(argv=None):
     for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk", "probes", "teacher_probes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
-    if min(a.nfe) < 2:
-        raise SystemExit(f"--nfe: DPM-Solver++(2M) needs at least 2 steps; got {a.nfe}.")
+    order = max(compose.sampling.SOLVER_ORDER[s] for s in [a.solver, *a.compare_solvers])
+    if min(a.nfe) < order:
+        raise SystemExit(
+            f"--nfe: the solvers {[a.solver, *a.compare_solvers]} need at least {order} steps; got {a.nfe}"
+        )
     if a.teacher_steps <= max(a.nfe):
         raise SystemExit(
             f"--teacher-steps {a.teacher_steps} must exceed every --nfe ({max(a.nfe)}); it is the reference."

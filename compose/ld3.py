@@ -160,7 +160,7 @@ def solve(
     generator: torch.Generator | None = None,
     probes: int = 1,
 ) -> torch.Tensor:
-    """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler" or "dpm2m"), differentiable in x and ts.
+    """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler", "dpm2m" or "unipc"), differentiable in x, ts.
 
     x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad); network_times: (N,) times fed
     to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND coefficients are computed from
@@ -171,7 +171,7 @@ def solve(
     explicit dependence on the step sizes stays detached). Same values either way. generator: draws the Hutchinson
     probes (default: torch's global RNG).
     """
-    from .sampling import SOLVER_ORDER, dpm2m_step
+    from .sampling import SOLVER_ORDER, dpm2m_step, unic_step
 
     if solver not in SOLVER_ORDER:
         raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVER_ORDER)}.")
@@ -183,7 +183,7 @@ def solve(
     d = x[0].numel()
     kind = divergence_kind or ("exact" if d <= 16 else "hutchinson")
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
-    x0_prev = h_prev = None
+    x0_prev = h_prev = x0_prev2 = x_c = None
     n = x.shape[0]
     for k in range(ts.numel() - 1):
         t_cur, t_next = ts[k], ts[k + 1]
@@ -215,11 +215,15 @@ def solve(
             log_q = out.log_q
         else:
             x0 = (x - bcast(sigma, x).to(x.dtype) * eps_bar) / bcast(alpha, x).to(x.dtype)
-            x_next = dpm2m_step(x, x0, x0_prev, t_cur, t_next, sch, h_prev)
+            x_from = x
+            if solver == "unipc" and x0_prev is not None:  # UniC: recompute the state at t_cur with x0
+                t_prev2 = ts[k - 2] if x0_prev2 is not None else None
+                x_from = unic_step(x_c, x0_prev, x0, x0_prev2, t_prev2, ts[k - 1], t_cur, sch)
+            x_next = dpm2m_step(x_from, x0, x0_prev, t_cur, t_next, sch, h_prev)
             s = -eps_w.reshape(len(leaves), n, -1).to(torch.float64) / float(sigma.detach())
             dx = ((x_next if weight_grad else x_next.detach()) - out.x).reshape(n, -1).to(torch.float64)
             log_q = out.log_q + torch.einsum("lnd,nd->nl", s, dx)
-            x0_prev = x0
+            x0_prev2, x0_prev, x_c = x0_prev, x0, x_from
             h_prev = 0.5 * (sch.log_snr(t_next) - sch.log_snr(t_cur))
         x = x_next
     return x
@@ -308,7 +312,7 @@ def learn_schedule(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> LD3Result:
-    """Learn an `nfe`-step grid for `expr` (a model or composed expression) and `solver` ("euler", "dpm2m").
+    """Learn an `nfe`-step grid for `expr` (a model or composed expression) and `solver` ("euler", "dpm2m", "unipc").
 
     x_train: (n, ...) and x_val: (m, ...) starting noises at the schedule's t_max (e.g. sigma_T * randn).
     teacher: maps x_T to the target states at t_min; default DPM-Solver++(2M) with `teacher_steps` log-SNR steps.
@@ -528,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--operator", default="none", choices=("none", "or", "and", "average"))
     p.add_argument("--nfe", type=int, required=True)
-    p.add_argument("--solver", default="dpm2m", choices=("euler", "dpm2m"))
+    p.add_argument("--solver", default="dpm2m", choices=("euler", "dpm2m", "unipc"))
     p.add_argument("--teacher-steps", type=int, default=200)
     p.add_argument("--train", type=int, default=100, help="training noises")
     p.add_argument("--val", type=int, default=50, help="validation noises")

@@ -15,7 +15,7 @@ from .predictions import bcast
 from .schedule import NoiseSchedule
 from .smc import PoE, SMCResult, sample_smc
 
-SOLVER_ORDER = {"euler": 1, "dpm2m": 2}
+SOLVER_ORDER = {"euler": 1, "dpm2m": 2, "unipc": 3}
 SOLVERS = tuple(SOLVER_ORDER)
 
 
@@ -87,7 +87,10 @@ def sample(
             <s_i, dx_2M - dx_Euler> to the Euler increment (first order). OR (kappa from the tracked log q),
             average, product and CFG thus keep their meaning; AND equalises the Euler increments, so with dpm2m
             the equal-density condition holds only to first order in the step (the correction differs between
-            models).
+            models). "unipc": UniPC (Zhao et al. 2023, bh2): the same 2M step as predictor, then, once the models
+            have been called at the predicted state, the UniC corrector recomputes that state from the previous one
+            (order 3 on smooth flows, no extra network call; the models' outputs at the predicted state are kept).
+            Its log q moves along the corrected step too, so the operators keep the same meaning as with "dpm2m".
         path: sample along another noise schedule than the models' (e.g. "ot" or `NoiseSchedule.ot()`): every
             model is re-parametrised with `compose.on_schedule` (same log-SNR, rescaled state), so the trajectory
             follows alpha = 1 - t, sigma = t with the same signal-to-noise ratios.
@@ -183,6 +186,8 @@ def sample(
         x_next, log_q = out.x, out.log_q
         if solver == "dpm2m":
             x_next, log_q, x0_prev = dpm2m_composed(x, out, eps, x0_prev, ts, k, sch)
+        elif solver == "unipc":
+            x_next, log_q, x0_prev = unipc_composed(x, out, eps, x0_prev, ts, k, sch)
         x = x_next
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
@@ -232,6 +237,80 @@ def dpm2m_composed(
     s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
     log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_2m - out.x).reshape(n, -1).to(torch.float64))
     return x_2m, log_q, x0_bar
+
+
+def unipc_composed(
+    x: torch.Tensor,
+    out: Any,
+    eps: torch.Tensor,
+    state: tuple | None,
+    ts: torch.Tensor,
+    k: int,
+    schedule: NoiseSchedule,
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Replace the Euler ODE step `out` (from x at ts[k]) by UniPC (bh2, order 2 predictor + UniC corrector).
+
+    x is the predicted state at ts[k], where eps (L, n, ...) was evaluated. state: None at k = 0, else what the
+    previous call returned: (the corrected state at ts[k-1], its composed x0_hat, the x0_hat before it or None).
+    The corrector first recomputes the state at ts[k] from ts[k-1] with the new x0_hat (`unic_step`, no extra
+    network call), then the DPM-Solver++(2M) predictor steps from it to ts[k+1]. Each model's log q is moved along
+    the displacement actually taken, as in `dpm2m_composed`. Returns (x_next, log_q, state for the next call).
+    """
+    n = x.shape[0]
+    x0_bar = (x - bcast(schedule.sigma(float(ts[k])), x).to(x.dtype) * out.eps) / bcast(
+        schedule.alpha(float(ts[k])), x
+    ).to(x.dtype)
+    x_from, m_prev, h_prev = x, None, None
+    if state is not None:
+        x_c, m_prev, m_prev2 = state
+        t_prev2 = float(ts[k - 2]) if m_prev2 is not None else None
+        x_from = unic_step(x_c, m_prev, x0_bar, m_prev2, t_prev2, float(ts[k - 1]), float(ts[k]), schedule)
+        h_prev = 0.5 * float(schedule.log_snr(float(ts[k])) - schedule.log_snr(float(ts[k - 1])))
+    x_next = dpm2m_step(x_from, x0_bar, m_prev, float(ts[k]), float(ts[k + 1]), schedule, h_prev)
+    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(float(ts[k])))
+    log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_next - out.x).reshape(n, -1).to(torch.float64))
+    return x_next, log_q, (x_from, x0_bar, m_prev)
+
+
+def unic_step(
+    x_prev: torch.Tensor,
+    m_prev: torch.Tensor,
+    m_cur: torch.Tensor,
+    m_prev2: torch.Tensor | None,
+    t_prev2: Any,
+    t_prev: Any,
+    t_cur: Any,
+    schedule: NoiseSchedule,
+) -> torch.Tensor:
+    """The UniC corrector (Zhao et al. 2023, arXiv 2302.04867; B(h) = expm1(-h), "bh2"; data prediction).
+
+    Recomputes the state at t_cur from x_prev at t_prev with m_prev = x0_hat at t_prev, m_cur = x0_hat at the
+    predicted state at t_cur and, for order 2, m_prev2 = x0_hat at t_prev2 (None: order 1). With lambda = half
+    the log-SNR, h = lambda_cur - lambda_prev, phi = expm1(-h) and r = (lambda_prev2 - lambda_prev) / h:
+        x = (sigma_cur / sigma_prev) x_prev - alpha_cur phi [m_prev + rho_0 (m_prev2 - m_prev) / r
+                                                              + rho_1 (m_cur - m_prev)],
+    order 1: rho_0 = 0, rho_1 = 1/2; order 2: rho_0 + rho_1 = b_1, r rho_0 + rho_1 = b_2 with
+    b_1 = (phi / (-h) - 1) / phi and b_2 = 2 ((phi / (-h) - 1) / (-h) - 1/2) / phi.
+    Times may be tensors that carry gradients (learned grids).
+    """
+    lam_prev, lam_cur = 0.5 * schedule.log_snr(t_prev), 0.5 * schedule.log_snr(t_cur)
+    h = lam_cur - lam_prev
+    phi = torch.expm1(-h)
+    if m_prev2 is None:
+        corr = 0.5 * (m_cur - m_prev)
+    else:
+        r = (0.5 * schedule.log_snr(t_prev2) - lam_prev) / h
+        phi_1 = phi / -h - 1.0
+        b1 = phi_1 / phi
+        b2 = 2.0 * (phi_1 / -h - 0.5) / phi
+        rho0 = (b1 - b2) / (1.0 - r)
+        rho1 = b1 - rho0
+        corr = bcast(rho0 / r, m_cur).to(m_cur.dtype) * (m_prev2 - m_prev) + bcast(rho1, m_cur).to(m_cur.dtype) * (
+            m_cur - m_prev
+        )
+    ratio = schedule.sigma(t_cur) / schedule.sigma(t_prev)
+    coef = -schedule.alpha(t_cur) * phi
+    return bcast(ratio, x_prev).to(x_prev.dtype) * x_prev + bcast(coef, x_prev).to(x_prev.dtype) * (m_prev + corr)
 
 
 def dpm2m_step(

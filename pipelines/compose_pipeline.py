@@ -43,7 +43,7 @@ from compose.engine import Composer, check_grid
 from compose.grids import is_schedule_file, resolve_grid
 from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
-from compose.sampling import SOLVER_ORDER, check_solver, dpm2m_composed
+from compose.sampling import SOLVER_ORDER, check_solver, dpm2m_composed, unipc_composed
 from compose.smc import (
     check_langevin_options,
     check_smc_options,
@@ -635,8 +635,10 @@ class ComposePipeline(DiffusionPipeline):
                 `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
                 refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
                 message names the keys that differ). `grid` is an alias.
-            solver: "euler", or "dpm2m" (DPM-Solver++(2M) on the composed eps; method="ode" only; see
-                `compose.sample` for which operators stay exact).
+            solver: "euler", "dpm2m" (DPM-Solver++(2M) on the composed eps) or "unipc" (UniPC: the 2M predictor and
+                the UniC corrector, no extra network call; it rebuilds each state from the previous one, so latents
+                changed by `callback_on_step_end` move only the point where the UNets are called); method="ode"
+                only; see `compose.sample` for which operators stay exact.
             method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (probability-flow Euler, divergence).
             divergence: for "ode": "hutchinson" (forward-mode JVPs, math attention) or "hutchinson_fd" (finite
                 differences with step fd_eps * sigma_t, probe points batched into the main UNet call).
@@ -846,6 +848,8 @@ class ComposePipeline(DiffusionPipeline):
                 x, log_q, coeffs = out.x, out.log_q, out.coeffs
                 if solver == "dpm2m":
                     x, log_q, x0_prev = dpm2m_composed(x_start, out, eps, x0_prev, ts, k, schedule)
+                elif solver == "unipc":
+                    x, log_q, x0_prev = unipc_composed(x_start, out, eps, x0_prev, ts, k, schedule)
                 kappas.append(out.kappa[root.path] if root is not None else torch.ones(n, 1, dtype=torch.float64))
                 for path, kap in out.kappa.items():
                     node_kappa.setdefault(path, []).append(kap)

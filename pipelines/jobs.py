@@ -250,7 +250,9 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
     solver = raw.get("solver") or None
     if solver is not None and solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {list(SOLVERS)} ('dpm2m' needs method 'ode').")
+        raise ValueError(
+            f"solver={solver!r} is not known; use one of {list(SOLVERS)} ('dpm2m' and 'unipc' need method 'ode')."
+        )
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
     if num_particles is not None and operator != "product_smc":
         raise ValueError(

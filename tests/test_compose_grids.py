@@ -110,7 +110,7 @@ def exact_flow(sch, x_T, t_from, t_to):
     return a1 * MU + (v1 / v0) * (x_T - a0 * MU)
 
 
-@pytest.mark.parametrize("solver,order", [("euler", 1), ("dpm2m", 2)])
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("dpm2m", 2), ("unipc", 3)])
 def test_ode_solvers_converge_at_their_order_to_the_exact_flow(solver, order):
     sch = compose.NoiseSchedule.vp_linear()
     g = GaussianMixture(MU[None], STD, schedule=sch)

@@ -59,7 +59,7 @@ def test_the_teacher_is_the_exact_flow_of_a_gaussian():
     assert float((out - exact).norm(dim=1).max()) < 5e-4  # vs distances ~0.1-1 at NFE 4-10
 
 
-@pytest.mark.parametrize("solver", ["dpm2m", "euler"])
+@pytest.mark.parametrize("solver", ["dpm2m", "euler", "unipc"])
 def test_learned_grid_cuts_the_distance_to_the_teacher(solver, two_mixtures):
     a, _ = two_mixtures()
     sch = a.schedule
@@ -87,8 +87,8 @@ def test_learned_grid_for_or_with_time_shift(two_mixtures):
     assert res.info["operator"] == "OR(A, B)" and res.info["model"] == "A,B"
 
 
-@pytest.mark.parametrize("op", ["OR", "AND"])
-def test_weight_grad_is_the_full_gradient_of_the_composed_solve(two_mixtures, op):
+@pytest.mark.parametrize("op,solver", [("OR", "dpm2m"), ("AND", "dpm2m"), ("OR", "unipc")])
+def test_weight_grad_is_the_full_gradient_of_the_composed_solve(two_mixtures, op, solver):
     """With weight_grad the gradient in x_T of the student's output matches central finite differences (the weights
     depend on x_T through the tracked densities); holding the weights constant gives a different, partial gradient.
     Both runs give the same values."""
@@ -99,7 +99,7 @@ def test_weight_grad_is_the_full_gradient_of_the_composed_solve(two_mixtures, op
     w = torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     def loss(z, grad):
-        return (ld3.solve(expr, z, ts, "dpm2m", weight_grad=grad) * w).sum()
+        return (ld3.solve(expr, z, ts, solver, weight_grad=grad) * w).sum()
 
     (full,) = torch.autograd.grad(loss(x, True), x)
     (part,) = torch.autograd.grad(loss(x, False), x)
@@ -259,3 +259,33 @@ def test_more_hutchinson_probes_bring_the_solve_to_the_exact_divergence(two_mixt
         expr, 4, x[:8], x[8:16], teacher_steps=20, divergence_kind="hutchinson", iters=0, probes=2, progress=False
     )
     assert res.info["probes"] == 2 and res.info["teacher_probes"] == 2
+
+
+@pytest.mark.parametrize("op", ["OR", "AND"])
+def test_unipc_solve_takes_the_path_of_compose_sample(two_mixtures, op):
+    """ld3.solve (differentiable, learned grids) and compose.sample step UniPC the same way on a composed field:
+    same states, with exact divergences; and its corrector makes it a different solver from dpm2m."""
+    a, b = two_mixtures()
+    expr = getattr(compose, op)(a, b)
+    x = noises(a.schedule, 16, 6)
+    ts = make_grid(a.schedule, 6, "ays_sdxl")
+    ref = compose.sample(expr, x_T=x, timesteps=ts, method="ode", solver="unipc", divergence="exact")
+    out = ld3.solve(expr, x, ts, "unipc", divergence_kind="exact")
+    torch.testing.assert_close(out, ref.samples, rtol=0, atol=1e-10)
+    assert float((out - ld3.solve(expr, x, ts, "dpm2m")).abs().max()) > 1e-3
+
+
+def test_unipc_gradient_in_the_grid_matches_finite_differences():
+    """The corrector's coefficients depend on three grid times: the gradient in ts is the true one."""
+    sch = compose.NoiseSchedule.vp_linear()
+    g = compose.toy.GaussianMixture([[1.0, -0.5], [-1.0, 1.0]], 0.5, schedule=sch)
+    x = noises(sch, 8, 7)
+    w = torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ts = make_grid(sch, 5, "ays_sdxl").clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((ld3.solve(g, x, ts, "unipc") * w).sum(), ts)
+    with torch.no_grad():
+        for j in range(1, 5):
+            e = torch.zeros_like(ts)
+            e[j] = 1e-6
+            fd = ((ld3.solve(g, x, ts + e, "unipc") - ld3.solve(g, x, ts - e, "unipc")) * w).sum() / 2e-6
+            assert abs(float(grad[j]) - float(fd)) < 1e-4 * (1 + abs(float(fd))), (j, float(grad[j]), float(fd))

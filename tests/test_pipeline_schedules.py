@@ -80,8 +80,10 @@ def test_schedule_file_is_used_and_refused_when_it_does_not_match(tmp_path):
         pipe(schedule=other, **call, **kw())
 
 
-def test_pipeline_dpm2m_matches_compose_sample():
-    """One checkpoint, ODE, DPM-Solver++(2M): the pipeline and compose.sample on the same UNet take the same path."""
+@pytest.mark.parametrize("solver", ["dpm2m", "unipc"])
+def test_pipeline_multistep_solver_matches_compose_sample(solver):
+    """One checkpoint, ODE, DPM-Solver++(2M) or UniPC: the pipeline and compose.sample on the same UNet take the
+    same path."""
     pipe = load(A)
     model = ld3.DiffusersUnconditional(A)
     sch = model.schedule
@@ -90,7 +92,7 @@ def test_pipeline_dpm2m_matches_compose_sample():
         latents=latents,
         num_inference_steps=4,
         method="ode",
-        solver="dpm2m",
+        solver=solver,
         divergence="hutchinson_fd",
         generator=torch.Generator().manual_seed(0),
         output_type="latent",
@@ -100,15 +102,16 @@ def test_pipeline_dpm2m_matches_compose_sample():
         x_T=latents * float(sch.sigma(sch.t_max)),
         steps=4,
         method="ode",
-        solver="dpm2m",
+        solver=solver,
         divergence="hutchinson_fd",
         generator=torch.Generator().manual_seed(0),
     )
     torch.testing.assert_close(out.images, ref.denoised, atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="method='ode'"):
-        pipe(num_inference_steps=4, solver="dpm2m", **kw())
-    with pytest.raises(ValueError, match="at least 2 steps"):
-        pipe(num_inference_steps=1, method="ode", solver="dpm2m", divergence="hutchinson_fd", **kw())
+        pipe(num_inference_steps=4, solver=solver, **kw())
+    order = compose.sampling.SOLVER_ORDER[solver]
+    with pytest.raises(ValueError, match=f"at least {order} steps"):
+        pipe(num_inference_steps=order - 1, method="ode", solver=solver, divergence="hutchinson_fd", **kw())
 
 
 def test_flow_matching_folder_reads_as_ot_velocity(tmp_path):
