@@ -1,8 +1,9 @@
 """Step schedules at low NFE: every named grid and the LD3-learned one, and the thermodynamic diagnostics.
 
 Part 1 (2-D mixtures, exact models; `compose.ld3.toy_models`): for a single mixture A, OR(A, B) and AND(A, B), the
-ODE solvers Euler and DPM-Solver++(2M), NFE 4, 6, 8, 10: the mean L2 distance to the teacher (DPM-Solver++(2M),
-`--teacher-steps` log-SNR steps, from the same noises) on `--test` held-out noises, for every grid of
+ODE solvers Euler and DPM-Solver++(2M) (`--solvers`, also UniPC; OR / AND use those other than Euler), NFE 4, 6,
+8, 10: the mean L2 distance to the teacher (DPM-Solver++(2M), `--teacher-steps` log-SNR steps, from the same
+noises) on `--test` held-out noises, for every grid of
 `compose.GRIDS` and for the grid learned by `compose.ld3.learn_schedule` on `--train` noises (its start grid and best
 iterate are picked on `--val` noises, disjoint from the test ones), with the learning time.
 
@@ -63,7 +64,7 @@ def part1(args, log) -> list[dict]:
             y_test = ld3.solve(expr, x_test, teacher_grid, "dpm2m") if args.test else y_val
         log(f"{name}: teacher ({args.teacher_steps} steps, {x.shape[0]} noises) {time.time() - t0:.1f} s")
         teacher = {id(x_train): y_train, id(x_val): y_val}
-        solvers = args.solvers if name == "A" else [s for s in args.solvers if s == "dpm2m"]
+        solvers = args.solvers if name == "A" else [s for s in args.solvers if s != "euler"]
         for solver in solvers:
             for nfe in args.nfe:
                 row, sel = {"setup": name, "solver": solver, "nfe": nfe}, {}
@@ -190,7 +191,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nfe", type=int, nargs="+", default=[4, 6, 8, 10])
     p.add_argument("--setups", nargs="+", default=["A", "OR(A,B)", "AND(A,B)"], choices=["A", "OR(A,B)", "AND(A,B)"])
-    p.add_argument("--solvers", nargs="+", default=["euler", "dpm2m"], choices=["euler", "dpm2m"])
+    p.add_argument("--solvers", nargs="+", default=["euler", "dpm2m"], choices=list(compose.SOLVERS))
     p.add_argument("--train", type=int, default=100)
     p.add_argument("--val", type=int, default=200, help="noises that pick LD3's start grid and best iterate")
     p.add_argument("--test", type=int, default=200, help="held-out noises of the table (0: report on --val)")
