@@ -289,6 +289,44 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
     return rows
 
 
+def transfer_report(setup: str, args, log) -> list[dict]:
+    """Model A's learned file of the same solver and NFE (in --transfer-from), its grid and network times used
+    unchanged for `setup`, next to every named grid (with --solver and each of --compare-solvers) on the test noises:
+    what the composition gains from the single model's schedule without learning its own."""
+    data = prepare(setup, args, log, parts=("test",))
+    sch, solve, x_test, y_test = data["sch"], data["solve"], data["xs"]["test"], data["ys"]["test"]
+    rows = []
+    for nfe in args.nfe:
+        named = {}
+        for sv in dict.fromkeys([args.solver, *args.compare_solvers]):
+            for k in compose.GRIDS:
+                out = solve(x_test, compose.make_grid(sch, nfe, k), solver=sv)
+                named[f"{k} ({sv})"] = float(distances(out, y_test).mean())
+        best = min(named, key=named.get)
+        path = Path(args.transfer_from) / f"a-{args.solver}-nfe{nfe}.json"
+        f = ld3.load_schedule(path, expect={"model": "shapes-uncond-a", "solver": args.solver, "nfe": nfe})
+        ts = torch.tensor(f["grid"], dtype=torch.float64)
+        net = None if f.get("network_times") is None else torch.tensor(f["network_times"], dtype=torch.float64)
+        d = distances(solve(x_test, ts, net), y_test)
+        row = {"setup": setup, "nfe": nfe, "solver": args.solver, "probes": args.probes, "named": named}
+        row.update(best_named=best, best_named_distance=named[best], file=str(path), file_distance=float(d.mean()),
+                   file_se=float(d.std() / len(d) ** 0.5))  # fmt: skip
+        row["cut_pct"] = 100.0 * (1.0 - row["file_distance"] / named[best])
+        rows.append(row)
+        log(f"{setup} nfe {nfe}: best named {best} {named[best]:.3f}, A's file {row['file_distance']:.3f} "
+            f"({row['cut_pct']:.0f}% cut)")  # fmt: skip
+    return rows
+
+
+def transfer_markdown(rows: list[dict]) -> str:
+    out = ["| set-up | NFE | probes | best named grid | A's learned file | cut |", "|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        best = f"{r['best_named_distance']:.2f}, {r['best_named']}"
+        file = f"{r['file_distance']:.2f} ± {r['file_se']:.2f}"
+        out.append(f"| {r['setup']} | {r['nfe']} | {r['probes']} | {best} | {file} | {r['cut_pct']:.0f}% |")
+    return "\n".join(out)
+
+
 def floor_markdown(rows: list[dict]) -> str:
     head = ["set-up", "NFE", "best named", "shipped file", "cut", "random grids: best",
             "teacher rerun (median, flips)", "student rerun (median, flips)"]  # fmt: skip
@@ -413,6 +451,11 @@ def parse_args(argv=None):
         help="only the floor report for the schedule files in this folder (teacher and student reruns, random grids)",
     )
     p.add_argument("--random-grids", type=int, default=0, help="floor report: random grids searched per NFE")
+    p.add_argument(
+        "--transfer-from",
+        default=None,
+        help="only: model A's schedule files a-<solver>-nfe<N>.json in this folder, used unchanged for the set-ups",
+    )
     p.add_argument("--steps-from", default=None, help="only the step-length report, for the grids of this JSON")
     p.add_argument("--render", nargs="+", default=None, help="only re-print the tables of these JSON files (merged)")
     p.add_argument("--step-noises", type=int, default=16, help="noises of the step-length report")
@@ -459,6 +502,19 @@ def main(argv=None) -> None:
             "grid step), shapes-uncond-a: cv = std / mean of the per-step displacement (max / min)\n"
         )
         print(step_markdown(data["steps"]))
+        return
+    if args.transfer_from:
+        rows = []
+        for setup in args.setups:
+            rows += transfer_report(setup, args, log)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": vars(args), "transfer": rows}, indent=1) + "\n")
+        tp = teacher_probes(args)
+        print(
+            f"Model A's learned {SOLVER_NAMES[args.solver]} files used unchanged, against every named grid: distance "
+            f"to the teacher ({args.teacher_steps} log-SNR steps, {tp} probes per step) on {args.test} test noises\n"
+        )
+        print(transfer_markdown(rows))
         return
     clf = load_classifier(CARDS / "shapes-classifier")
     if args.floor_of:

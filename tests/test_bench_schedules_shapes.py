@@ -45,3 +45,21 @@ def test_floor_report_reruns_the_teacher_with_other_probes_and_searches_random_g
     grid = torch.tensor(a["random_best_grid"])
     assert grid.numel() == 5 and bool((grid[1:] < grid[:-1]).all())
     assert abs(float(grid[0]) - 1.0) < 1e-6 and abs(float(grid[-1]) - 1e-3) < 1e-6
+
+
+def test_unipc_transfer_of_a_files_agrees_with_the_floor_report(tmp_path, capsys):
+    """--transfer-from runs model A's file for a set-up; for A itself that is the floor report's file distance on the
+    same noises and teacher. Named grids are measured with each solver, and the best of them is the reference."""
+    files = ROOT / "model_cards" / "schedules-shapes-uncond"
+    common = ["--nfe", "4", "--train", "2", "--select", "2", "--test", "2", "--teacher-steps", "5", "--threads", "2",
+              "--solver", "unipc"]  # fmt: skip
+    bench.main(["--setups", "A", "OR", *common, "--compare-solvers", "dpm2m", "--transfer-from", str(files),
+                "--json", str(tmp_path / "tr.json")])  # fmt: skip
+    assert "| OR | 4 | 1 |" in capsys.readouterr().out
+    a, o = json.loads((tmp_path / "tr.json").read_text())["transfer"]
+    assert len(a["named"]) == 10 and a["best_named_distance"] == min(a["named"].values())
+    assert a["file"].endswith("a-unipc-nfe4.json") and o["file"] == a["file"]
+    assert o["file_distance"] != a["file_distance"]
+    bench.main(["--setups", "A", *common, "--floor-of", str(files), "--json", str(tmp_path / "fl.json")])
+    (floor,) = json.loads((tmp_path / "fl.json").read_text())["floor"]
+    assert floor["file_distance"] == a["file_distance"]

@@ -29,6 +29,10 @@ def setup_of(path: Path) -> str:
     return path.name.split("-")[0]
 
 
+def solver_of(path: Path) -> str:
+    return path.name.split("-")[1]
+
+
 @pytest.fixture(scope="module")
 def pipes():
     from pipelines import ComposePipeline
@@ -47,7 +51,8 @@ def test_every_shipped_file_is_complete_and_named_for_its_setup():
     for path in FILES:
         info = ld3.load_schedule(path)
         nfe = int(path.stem.rsplit("nfe", 1)[1])
-        assert info["nfe"] == nfe and len(info["grid"]) == nfe + 1 and info["solver"] == "dpm2m"
+        assert info["nfe"] == nfe and len(info["grid"]) == nfe + 1 and info["solver"] == solver_of(path)
+        assert info["solver"] in compose.SOLVERS
         assert info["model"] == ",".join(MODELS[setup_of(path)])
         net = info["network_times"]
         if net is not None:  # a time shift stays within half the smallest adjacent gap (network_times_from_params)
@@ -63,7 +68,7 @@ def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
     pipeline's final x0 at the last grid time): the schedule means the same thing where it is learned and used."""
     info = json.loads(path.read_text())
     pipe = pipes["a"]
-    out = pipe(method="ode", solver="dpm2m", schedule=str(path), batch_size=2, output_type="latent",
+    out = pipe(method="ode", solver=info["solver"], schedule=str(path), batch_size=2, output_type="latent",
                generator=torch.Generator().manual_seed(3))  # fmt: skip
     model = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
     sch = model.schedule
@@ -71,13 +76,13 @@ def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
     net = None if info["network_times"] is None else torch.tensor(info["network_times"], dtype=torch.float64)
     x_T = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(3)) * float(sch.sigma(grid[0]))
     with torch.no_grad():
-        x = ld3.solve(model, x_T, grid, "dpm2m", net)
+        x = ld3.solve(model, x_T, grid, info["solver"], net)
         x0 = compose.eps_to_x0(model.eps(x, grid[-1]), x, grid[-1], sch)
     assert out.images.shape == x0.shape
     torch.testing.assert_close(out.images.float(), x0.float(), atol=2e-4, rtol=1e-4)
     # and a different grid gives a different image: the comparison can fail
-    other = pipe(method="ode", solver="dpm2m", schedule="ays_sdxl", num_inference_steps=info["nfe"], batch_size=2,
-                 output_type="latent", generator=torch.Generator().manual_seed(3))  # fmt: skip
+    other = pipe(method="ode", solver=info["solver"], schedule="ays_sdxl", num_inference_steps=info["nfe"],
+                 batch_size=2, output_type="latent", generator=torch.Generator().manual_seed(3))  # fmt: skip
     assert (other.images.float() - x0).abs().max() > 1e-2
 
 
@@ -85,7 +90,7 @@ def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
 def test_composed_files_run_for_their_operator_and_are_refused_for_the_other(pipes, path):
     key = setup_of(path)
     pipe = pipes[key]
-    kw = dict(method="ode", solver="dpm2m", divergence="hutchinson_fd", schedule=str(path), batch_size=1)
+    kw = dict(method="ode", solver=solver_of(path), divergence="hutchinson_fd", schedule=str(path), batch_size=1)
     out = pipe(operator=OPERATOR[key], output_type="pt", generator=torch.Generator().manual_seed(0), **kw)
     nfe = json.loads(path.read_text())["nfe"]
     assert out.kappa.shape[0] == nfe and torch.isfinite(out.images).all()
