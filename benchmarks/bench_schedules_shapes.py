@@ -512,7 +512,8 @@ def main(argv=None) -> None:
         tp = teacher_probes(args)
         print(
             f"Model A's learned {SOLVER_NAMES[args.solver]} files used unchanged, against every named grid: distance "
-            f"to the teacher ({args.teacher_steps} log-SNR steps, {tp} probes per step) on {args.test} test noises\n"
+            f"to the teacher ({args.teacher_steps} log-SNR steps, Hutchinson probes per step: {tp}) on {args.test} "
+            "test noises; probes: those of the students\n"
         )
         print(transfer_markdown(rows))
         return
