@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -119,6 +120,7 @@ def resolve_grid(
     *,
     expect: dict | None = None,
     default_steps: int | None = None,
+    probes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Turn a grid given by name, file or values into (ts (N + 1,), network times (N,) or None).
 
@@ -126,6 +128,8 @@ def resolve_grid(
         (its keys are checked against `expect`, e.g. {"nfe": 6, "solver": "dpm2m"}; a mismatch names the key), or
         a strictly decreasing sequence of times.
     default_steps: the step count of a named grid when steps is None.
+    probes: the call's Hutchinson probes per step (None: it uses none). A file learned with another number warns
+        (not an error: the grid still runs, but the distances recorded in the file were measured with its own).
     Returns the grid and, for learned schedules with a decoupled time shift, the times fed to the network at each
     step (else None).
     """
@@ -140,6 +144,13 @@ def resolve_grid(
             raise ValueError(
                 f"steps={steps} does not match the schedule file {grid} ({ts.numel() - 1} steps); drop steps= or "
                 "learn a schedule for that NFE."
+            )
+        learned = sched.get("probes")
+        if probes is not None and learned is not None and learned != probes:
+            warnings.warn(
+                f"schedule file {grid} was learned and measured with probes={learned} Hutchinson probes per step; "
+                f"this call uses probes={probes}. Pass probes={learned} for the distances the file records.",
+                stacklevel=3,
             )
         net = sched.get("network_times")
         return ts, (None if net is None else torch.as_tensor(net, dtype=torch.float64))

@@ -448,6 +448,9 @@ def learn_schedule(
         s.copy_(best_state[1])
         ts, net = current()
     seconds = time.time() - start
+    hutchinson = (
+        _tracks_density(expr) and (divergence_kind or ("exact" if x_val[0].numel() <= 16 else "hutchinson")) != "exact"
+    )
     info = {
         **expression_keys(expr),
         "format": FORMAT,
@@ -462,7 +465,7 @@ def learn_schedule(
         "loss": "l2",
         "ball_r": r,
         "weight_grad": bool(weight_grad) and _tracks_density(expr),
-        **({"probes": probes, "teacher_probes": teacher_probes} if _tracks_density(expr) else {}),
+        **({"probes": probes, "teacher_probes": teacher_probes} if hutchinson else {}),
         "init": init,
         "iters": iters,
         "lr": lr,

@@ -139,7 +139,8 @@ def sample(
         from .ld3 import expression_keys
 
         expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde", "schedule": repr(sch)}
-        ts, t_net = resolve_grid(sch, grid, steps, expect=expect, default_steps=500)
+        hutch = probes if method == "ode" and divergence != "exact" else None
+        ts, t_net = resolve_grid(sch, grid, steps, expect=expect, default_steps=500, probes=hutch)
     if len(ts) - 1 < SOLVER_ORDER[solver]:
         raise ValueError(
             f"solver={solver!r} (order {SOLVER_ORDER[solver]}) needs at least {SOLVER_ORDER[solver]} steps; the grid "

@@ -770,8 +770,9 @@ class ComposePipeline(DiffusionPipeline):
             expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde"}
             expect["schedule"] = repr(noise_schedule)
             explicit = is_schedule_file(schedule_name)
+            hutch = probes if method == "ode" else None
             ts, t_net = resolve_grid(
-                noise_schedule, schedule_name, None if explicit else num_inference_steps, expect=expect
+                noise_schedule, schedule_name, None if explicit else num_inference_steps, expect=expect, probes=hutch
             )
             if explicit and steps_given and len(ts) - 1 != num_inference_steps:
                 raise ValueError(

@@ -259,6 +259,29 @@ def test_more_hutchinson_probes_bring_the_solve_to_the_exact_divergence(two_mixt
         expr, 4, x[:8], x[8:16], teacher_steps=20, divergence_kind="hutchinson", iters=0, probes=2, progress=False
     )
     assert res.info["probes"] == 2 and res.info["teacher_probes"] == 2
+    # exact divergences (d <= 16 by default) use no probes: none recorded
+    assert "probes" not in ld3.learn_schedule(expr, 4, x[:8], x[8:16], teacher_steps=20, iters=0, progress=False).info
+
+
+def test_a_schedule_file_used_with_other_probes_warns(tmp_path, two_mixtures):
+    """The file records its probes per step; a call with another count runs, with a warning that names both."""
+    a, b = two_mixtures()
+    expr = compose.OR(a, b)
+    x = noises(a.schedule, 16, 8)
+    res = ld3.learn_schedule(
+        expr, 4, x[:8], x[8:], teacher_steps=20, divergence_kind="hutchinson", iters=0, probes=2, progress=False
+    )
+    path = tmp_path / "or.json"
+    ld3.save_schedule(path, res.info)
+    kw = dict(num_samples=2, grid=str(path), method="ode", solver="dpm2m", generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="probes=2 Hutchinson probes per step; this call uses probes=1"):
+        compose.sample(expr, divergence="hutchinson", probes=1, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compose.sample(expr, divergence="hutchinson", probes=2, **kw)
+        compose.sample(expr, divergence="exact", probes=1, **kw)  # no probes in this call
 
 
 @pytest.mark.parametrize("op", ["OR", "AND"])

@@ -90,12 +90,17 @@ def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
 def test_composed_files_run_for_their_operator_and_are_refused_for_the_other(pipes, path):
     key = setup_of(path)
     pipe = pipes[key]
-    kw = dict(method="ode", solver=solver_of(path), divergence="hutchinson_fd", schedule=str(path), batch_size=1)
+    info = json.loads(path.read_text())
+    kw = dict(method="ode", solver=solver_of(path), divergence="hutchinson_fd", schedule=str(path), batch_size=1,
+              probes=info.get("probes", 1))  # fmt: skip
     out = pipe(operator=OPERATOR[key], output_type="pt", generator=torch.Generator().manual_seed(0), **kw)
-    nfe = json.loads(path.read_text())["nfe"]
+    nfe = info["nfe"]
     assert out.kappa.shape[0] == nfe and torch.isfinite(out.images).all()
     other = "and" if key == "or" else "or"
     with pytest.raises(ValueError, match="operator="):
         pipe(operator=other, **kw)
     with pytest.raises(ValueError, match="solver="):
         pipe(operator=OPERATOR[key], **{**kw, "solver": "euler"})
+    if info.get("probes", 1) != 1:  # learned with more probes per step: a one-probe call runs, with a warning
+        with pytest.warns(UserWarning, match=f"probes={info['probes']} Hutchinson probes per step"):
+            pipe(operator=OPERATOR[key], output_type="latent", **{**kw, "probes": 1})
