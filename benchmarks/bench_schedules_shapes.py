@@ -477,6 +477,17 @@ def parse_args(argv=None):
     return a
 
 
+def per_setup(report, key: str, args) -> list[dict]:
+    """The rows of `report(setup)` for every --setups, written to --json (under `key`) after each set-up, so that
+    what is done is kept if a later set-up is interrupted."""
+    rows = []
+    for setup in args.setups:
+        rows += report(setup)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": vars(args), key: rows}, indent=1) + "\n")
+    return rows
+
+
 def main(argv=None) -> None:
     from examples.shapes.classifier import load_classifier
 
@@ -504,11 +515,7 @@ def main(argv=None) -> None:
         print(step_markdown(data["steps"]))
         return
     if args.transfer_from:
-        rows = []
-        for setup in args.setups:
-            rows += transfer_report(setup, args, log)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"config": vars(args), "transfer": rows}, indent=1) + "\n")
+        rows = per_setup(lambda setup: transfer_report(setup, args, log), "transfer", args)
         tp = teacher_probes(args)
         print(
             f"Model A's learned {SOLVER_NAMES[args.solver]} files used unchanged, against every named grid: distance "
@@ -519,11 +526,7 @@ def main(argv=None) -> None:
         return
     clf = load_classifier(CARDS / "shapes-classifier")
     if args.floor_of:
-        rows = []
-        for setup in args.setups:
-            rows += floor_report(setup, args, clf, log)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"config": vars(args), "floor": rows}, indent=1) + "\n")
+        rows = per_setup(lambda setup: floor_report(setup, args, clf, log), "floor", args)
         tp = teacher_probes(args)
         print(
             f"Distance to the teacher ({args.teacher_steps} log-SNR steps) on {args.test} test noises, OR / AND with "
@@ -532,11 +535,7 @@ def main(argv=None) -> None:
         )
         print(floor_markdown(rows))
         return
-    rows = []
-    for setup in args.setups:
-        rows += run_setup(setup, args, clf, log)
-        if args.json:  # keep what is done if a later set-up is interrupted
-            Path(args.json).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1) + "\n")
+    rows = per_setup(lambda setup: run_setup(setup, args, clf, log), "rows", args)
     print(heading(vars(args)))
     print(markdown(rows))
 

@@ -164,7 +164,7 @@ def sample(
         log_q = torch.stack([m.log_prob(x, t0).to(torch.float64) for m in leaves], dim=-1)
     else:
         log_q = composer.initial_log_q(x, t0)
-    x0_prev = None
+    multistep = None  # the multistep solvers' history (multistep_composed)
     span = t0 - float(ts[-1])
     kappas, coeffs = [], []
     node_kappa: dict[str, list] = {}
@@ -185,10 +185,8 @@ def sample(
             div = _leaf_divergences(leaves, sch, x, t, eps, divergence, probes, generator, fd_eps)
         out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span)
         x_next, log_q = out.x, out.log_q
-        if solver == "dpm2m":
-            x_next, log_q, x0_prev = dpm2m_composed(x, out, eps, x0_prev, ts, k, sch)
-        elif solver == "unipc":
-            x_next, log_q, x0_prev = unipc_composed(x, out, eps, x0_prev, ts, k, sch)
+        if solver != "euler":
+            x_next, log_q, multistep = multistep_composed(solver, x, out, eps, multistep, ts, k, sch)
         x = x_next
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
@@ -212,35 +210,8 @@ def sample(
     )
 
 
-def dpm2m_composed(
-    x: torch.Tensor,
-    out: Any,
-    eps: torch.Tensor,
-    x0_prev: torch.Tensor | None,
-    ts: torch.Tensor,
-    k: int,
-    schedule: NoiseSchedule,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Replace the Euler ODE step `out` (a `StepOutput` from x at ts[k]) by DPM-Solver++(2M) on the composed eps.
-
-    eps: (L, n, ...) the leaf predictions at (x, ts[k]); x0_prev: the previous step's composed x0_hat (or None).
-    Each model's log q is moved along the step actually taken: dlogq_i += <s_i, dx_2M - dx_Euler>, s_i = -eps_i /
-    sigma (the Euler form of MATH.md section 4 holds for any displacement to first order). Returns (x_next,
-    log_q, x0_bar) with x0_bar the composed x0_hat of this step (the next step's x0_prev).
-    """
-    t_cur, t_next = float(ts[k]), float(ts[k + 1])
-    n = x.shape[0]
-    x0_bar = (x - bcast(schedule.sigma(t_cur), x).to(x.dtype) * out.eps) / bcast(schedule.alpha(t_cur), x).to(x.dtype)
-    h_prev = None
-    if x0_prev is not None:
-        h_prev = 0.5 * float(schedule.log_snr(t_cur) - schedule.log_snr(float(ts[k - 1])))
-    x_2m = dpm2m_step(x, x0_bar, x0_prev, t_cur, t_next, schedule, h_prev)
-    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
-    log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_2m - out.x).reshape(n, -1).to(torch.float64))
-    return x_2m, log_q, x0_bar
-
-
-def unipc_composed(
+def multistep_composed(
+    solver: str,
     x: torch.Tensor,
     out: Any,
     eps: torch.Tensor,
@@ -249,26 +220,29 @@ def unipc_composed(
     k: int,
     schedule: NoiseSchedule,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """Replace the Euler ODE step `out` (from x at ts[k]) by UniPC (bh2, order 2 predictor + UniC corrector).
+    """Replace the Euler ODE step `out` (a `StepOutput` from x at ts[k]) by `solver` on the composed eps:
+    "dpm2m" (DPM-Solver++(2M)) or "unipc" (UniPC, bh2: the same 2M step as predictor, after the UniC corrector).
 
-    x is the predicted state at ts[k], where eps (L, n, ...) was evaluated. state: None at k = 0, else what the
-    previous call returned: (the corrected state at ts[k-1], its composed x0_hat, the x0_hat before it or None).
-    The corrector first recomputes the state at ts[k] from ts[k-1] with the new x0_hat (`unic_step`, no extra
-    network call), then the DPM-Solver++(2M) predictor steps from it to ts[k+1]. Each model's log q is moved along
-    the displacement actually taken, as in `dpm2m_composed`. Returns (x_next, log_q, state for the next call).
+    x: the state at ts[k] where eps (L, n, ...), the leaf predictions, were evaluated. state: None at k = 0, else
+    what the previous call returned: (the state the previous step started from, its composed x0_hat, the x0_hat
+    before it or None). For "unipc" the corrector first recomputes the state at ts[k] from that of ts[k-1] with the
+    new x0_hat (`unic_step`, no extra network call); the 2M step then goes from it to ts[k+1]. Each model's log q
+    is moved along the displacement actually taken: dlogq_i += <s_i, x_next - x_Euler>, s_i = -eps_i / sigma (the
+    Euler form of MATH.md section 4 holds for any displacement to first order). Returns (x_next, log_q, state for
+    the next call).
     """
+    t_cur, t_next = float(ts[k]), float(ts[k + 1])
     n = x.shape[0]
-    x0_bar = (x - bcast(schedule.sigma(float(ts[k])), x).to(x.dtype) * out.eps) / bcast(
-        schedule.alpha(float(ts[k])), x
-    ).to(x.dtype)
+    x0_bar = (x - bcast(schedule.sigma(t_cur), x).to(x.dtype) * out.eps) / bcast(schedule.alpha(t_cur), x).to(x.dtype)
     x_from, m_prev, h_prev = x, None, None
     if state is not None:
         x_c, m_prev, m_prev2 = state
-        t_prev2 = float(ts[k - 2]) if m_prev2 is not None else None
-        x_from = unic_step(x_c, m_prev, x0_bar, m_prev2, t_prev2, float(ts[k - 1]), float(ts[k]), schedule)
-        h_prev = 0.5 * float(schedule.log_snr(float(ts[k])) - schedule.log_snr(float(ts[k - 1])))
-    x_next = dpm2m_step(x_from, x0_bar, m_prev, float(ts[k]), float(ts[k + 1]), schedule, h_prev)
-    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(float(ts[k])))
+        if solver == "unipc":
+            t_prev2 = float(ts[k - 2]) if m_prev2 is not None else None
+            x_from = unic_step(x_c, m_prev, x0_bar, m_prev2, t_prev2, float(ts[k - 1]), t_cur, schedule)
+        h_prev = 0.5 * float(schedule.log_snr(t_cur) - schedule.log_snr(float(ts[k - 1])))
+    x_next = dpm2m_step(x_from, x0_bar, m_prev, t_cur, t_next, schedule, h_prev)
+    s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
     log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_next - out.x).reshape(n, -1).to(torch.float64))
     return x_next, log_q, (x_from, x0_bar, m_prev)
 

@@ -43,7 +43,7 @@ from compose.engine import Composer, check_grid
 from compose.grids import is_schedule_file, resolve_grid
 from compose.ld3 import expression_keys
 from compose.operators import Expr, operator_root
-from compose.sampling import SOLVER_ORDER, check_solver, dpm2m_composed, unipc_composed
+from compose.sampling import SOLVER_ORDER, check_solver, multistep_composed
 from compose.smc import (
     check_langevin_options,
     check_smc_options,
@@ -832,7 +832,7 @@ class ComposePipeline(DiffusionPipeline):
         # 4. the loop: one batched call per UNet, then the core's step
         kappas, node_kappa, coeffs, trace = [], {}, None, []
         steps = len(ts) - 1
-        x0_prev = None
+        multistep = None  # the multistep solvers' history (multistep_composed)
         with self.progress_bar(total=steps) as bar:
             for k in range(steps):
                 t_cur, t_next = float(ts[k]), float(ts[k + 1])
@@ -847,10 +847,8 @@ class ComposePipeline(DiffusionPipeline):
                 )
                 x_start = x
                 x, log_q, coeffs = out.x, out.log_q, out.coeffs
-                if solver == "dpm2m":
-                    x, log_q, x0_prev = dpm2m_composed(x_start, out, eps, x0_prev, ts, k, schedule)
-                elif solver == "unipc":
-                    x, log_q, x0_prev = unipc_composed(x_start, out, eps, x0_prev, ts, k, schedule)
+                if solver != "euler":
+                    x, log_q, multistep = multistep_composed(solver, x_start, out, eps, multistep, ts, k, schedule)
                 kappas.append(out.kappa[root.path] if root is not None else torch.ones(n, 1, dtype=torch.float64))
                 for path, kap in out.kappa.items():
                     node_kappa.setdefault(path, []).append(kap)
