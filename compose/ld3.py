@@ -180,8 +180,7 @@ def solve(
     sch = composer.schedule
     leaves = composer.leaves
     tracks = _tracks_density(expr)
-    d = x[0].numel()
-    kind = divergence_kind or ("exact" if d <= 16 else "hutchinson")
+    kind = _divergence_kind(divergence_kind, x)
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
     x0_prev = h_prev = x0_prev2 = x_c = None
     n = x.shape[0]
@@ -227,6 +226,11 @@ def solve(
             h_prev = 0.5 * (sch.log_snr(t_next) - sch.log_snr(t_cur))
         x = x_next
     return x
+
+
+def _divergence_kind(divergence_kind: str | None, x: torch.Tensor) -> str:
+    """The divergence `solve` uses for density tracking: the one asked for, else exact for d <= 16, else Hutchinson."""
+    return divergence_kind or ("exact" if x[0].numel() <= 16 else "hutchinson")
 
 
 def _check_probes(value: Any, name: str) -> None:
@@ -448,9 +452,7 @@ def learn_schedule(
         s.copy_(best_state[1])
         ts, net = current()
     seconds = time.time() - start
-    hutchinson = (
-        _tracks_density(expr) and (divergence_kind or ("exact" if x_val[0].numel() <= 16 else "hutchinson")) != "exact"
-    )
+    hutchinson = _tracks_density(expr) and _divergence_kind(divergence_kind, x_val) != "exact"
     info = {
         **expression_keys(expr),
         "format": FORMAT,
