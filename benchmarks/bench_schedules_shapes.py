@@ -262,9 +262,9 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
         row["best_named_distance"] = named[row["best_named"]]
         path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
         expr = data["expr"]
-        f = ld3.load_schedule(path, expect={**ld3.expression_keys(expr), "solver": args.solver, "nfe": nfe})
-        ts = torch.tensor(f["grid"], dtype=torch.float64)
-        net = None if f.get("network_times") is None else torch.tensor(f["network_times"], dtype=torch.float64)
+        ts, net = compose.resolve_grid(
+            sch, str(path), expect={**ld3.expression_keys(expr), "solver": args.solver, "nfe": nfe}
+        )
         out = solve(x_test, ts, net)
         row["file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
         row["file_distance"] = float(distances(out, y_test).mean())
@@ -304,9 +304,9 @@ def transfer_report(setup: str, args, log) -> list[dict]:
                 named[f"{k} ({sv})"] = float(distances(out, y_test).mean())
         best = min(named, key=named.get)
         path = Path(args.transfer_from) / f"a-{args.solver}-nfe{nfe}.json"
-        f = ld3.load_schedule(path, expect={"model": "shapes-uncond-a", "solver": args.solver, "nfe": nfe})
-        ts = torch.tensor(f["grid"], dtype=torch.float64)
-        net = None if f.get("network_times") is None else torch.tensor(f["network_times"], dtype=torch.float64)
+        ts, net = compose.resolve_grid(
+            sch, str(path), expect={"model": "shapes-uncond-a", "solver": args.solver, "nfe": nfe}
+        )
         d = distances(solve(x_test, ts, net), y_test)
         row = {"setup": setup, "nfe": nfe, "solver": args.solver, "probes": args.probes, "named": named}
         row.update(best_named=best, best_named_distance=named[best], file=str(path), file_distance=float(d.mean()),
