@@ -292,7 +292,8 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
 def transfer_report(setup: str, args, log) -> list[dict]:
     """Model A's learned file of the same solver and NFE (in --transfer-from), its grid and network times used
     unchanged for `setup`, next to every named grid (with --solver and each of --compare-solvers) on the test noises:
-    what the composition gains from the single model's schedule without learning its own."""
+    what the composition gains from the single model's schedule without learning its own. With --out-dir, writes
+    it as the set-up's own file (`compose.ld3.transfer_schedule`, with the distances measured here)."""
     data = prepare(setup, args, log, parts=("test",))
     sch, solve, x_test, y_test = data["sch"], data["solve"], data["xs"]["test"], data["ys"]["test"]
     rows = []
@@ -315,6 +316,16 @@ def transfer_report(setup: str, args, log) -> list[dict]:
         rows.append(row)
         log(f"{setup} nfe {nfe}: best named {best} {named[best]:.3f}, A's file {row['file_distance']:.3f} "
             f"({row['cut_pct']:.0f}% cut)")  # fmt: skip
+        if args.out_dir and setup != "A":  # A's grid as the set-up's own schedule file, with what it measured here
+            info = ld3.transfer_schedule(
+                path, data["expr"], test_size=int(x_test.shape[0]), test_distance=row["file_distance"],
+                test_distance_named=named, test_probes=args.probes, test_teacher_probes=data["teacher_probes"],
+                command="python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv),
+            )  # fmt: skip
+            out = Path(args.out_dir) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ld3.save_schedule(out, info)
+            log(f"  wrote {out}")
     return rows
 
 

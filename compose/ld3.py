@@ -115,6 +115,45 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     return info
 
 
+SOURCE_ONLY_KEYS = ("val_distance", "val_distance_init", "val_distance_named", "test_size", "test_distance",
+                    "test_distance_named", "probes", "teacher_probes", "command")  # fmt: skip
+
+
+def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: Any) -> dict[str, Any]:
+    """A schedule learned for one set-up, re-keyed for `expr` (e.g. one model's file used for OR / AND of it).
+
+    The grid, network times, solver and NFE carry over unchanged, and the file's identity keys (model, operator,
+    guidance) become `expr`'s, so `compose.sample` and the pipeline accept it for `expr`. The noise schedule must be
+    the same: a grid is a list of times, and on another schedule they are other noise levels (ValueError).
+    The keys that say how the grid was learned (train_size, teacher, loss, iters, ...) stay the source's; what was
+    measured for the source (its distances, its Hutchinson probes, its command) moves under `transferred_from`,
+    with the source's identity and file. `measured`: keys to add, e.g. distances measured for `expr`.
+    """
+    clash = sorted(set(measured) & {*CHECKED_KEYS, "grid", "network_times", "nfe", "transferred_from"})
+    if clash:
+        raise ValueError(f"measured: {clash} are the schedule's own keys; pass only measurements (e.g. test_distance).")
+    info = load_schedule(source) if not isinstance(source, dict) else dict(source)
+    _check_schedule(info, str(info.get("path", "source")))
+    target = expression_keys(expr)
+    target_schedule = repr(Composer(expr, method="ode").schedule)
+    if info["schedule"] != target_schedule:
+        raise ValueError(
+            f"source: the schedule was learned on the noise schedule {info['schedule']}, the expression's models use "
+            f"{target_schedule}; its times would be other noise levels there. Learn a schedule for this expression."
+        )
+    origin = {k: info[k] for k in ("model", "operator", "guidance", "date")}
+    origin.update({k: info.pop(k) for k in SOURCE_ONLY_KEYS if k in info})
+    if not isinstance(source, dict):
+        origin["file"] = os.path.basename(str(source))
+    elif "path" in info:
+        origin["file"] = os.path.basename(str(info.pop("path")))
+    info.update(target)
+    info["transferred_from"] = origin
+    info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    info.update(measured)
+    return info
+
+
 def _check_schedule(info: dict, path: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in info]
     if missing:
@@ -536,8 +575,8 @@ def main(argv: list[str] | None = None) -> None:
         help="toy:A / toy:B (2-D mixtures) or diffusers unconditional folders (e.g. model_cards/...)",
     )
     p.add_argument("--operator", default="none", choices=("none", "or", "and", "average"))
-    p.add_argument("--nfe", type=int, required=True)
-    p.add_argument("--solver", default="dpm2m", choices=("euler", "dpm2m", "unipc"))
+    p.add_argument("--nfe", type=int, default=None, help="steps of the grid (required unless --transfer)")
+    p.add_argument("--solver", default=None, choices=("euler", "dpm2m", "unipc"), help="default dpm2m")
     p.add_argument("--teacher-steps", type=int, default=200)
     p.add_argument("--train", type=int, default=100, help="training noises")
     p.add_argument("--val", type=int, default=50, help="validation noises")
@@ -567,13 +606,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--toy-schedule", default="vp_linear", choices=("vp_linear", "cosine", "ot"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--transfer",
+        default=None,
+        metavar="FILE",
+        help="no learning: re-key this schedule file (e.g. one model's) for --model / --operator and write it to --out "
+        "(grid, network times, solver and NFE unchanged; compose.ld3.transfer_schedule)",
+    )
     p.add_argument("--out", required=True, help="the JSON schedule file to write")
     a = p.parse_args(argv)
+    if a.nfe is None and a.transfer is None:
+        p.error("--nfe is required (the number of steps of the grid to learn).")
+    solver = a.solver or "dpm2m"
     init: str | dict = a.init
     if a.init not in (*GRIDS, "best"):
         if not a.init.endswith(".json") and not os.path.exists(a.init):
             p.error(f"--init {a.init}: not a named grid {GRIDS}, 'best' or a schedule file.")
-        init = dict(load_schedule(a.init, {"solver": a.solver, "nfe": a.nfe}), path=a.init)  # names what is wrong
+        init = dict(load_schedule(a.init, {"solver": solver, "nfe": a.nfe}), path=a.init)  # names what is wrong
     torch.set_num_threads(a.threads)
     models = []
     for spec in a.model:
@@ -595,6 +644,14 @@ def main(argv: list[str] | None = None) -> None:
         expr = Average(*models)
     else:
         expr = ops[a.operator](*models)
+    command = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.transfer is not None:
+        given = {k: v for k, v in (("nfe", a.nfe), ("solver", a.solver)) if v is not None}
+        load_schedule(a.transfer, given)  # a file for another NFE or solver than asked for: the message names it
+        info = transfer_schedule(a.transfer, expr, command=command)
+        save_schedule(a.out, info)
+        print(f"wrote {a.out}: the grid of {a.transfer} for {info['operator']} ({info['solver']}, NFE {info['nfe']})")
+        return
     sch = Composer(expr, method="ode").schedule
     g = torch.Generator().manual_seed(a.seed)
     shape = models[0].sample_shape
@@ -606,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
         a.nfe,
         x_all[: a.train],
         x_all[a.train :],
-        solver=a.solver,
+        solver=solver,
         teacher_steps=a.teacher_steps,
         init=init,
         time_shift=a.time_shift,
@@ -619,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
         probes=a.probes,
         teacher_probes=a.teacher_probes,
     )
-    res.info["command"] = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
+    res.info["command"] = command
     save_schedule(a.out, res.info)
     print(
         f"wrote {a.out}: validation distance {res.val_loss:.5f} (init {a.init}: {res.val_loss_init:.5f}), "

@@ -54,12 +54,22 @@ def test_unipc_transfer_of_a_files_agrees_with_the_floor_report(tmp_path, capsys
     common = ["--nfe", "4", "--train", "2", "--select", "2", "--test", "2", "--teacher-steps", "5", "--threads", "2",
               "--solver", "unipc"]  # fmt: skip
     bench.main(["--setups", "A", "OR", *common, "--compare-solvers", "dpm2m", "--transfer-from", str(files),
-                "--json", str(tmp_path / "tr.json")])  # fmt: skip
+                "--json", str(tmp_path / "tr.json"), "--out-dir", str(tmp_path / "files")])  # fmt: skip
     assert "| OR | 4 | 1 |" in capsys.readouterr().out
     a, o = json.loads((tmp_path / "tr.json").read_text())["transfer"]
     assert len(a["named"]) == 10 and a["best_named_distance"] == min(a["named"].values())
     assert a["file"].endswith("a-unipc-nfe4.json") and o["file"] == a["file"]
     assert o["file_distance"] != a["file_distance"]
+    # --out-dir: A's grid written as OR's own file (the pipeline takes it for OR), with what it measured for OR
+    from compose import ld3
+
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["or-unipc-nfe4.json"]
+    info = ld3.load_schedule(tmp_path / "files" / "or-unipc-nfe4.json")
+    source = ld3.load_schedule(files / "a-unipc-nfe4.json")
+    assert info["model"] == "shapes-uncond-a,shapes-uncond-b" and info["operator"].startswith("OR(")
+    assert info["grid"] == source["grid"] and info["network_times"] == source["network_times"]
+    assert info["test_distance"] == o["file_distance"] and info["test_probes"] == 1
+    assert info["transferred_from"]["file"] == "a-unipc-nfe4.json"
     bench.main(["--setups", "A", *common, "--floor-of", str(files), "--json", str(tmp_path / "fl.json")])
     (floor,) = json.loads((tmp_path / "fl.json").read_text())["floor"]
     assert floor["file_distance"] == a["file_distance"]

@@ -312,3 +312,47 @@ def test_unipc_gradient_in_the_grid_matches_finite_differences():
             e[j] = 1e-6
             fd = ((ld3.solve(g, x, ts + e, "unipc") - ld3.solve(g, x, ts - e, "unipc")) * w).sum() / 2e-6
             assert abs(float(grad[j]) - float(fd)) < 1e-4 * (1 + abs(float(fd))), (j, float(grad[j]), float(fd))
+
+
+def test_a_schedule_transferred_to_a_composition_runs_there_unchanged(tmp_path, two_mixtures, capsys):
+    """transfer_schedule: model A's file re-keyed for OR(A, B): compose.sample accepts it for OR and steps exactly the
+    file's grid and network times (== ld3.solve with them), refuses it for AND; what was measured for A moves under
+    transferred_from; another noise schedule and measurements that overwrite the schedule's keys are refused. The
+    command line (--transfer) writes the same keys and names an NFE mismatch."""
+    a, b = two_mixtures()
+    x = noises(a.schedule, 48, 9)
+    res = ld3.learn_schedule(a, 4, x[:32], x[32:], iters=6, time_shift=True, progress=False, teacher_steps=50)
+    src = tmp_path / "a4.json"
+    ld3.save_schedule(src, res.info)
+    expr = compose.OR(a, b)
+    info = ld3.transfer_schedule(src, expr, test_distance=0.5)
+    assert info["model"] == "A,B" and info["operator"] == repr(expr) and info["test_distance"] == 0.5
+    assert info["grid"] == res.info["grid"] and info["network_times"] == res.info["network_times"]
+    assert info["transferred_from"]["model"] == "A" and info["transferred_from"]["file"] == "a4.json"
+    assert info["transferred_from"]["val_distance"] == res.info["val_distance"] and "val_distance" not in info
+    assert info["train_size"] == 32  # how the grid was learned stays
+    dst = tmp_path / "or4.json"
+    ld3.save_schedule(dst, info)
+    xs = noises(a.schedule, 6, 10)
+    out = compose.sample(expr, x_T=xs, grid=str(dst), method="ode", solver="dpm2m", divergence="exact")
+    grid, net = (torch.tensor(res.info[k], dtype=torch.float64) for k in ("grid", "network_times"))
+    torch.testing.assert_close(out.samples, ld3.solve(expr, xs, grid, "dpm2m", net, divergence_kind="exact"))
+    with pytest.raises(ValueError, match="operator="):
+        compose.sample(compose.AND(a, b), x_T=xs, grid=str(dst), method="ode", solver="dpm2m", divergence="exact")
+    a_cos, b_cos = two_mixtures(schedule=compose.NoiseSchedule.cosine())
+    with pytest.raises(ValueError, match="noise schedule"):
+        ld3.transfer_schedule(src, compose.OR(a_cos, b_cos))
+    with pytest.raises(ValueError, match="measured: \\['grid'\\]"):
+        ld3.transfer_schedule(src, expr, grid=[1.0, 0.0])
+    cli = tmp_path / "cli.json"
+    ld3.main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--out", str(cli)])
+    assert "wrote" in capsys.readouterr().out
+    written = json.loads(cli.read_text())
+    assert {k: written[k] for k in ld3.CHECKED_KEYS} == {k: info[k] for k in ld3.CHECKED_KEYS}
+    assert written["command"].endswith(f"--transfer {src} --out {cli}")
+    with pytest.raises(ValueError, match="nfe=4 \\(this call: 6\\)"):
+        ld3.main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--nfe", "6",
+                  "--out", str(cli)])  # fmt: skip
+    with pytest.raises(SystemExit):
+        ld3.main(["--model", "toy:A", "--out", str(cli)])
+    assert "--nfe is required" in capsys.readouterr().err
