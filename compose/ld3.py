@@ -131,7 +131,9 @@ def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: A
     """
     clash = sorted(set(measured) & {*CHECKED_KEYS, "grid", "network_times", "nfe", "transferred_from"})
     if clash:
-        raise ValueError(f"measured: {clash} are the schedule's own keys; pass only measurements (e.g. test_distance).")
+        raise ValueError(
+            f"measured: {clash} are the schedule's own keys; pass measurements only (e.g. test_distance)."
+        )
     info = load_schedule(source) if not isinstance(source, dict) else dict(source)
     _check_schedule(info, str(info.get("path", "source")))
     target = expression_keys(expr)
@@ -610,8 +612,8 @@ def main(argv: list[str] | None = None) -> None:
         "--transfer",
         default=None,
         metavar="FILE",
-        help="no learning: re-key this schedule file (e.g. one model's) for --model / --operator and write it to --out "
-        "(grid, network times, solver and NFE unchanged; compose.ld3.transfer_schedule)",
+        help="no learning: re-key this schedule file (e.g. one model's) for --model / --operator and write it to "
+        "--out (grid, network times, solver and NFE unchanged; compose.ld3.transfer_schedule)",
     )
     p.add_argument("--out", required=True, help="the JSON schedule file to write")
     a = p.parse_args(argv)
