@@ -216,13 +216,22 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
                 test_size=int(x_test.shape[0]),
                 test_distance=row["learned"],
                 test_distance_named=named,
-                command="python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv),
+                command=command_line(args),
             )
-            path = Path(args.out_dir) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ld3.save_schedule(path, info)
-            log(f"  wrote {path}")
+            write_schedule(args, setup, nfe, info, log)
     return rows
+
+
+def command_line(args) -> str:
+    return "python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv)
+
+
+def write_schedule(args, setup: str, nfe: int, info: dict, log) -> None:
+    """Save `info` as the set-up's schedule file for this solver and NFE in --out-dir."""
+    path = Path(args.out_dir) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ld3.save_schedule(path, info)
+    log(f"  wrote {path}")
 
 
 def floor_report(setup: str, args, clf, log) -> list[dict]:
@@ -320,12 +329,9 @@ def transfer_report(setup: str, args, log) -> list[dict]:
             info = ld3.transfer_schedule(
                 path, data["expr"], test_size=int(x_test.shape[0]), test_distance=row["file_distance"],
                 test_distance_named=named, test_probes=args.probes, test_teacher_probes=data["teacher_probes"],
-                command="python benchmarks/bench_schedules_shapes.py " + " ".join(args.argv),
+                command=command_line(args),
             )  # fmt: skip
-            out = Path(args.out_dir) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ld3.save_schedule(out, info)
-            log(f"  wrote {out}")
+            write_schedule(args, setup, nfe, info, log)
     return rows
 
 
