@@ -320,7 +320,8 @@ def transfer_report(setup: str, args, log) -> list[dict]:
         d = distances(solve(x_test, ts, net), y_test)
         row = {"setup": setup, "nfe": nfe, "solver": args.solver, "probes": args.probes, "named": named}
         row.update(best_named=best, best_named_distance=named[best], file=str(path), file_distance=float(d.mean()),
-                   file_se=float(d.std() / len(d) ** 0.5))  # fmt: skip
+                   file_se=float(d.std() / len(d) ** 0.5), file_median=float(d.median()),
+                   file_largest=[float(v) for v in d.sort(descending=True).values[:3]])  # fmt: skip
         row["cut_pct"] = 100.0 * (1.0 - row["file_distance"] / named[best])
         rows.append(row)
         log(f"{setup} nfe {nfe}: best named {best} {named[best]:.3f}, A's file {row['file_distance']:.3f} "
@@ -336,11 +337,13 @@ def transfer_report(setup: str, args, log) -> list[dict]:
 
 
 def transfer_markdown(rows: list[dict]) -> str:
-    out = ["| set-up | NFE | probes | best named grid | A's learned file | cut |", "|---|---:|---:|---|---:|---:|"]
+    out = ["| set-up | NFE | probes | best named grid | A's learned file | cut | its median (largest) |",
+           "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         best = f"{r['best_named_distance']:.2f}, {r['best_named']}"
         file = f"{r['file_distance']:.2f} ± {r['file_se']:.2f}"
-        out.append(f"| {r['setup']} | {r['nfe']} | {r['probes']} | {best} | {file} | {r['cut_pct']:.0f}% |")
+        spread = f"{r['file_median']:.2f} ({r['file_largest'][0]:.1f})" if "file_median" in r else "-"
+        out.append(f"| {r['setup']} | {r['nfe']} | {r['probes']} | {best} | {file} | {r['cut_pct']:.0f}% | {spread} |")
     return "\n".join(out)
 
 

@@ -60,6 +60,7 @@ def test_unipc_transfer_of_a_files_agrees_with_the_floor_report(tmp_path, capsys
     assert len(a["named"]) == 10 and a["best_named_distance"] == min(a["named"].values())
     assert a["file"].endswith("a-unipc-nfe4.json") and o["file"] == a["file"]
     assert o["file_distance"] != a["file_distance"]
+    assert len(o["file_largest"]) == 2 and o["file_largest"][0] >= o["file_median"] >= o["file_largest"][1]
     # --out-dir: A's grid written as OR's own file (the pipeline takes it for OR), with what it measured for OR
     from compose import ld3
 
