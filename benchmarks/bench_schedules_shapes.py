@@ -88,6 +88,9 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     solver with fixed Hutchinson probes per call (`seed_offset`), and the teacher's states on the noises of `parts`
     (read from or written to --teacher-cache when all three are asked for)."""
     expr, div = build(setup)
+    target = expr  # the teacher's expression; --and-clamp bounds the students' AND weights only
+    if setup == "AND" and args.and_clamp is not None:
+        expr = compose.AND(*target.children, clamp=tuple(args.and_clamp))
     sch = compose.Composer(expr, method="ode").schedule
     shape = (expr.leaves()[0] if isinstance(expr, compose.Expr) else expr).sample_shape
     g = torch.Generator().manual_seed(args.seed)
@@ -96,12 +99,12 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     xs = {"train": x[: args.train], "select": x[args.train : args.train + args.select]}
     xs["test"] = x[args.train + args.select :]
 
-    def solve(z, ts, net=None, seed_offset: int = 0, probes: int = args.probes, solver: str = args.solver):
+    def solve(z, ts, net=None, seed_offset: int = 0, probes: int = args.probes, solver: str = args.solver, of=expr):
         torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
         with torch.no_grad():
             return torch.cat(
                 [
-                    ld3.solve(expr, z[i : i + args.chunk], ts, solver, net, divergence_kind=div, probes=probes)
+                    ld3.solve(of, z[i : i + args.chunk], ts, solver, net, divergence_kind=div, probes=probes)
                     for i in range(0, z.shape[0], args.chunk)
                 ]
             )
@@ -118,7 +121,8 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
         log(f"{setup}: teacher read from {cached} (it took {teacher_s:.0f} s)")
     else:
         offsets = {"train": 1, "select": 2, "test": 3}  # the probes of each part's teacher run
-        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k], probes=tp, solver="dpm2m") for k in parts}
+        kw = dict(probes=tp, solver="dpm2m", of=target)
+        ys = {k: solve(xs[k], teacher_grid, seed_offset=offsets[k], **kw) for k in parts}
         teacher_s = time.time() - t0
         n_noises = sum(len(xs[k]) for k in parts)
         log(f"{setup}: teacher ({args.teacher_steps} steps, {n_noises} noises) {teacher_s:.0f} s")
@@ -453,6 +457,14 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=32, help="noises per solver call")
     p.add_argument("--probes", type=int, default=1, help="OR / AND: Hutchinson probes per step of every grid")
     p.add_argument("--teacher-probes", type=int, default=None, help="the same for the teacher (default --probes)")
+    p.add_argument(
+        "--and-clamp",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LO", "HI"),
+        help="AND students: clamp the weights to [LO, HI] (compose.AND(clamp=...)); the teacher stays unclamped",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="write the learned schedule files here")
@@ -490,6 +502,8 @@ def parse_args(argv=None):
         raise SystemExit(
             f"--nfe: the solvers {[a.solver, *a.compare_solvers]} need at least {order} steps; got {a.nfe}"
         )
+    if a.and_clamp is not None and "AND" not in a.setups:
+        raise SystemExit(f"--and-clamp bounds AND's weights; --setups {a.setups} has no AND.")
     if a.teacher_steps <= max(a.nfe):
         raise SystemExit(
             f"--teacher-steps {a.teacher_steps} must exceed every --nfe ({max(a.nfe)}); it is the reference."
@@ -540,7 +554,9 @@ def main(argv=None) -> None:
         print(
             f"Model A's learned {SOLVER_NAMES[args.solver]} files used unchanged, against every named grid: distance "
             f"to the teacher ({args.teacher_steps} log-SNR steps, Hutchinson probes per step: {tp}) on {args.test} "
-            "test noises; probes: those of the students\n"
+            "test noises; probes: those of the students"
+            + (f"; AND students' weights clamped to {args.and_clamp}, the teacher's not" if args.and_clamp else "")
+            + "\n"
         )
         print(transfer_markdown(rows))
         return

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("bench_sch_shapes", ROOT / "benchmarks" / "bench_schedules_shapes.py")
 bench = importlib.util.module_from_spec(SPEC)
@@ -74,3 +76,28 @@ def test_unipc_transfer_of_a_files_agrees_with_the_floor_report(tmp_path, capsys
     bench.main(["--setups", "A", *common, "--floor-of", str(files), "--json", str(tmp_path / "fl.json")])
     (floor,) = json.loads((tmp_path / "fl.json").read_text())["floor"]
     assert floor["file_distance"] == a["file_distance"]
+
+
+def test_and_clamp_bounds_the_students_weights_and_leaves_the_teacher_alone():
+    """--and-clamp: the students solve AND(a, b, clamp=...); the teacher is SuperDiff's unclamped AND, so the
+    distances compare students against one target. A tight clamp changes the solve: the check can fail."""
+    import torch
+
+    from compose import ld3
+
+    args = bench.parse_args(["--setups", "AND", "--nfe", "3", "--train", "1", "--select", "1", "--test", "2",
+                             "--teacher-steps", "4", "--and-clamp", "0.45", "0.55"])  # fmt: skip
+    data = bench.prepare("AND", args, lambda s: None, parts=("test",))
+    assert data["expr"].clamp == (0.45, 0.55)
+    a, b = data["expr"].children
+    x, grid = data["xs"]["test"], data["teacher_grid"]
+
+    def run(expr):
+        torch.manual_seed(args.seed + 1 + 3)  # the test part's teacher probes
+        with torch.no_grad():
+            return ld3.solve(expr, x, grid, "dpm2m", divergence_kind="hutchinson_fd")
+
+    torch.testing.assert_close(data["ys"]["test"], run(bench.compose.AND(a, b)))
+    assert float((data["ys"]["test"] - run(data["expr"])).abs().max()) > 1e-3
+    with pytest.raises(SystemExit, match="--and-clamp bounds AND"):
+        bench.parse_args(["--setups", "A", "OR", "--and-clamp", "0", "1"])
