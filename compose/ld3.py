@@ -134,8 +134,11 @@ def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: A
         raise ValueError(
             f"measured: {clash} are the schedule's own keys; pass measurements only (e.g. test_distance)."
         )
-    info = load_schedule(source) if not isinstance(source, dict) else dict(source)
-    _check_schedule(info, str(info.get("path", "source")))
+    if isinstance(source, dict):
+        info = dict(source)
+        _check_schedule(info, str(info.get("path", "source")))
+    else:
+        info = load_schedule(source)
     target = expression_keys(expr)
     target_schedule = repr(Composer(expr, method="ode").schedule)
     if info["schedule"] != target_schedule:
@@ -649,8 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m compose.learn_schedule " + " ".join(sys.argv[1:] if argv is None else argv)
     if a.transfer is not None:
         given = {k: v for k, v in (("nfe", a.nfe), ("solver", a.solver)) if v is not None}
-        load_schedule(a.transfer, given)  # a file for another NFE or solver than asked for: the message names it
-        info = transfer_schedule(a.transfer, expr, command=command)
+        source = dict(load_schedule(a.transfer, given), path=a.transfer)  # another NFE / solver: the message says so
+        info = transfer_schedule(source, expr, command=command)
         save_schedule(a.out, info)
         print(f"wrote {a.out}: the grid of {a.transfer} for {info['operator']} ({info['solver']}, NFE {info['nfe']})")
         return
