@@ -136,9 +136,10 @@ def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: A
         )
     if isinstance(source, dict):
         info = dict(source)
-        _check_schedule(info, str(info.get("path", "source")))
+        path = info.pop("path", None)
+        _check_schedule(info, str(path or "source"))
     else:
-        info = load_schedule(source)
+        info, path = load_schedule(source), source
     target = expression_keys(expr)
     target_schedule = repr(Composer(expr, method="ode").schedule)
     if info["schedule"] != target_schedule:
@@ -148,15 +149,18 @@ def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: A
         )
     origin = {k: info[k] for k in ("model", "operator", "guidance", "date")}
     origin.update({k: info.pop(k) for k in SOURCE_ONLY_KEYS if k in info})
-    if not isinstance(source, dict):
-        origin["file"] = os.path.basename(str(source))
-    elif "path" in info:
-        origin["file"] = os.path.basename(str(info.pop("path")))
+    if path is not None:
+        origin["file"] = os.path.basename(str(path))
     info.update(target)
     info["transferred_from"] = origin
-    info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    info["date"] = _utc_now()
     info.update(measured)
     return info
+
+
+def _utc_now() -> str:
+    """The `date` of a schedule file: UTC, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_schedule(info: dict, path: str) -> None:
@@ -519,7 +523,7 @@ def learn_schedule(
         "val_distance_init": init_loss,
         "val_distance_named": named,
         "seconds": round(seconds, 2),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _utc_now(),
     }
     return LD3Result(
         grid=ts.detach(),
