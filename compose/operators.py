@@ -88,8 +88,18 @@ class Expr:
                 c._assign(leaves, f"{path}.{j}")
 
     def __repr__(self) -> str:
-        inner = ", ".join(repr(c) if isinstance(c, Expr) else model_name(c) for c in self.children)
-        return f"{self.op_name}({inner})"
+        """The expression with the parameters that change its target (the operator key of schedule files).
+
+        Parameters at their defaults are left out, so `OR(a, b)` reads the same as before they existed. Numerical
+        settings that leave the target alone (AND's ridge and clamp) are left out too.
+        """
+        parts = [repr(c) if isinstance(c, Expr) else model_name(c) for c in self.children]
+        parts += [f"{k}={v}" for k, v in self._key_params().items()]
+        return f"{self.op_name}({', '.join(parts)})"
+
+    def _key_params(self) -> dict[str, str]:
+        """Non-default parameters that change what the node samples, as text for `repr`."""
+        return {}
 
     # ---------------------------------------------------------------- per-step quantities (internal)
     def contains_and(self) -> bool:
@@ -209,6 +219,15 @@ class OR(Expr):
     def _log_w(self, ref: torch.Tensor) -> torch.Tensor:
         return self.log_weights.to(device=ref.device)
 
+    def _key_params(self) -> dict[str, str]:
+        out = {}
+        w = self.log_weights.exp()
+        if not torch.allclose(w, torch.full_like(w, 1.0 / len(w)), rtol=0.0, atol=1e-12):
+            out["weights"] = _fmt(w)  # normalised: OR(a, b, weights=[2, 2]) is OR(a, b)
+        if self.temperature != 1.0:
+            out["temperature"] = f"{self.temperature:.6g}"
+        return out
+
     def kappa(self, ctx: StepContext) -> torch.Tensor:
         lq = self._child_logq(ctx)
         z = self.temperature * lq + self._log_w(lq)
@@ -261,6 +280,11 @@ class AND(Expr):
         # Orthonormal basis V (M, M-1) of the directions with 1^T v = 0.
         q, _ = torch.linalg.qr(torch.cat([torch.ones(k, 1), torch.eye(k)[:, : k - 1]], dim=1).double())
         self._V = q[:, 1:]
+
+    def _key_params(self) -> dict[str, str]:
+        # Only differences of the bias matter (the targets are equal increments), so the key shifts it to mean 0.
+        b = self.bias - self.bias.mean()
+        return {"bias": _fmt(b)} if bool((b.abs() > 1e-12).any()) else {}
 
     def coeffs(self, ctx: StepContext, outer: Outer = None) -> torch.Tensor:
         C = self._child_coeffs(ctx)  # (n, K, L): children's own coefficients (stand-alone solves for inner ANDs)
@@ -326,6 +350,9 @@ class Product(Expr):
         _check_count(self.children, "Product", 1)
         self.weights = _weights(weights, len(self.children), "Product", positive=False)
 
+    def _key_params(self) -> dict[str, str]:
+        return {"weights": _fmt(self.weights)} if bool((self.weights != 1.0).any()) else {}
+
     def coeffs(self, ctx: StepContext, outer: Outer = None) -> torch.Tensor:
         n = ctx.log_q.shape[0]
         return self._mix(ctx, outer, self.weights.to(ctx.log_q)[None].expand(n, -1))
@@ -380,6 +407,11 @@ class Guided(Expr):
 
     def node_sens(self, ctx: StepContext) -> torch.Tensor:
         return self._child_sens(ctx)[:, 0]
+
+
+def _fmt(v: torch.Tensor) -> str:
+    """A vector as short, stable text for `repr` keys: [0.7, 0.3]."""
+    return "[" + ", ".join(f"{float(x):.6g}" for x in v) + "]"
 
 
 def operator_root(expr: Expr) -> Expr:

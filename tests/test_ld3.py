@@ -356,3 +356,42 @@ def test_a_schedule_transferred_to_a_composition_runs_there_unchanged(tmp_path, 
     with pytest.raises(SystemExit):
         ld3.main(["--model", "toy:A", "--out", str(cli)])
     assert "--nfe is required" in capsys.readouterr().err
+
+
+def test_the_operator_key_of_schedule_files_holds_what_changes_the_target(tmp_path, two_mixtures):
+    """OR weights / temperature, AND bias and Product weights enter the key; settings that sample the same target
+    (normalised OR weights, a constant AND bias, AND's clamp and ridge) do not. Checked against sampling: where the
+    key is equal the samples are equal."""
+    a, b = two_mixtures()
+    key = lambda e: ld3.expression_keys(e)["operator"]  # noqa: E731
+    assert key(compose.OR(a, b)) == "OR(A, B)" and key(compose.AND(a, b)) == "AND(A, B)"
+    assert key(compose.OR(a, b, weights=[2, 2])) == "OR(A, B)"
+    assert key(compose.OR(a, b, weights=[3, 1])) == "OR(A, B, weights=[0.75, 0.25])"
+    assert key(compose.OR(a, b, temperature=2.0)) == "OR(A, B, temperature=2)"
+    assert key(compose.AND(a, b, bias=[2.0, 2.0], clamp=(0.0, 1.0), ridge=1e-3)) == "AND(A, B)"
+    assert key(compose.AND(a, b, bias=[1.0, 0.0])) == "AND(A, B, bias=[0.5, -0.5])"
+    assert key(compose.Product(a, b, weights=[1.0, -0.5])) == "Product(A, B, weights=[1, -0.5])"
+    assert key(compose.OR(compose.AND(a, b, bias=[0, 1]), a)) == "OR(AND(A, B, bias=[-0.5, 0.5]), A)"
+
+    def run(e):
+        return compose.sample(
+            e,
+            num_samples=8,
+            steps=6,
+            method="ode",
+            solver="dpm2m",
+            divergence="exact",
+            generator=torch.Generator().manual_seed(3),
+        ).samples
+
+    torch.testing.assert_close(run(compose.AND(a, b, bias=[2.0, 2.0])), run(compose.AND(a, b)))
+    torch.testing.assert_close(run(compose.OR(a, b, weights=[2, 2])), run(compose.OR(a, b)))
+    assert float((run(compose.AND(a, b, bias=[1.0, 0.0])) - run(compose.AND(a, b))).abs().max()) > 1e-3
+
+    # a file for AND(A, B) is refused for a biased AND, with the key named; the clamped AND takes it
+    info = {k: None for k in ld3.REQUIRED_KEYS} | {"grid": [1.0, 0.5, 0.001], "nfe": 2}
+    p = tmp_path / "and.json"
+    p.write_text(json.dumps(info | ld3.expression_keys(compose.AND(a, b))))
+    ld3.load_schedule(p, expect=ld3.expression_keys(compose.AND(a, b, clamp=(0.0, 1.0))))
+    with pytest.raises(ValueError, match=r"operator='AND\(A, B\)' \(this call: 'AND\(A, B, bias=\[0.5, -0.5\]\)'\)"):
+        ld3.load_schedule(p, expect=ld3.expression_keys(compose.AND(a, b, bias=[1.0, 0.0])))
