@@ -73,7 +73,8 @@ def heading(cfg: dict) -> str:
         f"Shipped models, {SOLVER_NAMES[cfg.get('solver', 'dpm2m')]}: {cfg['train']} training / {cfg['select']} "
         f"selection / {cfg['test']} test "
         f"noises, teacher {cfg['teacher_steps']} log-SNR steps{hutch}, {cfg['iters']} Adam steps "
-        f"(batch {cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}; mean L2 "
+        f"(batch {cfg['batch']}, lr {cfg['lr']}), time shift {'off' if cfg['no_time_shift'] else 'on'}"
+        f"{', learned solver coefficients' if cfg.get('solver_offsets') else ''}; mean L2 "
         "distance to the teacher on the test noises (bold: best named grid)\n"
     )
 
@@ -99,14 +100,13 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
     xs = {"train": x[: args.train], "select": x[args.train : args.train + args.select]}
     xs["test"] = x[args.train + args.select :]
 
-    def solve(z, ts, net=None, seed_offset: int = 0, probes: int = args.probes, solver: str = args.solver, of=expr):
+    def solve(z, ts, net=None, seed_offset: int = 0, probes: int = args.probes, solver: str = args.solver, of=expr,
+              off=None):  # fmt: skip
         torch.manual_seed(args.seed + 1 + seed_offset)  # the same Hutchinson probes for every grid
+        kw = dict(divergence_kind=div, probes=probes, solver_offsets=off)
         with torch.no_grad():
             return torch.cat(
-                [
-                    ld3.solve(of, z[i : i + args.chunk], ts, solver, net, divergence_kind=div, probes=probes)
-                    for i in range(0, z.shape[0], args.chunk)
-                ]
+                [ld3.solve(of, z[i : i + args.chunk], ts, solver, net, **kw) for i in range(0, z.shape[0], args.chunk)]
             )
 
     t0 = time.time()
@@ -173,6 +173,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             teacher_steps=args.teacher_steps,
             init=init,
             time_shift=not args.no_time_shift,
+            solver_offsets=args.solver_offsets,
             divergence_kind=div,
             weight_grad=not args.detach_weights,
             iters=args.iters,
@@ -184,7 +185,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             teacher_probes=data["teacher_probes"],
             log=lambda s, nfe=nfe: log(f"  {setup} nfe {nfe}: {s}"),
         )
-        out = solve(x_test, res.grid, res.network_times)
+        out = solve(x_test, res.grid, res.network_times, off=res.solver_offsets)
         d = distances(out, y_test)
         row.update(
             named=named,
@@ -206,6 +207,7 @@ def run_setup(setup: str, args, clf, log) -> list[dict]:
             learn_seconds=round(res.seconds, 1),
             grid=[float(t) for t in res.grid],
             network_times=None if res.network_times is None else [float(t) for t in res.network_times],
+            solver_offsets=res.info.get("solver_offsets"),
             init=res.info["init"],
         )
         rows.append(row)
@@ -275,14 +277,15 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
         row["best_named_distance"] = named[row["best_named"]]
         path = Path(args.floor_of) / f"{FILE_NAMES[setup]}-{args.solver}-nfe{nfe}.json"
         expr = data["expr"]
-        ts, net = compose.resolve_grid(
+        ts, net, off = compose.resolve_grid(
             sch, str(path), expect={**ld3.expression_keys(expr), "solver": args.solver, "nfe": nfe}
         )
-        out = solve(x_test, ts, net)
+        out = solve(x_test, ts, net, off=off)
         row["file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
         row["file_distance"] = float(distances(out, y_test).mean())
         row["file_cut_pct"] = 100.0 * (1.0 - row["file_distance"] / row["best_named_distance"])
-        row["student_rerun"] = rerun(out, solve(x_test, ts, net, seed_offset=1000)) if data["div"] else teacher
+        again = solve(x_test, ts, net, seed_offset=1000, off=off) if data["div"] else None
+        row["student_rerun"] = rerun(out, again) if data["div"] else teacher
         if args.random_grids:
             g = torch.Generator().manual_seed(args.seed + 11)
             best = None
@@ -318,10 +321,10 @@ def transfer_report(setup: str, args, log) -> list[dict]:
                 named[f"{k} ({sv})"] = float(distances(out, y_test).mean())
         best = min(named, key=named.get)
         path = Path(args.transfer_from) / f"a-{args.solver}-nfe{nfe}.json"
-        ts, net = compose.resolve_grid(
+        ts, net, off = compose.resolve_grid(
             sch, str(path), expect={"model": "shapes-uncond-a", "solver": args.solver, "nfe": nfe}
         )
-        d = distances(solve(x_test, ts, net), y_test)
+        d = distances(solve(x_test, ts, net, off=off), y_test)
         row = {"setup": setup, "nfe": nfe, "solver": args.solver, "probes": args.probes, "named": named}
         row.update(best_named=best, best_named_distance=named[best], file=str(path), file_distance=float(d.mean()),
                    file_se=float(d.std() / len(d) ** 0.5), file_median=float(d.median()),
@@ -453,6 +456,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--ball", type=float, default=0.0, help="relaxed-loss radius r (0: the plain distance)")
     p.add_argument("--no-time-shift", action="store_true", help="learn the grid only (no decoupled network times)")
+    p.add_argument(
+        "--solver-offsets",
+        action="store_true",
+        help="learn the solver's coefficients too (ld3.learn_schedule(solver_offsets=True); dpm2m / unipc)",
+    )
     p.add_argument("--detach-weights", action="store_true", help="OR / AND: hold the weights constant in the backward")
     p.add_argument("--chunk", type=int, default=32, help="noises per solver call")
     p.add_argument("--probes", type=int, default=1, help="OR / AND: Hutchinson probes per step of every grid")

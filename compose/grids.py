@@ -121,8 +121,9 @@ def resolve_grid(
     expect: dict | None = None,
     default_steps: int | None = None,
     probes: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Turn a grid given by name, file or values into (ts (N + 1,), network times (N,) or None).
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Turn a grid given by name, file or values into (ts (N + 1,), network times (N,) or None, solver offsets
+    (N, 3) or None).
 
     grid: a name in `GRIDS` (needs `steps`), the path of a JSON schedule file written by `compose.ld3`
         (its keys are checked against `expect`, e.g. {"nfe": 6, "solver": "dpm2m"}; a mismatch names the key), or
@@ -130,8 +131,8 @@ def resolve_grid(
     default_steps: the step count of a named grid when steps is None.
     probes: the call's Hutchinson probes per step (None: it uses none). A file learned with another number warns
         (not an error: the grid still runs, but the distances recorded in the file were measured with its own).
-    Returns the grid and, for learned schedules with a decoupled time shift, the times fed to the network at each
-    step (else None).
+    Returns the grid and, for learned schedules, the times fed to the network at each step (a decoupled time shift)
+    and the learned solver coefficients (`compose.ld3`; pass them to the multistep solver), each None when absent.
     """
     from .engine import check_grid
 
@@ -152,12 +153,13 @@ def resolve_grid(
                 f"this call uses probes={probes}. Pass probes={learned} for the distances the file records.",
                 stacklevel=3,
             )
-        net = sched.get("network_times")
-        return ts, (None if net is None else torch.as_tensor(net, dtype=torch.float64))
+        net, off = sched.get("network_times"), sched.get("solver_offsets")
+        as_t = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+        return ts, as_t(net), as_t(off)
     if isinstance(grid, str):
         steps = default_steps if steps is None else steps
         if steps is None:
             raise ValueError(f"grid={grid!r} needs steps= (the number of steps).")
-        return make_grid(schedule, steps, kind=grid), None
+        return make_grid(schedule, steps, kind=grid), None, None
     ts = check_grid(grid, "grid")
-    return ts, None
+    return ts, None, None

@@ -122,14 +122,14 @@ SOURCE_ONLY_KEYS = ("val_distance", "val_distance_init", "val_distance_named", "
 def transfer_schedule(source: str | os.PathLike | dict, expr: Any, **measured: Any) -> dict[str, Any]:
     """A schedule learned for one set-up, re-keyed for `expr` (e.g. one model's file used for OR / AND of it).
 
-    The grid, network times, solver and NFE carry over unchanged, and the file's identity keys (model, operator,
-    guidance) become `expr`'s, so `compose.sample` and the pipeline accept it for `expr`. The noise schedule must be
-    the same: a grid is a list of times, and on another schedule they are other noise levels (ValueError).
+    The grid, network times, solver offsets, solver and NFE carry over unchanged, and the file's identity keys (model,
+    operator, guidance) become `expr`'s, so `compose.sample` and the pipeline accept it for `expr`. The noise schedule
+    must be the same: a grid is a list of times, and on another schedule they are other noise levels (ValueError).
     The keys that say how the grid was learned (train_size, teacher, loss, iters, ...) stay the source's; what was
     measured for the source (its distances, its Hutchinson probes, its command) moves under `transferred_from`,
     with the source's identity and file. `measured`: keys to add, e.g. distances measured for `expr`.
     """
-    clash = sorted(set(measured) & {*CHECKED_KEYS, "grid", "network_times", "nfe", "transferred_from"})
+    clash = sorted(set(measured) & {*CHECKED_KEYS, "grid", "network_times", "solver_offsets", "transferred_from"})
     if clash:
         raise ValueError(
             f"measured: {clash} are the schedule's own keys; pass measurements only (e.g. test_distance)."
@@ -177,6 +177,45 @@ def _check_schedule(info: dict, path: str) -> None:
     net = info.get("network_times")
     if net is not None and len(net) != info["nfe"]:
         raise ValueError(f"schedule file {path!r}: network_times has {len(net)} entries for nfe={info['nfe']}.")
+    off = info.get("solver_offsets")
+    if off is not None:
+        try:
+            off = torch.as_tensor(off, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"schedule file {path!r}: solver_offsets is not a table of numbers ({err}).") from err
+        check_solver_offsets(off, info["solver"], info["nfe"], f"the solver_offsets of schedule file {path!r}")
+
+
+def solver_offset_mask(solver: str, nfe: int) -> torch.Tensor:
+    """(nfe, 3) 1 where a learned solver coefficient is used, 0 where the solver has nothing to offset.
+
+    Row k: column 0 offsets the 2M step's rho (1/2) from ts[k], used from k = 1 (step 0 is first order); columns 1-2
+    offset the UniC corrector's (rho_0, rho_1) that recomputes the state at ts[k] ("unipc" only): rho_1 from k = 1,
+    rho_0 from k = 2 (the first corrector is of order 1).
+    """
+    mask = torch.zeros(nfe, 3, dtype=torch.float64)
+    mask[1:, 0] = 1.0
+    if solver == "unipc":
+        mask[1:, 2] = 1.0
+        mask[2:, 1] = 1.0
+    return mask
+
+
+def check_solver_offsets(off: Any, solver: str, nfe: int, name: str) -> None:
+    """Learned solver coefficients must be a finite (nfe, 3) table, zero where the solver uses none."""
+    if solver not in ("dpm2m", "unipc"):
+        raise ValueError(f"{name}: learned solver coefficients exist for 'dpm2m' and 'unipc', not solver={solver!r}.")
+    off = torch.as_tensor(off, dtype=torch.float64)
+    if off.shape != (nfe, 3):
+        raise ValueError(f"{name} must have shape ({nfe}, 3) (one row per step); got {tuple(off.shape)}.")
+    if not bool(torch.isfinite(off).all()):
+        raise ValueError(f"{name} must be finite; got {off.tolist()}.")
+    unused = off.detach() * (1.0 - solver_offset_mask(solver, nfe))
+    if bool((unused != 0).any()):
+        raise ValueError(
+            f"{name}: the entries the {solver} solver does not use must be 0 (row 0; for unipc row 1 column 1; for "
+            f"dpm2m columns 1-2); got {off.tolist()}."
+        )
 
 
 # ---------------------------------------------------------------------- the differentiable student
@@ -207,8 +246,10 @@ def solve(
     weight_grad: bool = False,
     generator: torch.Generator | None = None,
     probes: int = 1,
+    solver_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler", "dpm2m" or "unipc"), differentiable in x, ts.
+    """Probability-flow ODE from ts[0] to ts[-1] with `solver` ("euler", "dpm2m" or "unipc"), differentiable in x, ts
+    and the solver offsets.
 
     x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad); network_times: (N,) times fed
     to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND coefficients are computed from
@@ -217,13 +258,16 @@ def solve(
     detaches them (the grid moves the trajectory, not the weights); True lets gradients flow through the tracked
     log-densities, the divergences included, into the weights (through the states; the log-density increments'
     explicit dependence on the step sizes stays detached). Same values either way. generator: draws the Hutchinson
-    probes (default: torch's global RNG).
+    probes (default: torch's global RNG). solver_offsets: None or (N, 3) learned solver coefficients (see
+    `check_solver_offsets`; "dpm2m" / "unipc" only).
     """
     from .sampling import SOLVER_ORDER, dpm2m_step, unic_step
 
     if solver not in SOLVER_ORDER:
         raise ValueError(f"solver={solver!r} is not known; use one of {tuple(SOLVER_ORDER)}.")
     _check_probes(probes, "probes")
+    if solver_offsets is not None:
+        check_solver_offsets(solver_offsets, solver, ts.numel() - 1, "solver_offsets")
     composer = Composer(expr, schedule=schedule, method="ode")
     sch = composer.schedule
     leaves = composer.leaves
@@ -263,10 +307,13 @@ def solve(
         else:
             x0 = (x - bcast(sigma, x).to(x.dtype) * eps_bar) / bcast(alpha, x).to(x.dtype)
             x_from = x
+            pred_off = corr_off = None
+            if solver_offsets is not None:
+                pred_off, corr_off = solver_offsets[k, 0], solver_offsets[k, 1:]
             if solver == "unipc" and x0_prev is not None:  # UniC: recompute the state at t_cur with x0
                 t_prev2 = ts[k - 2] if x0_prev2 is not None else None
-                x_from = unic_step(x_c, x0_prev, x0, x0_prev2, t_prev2, ts[k - 1], t_cur, sch)
-            x_next = dpm2m_step(x_from, x0, x0_prev, t_cur, t_next, sch, h_prev)
+                x_from = unic_step(x_c, x0_prev, x0, x0_prev2, t_prev2, ts[k - 1], t_cur, sch, corr_off)
+            x_next = dpm2m_step(x_from, x0, x0_prev, t_cur, t_next, sch, h_prev, pred_off)
             s = -eps_w.reshape(len(leaves), n, -1).to(torch.float64) / float(sigma.detach())
             dx = ((x_next if weight_grad else x_next.detach()) - out.x).reshape(n, -1).to(torch.float64)
             log_q = out.log_q + torch.einsum("lnd,nd->nl", s, dx)
@@ -329,7 +376,8 @@ def params_from_network_times(ts: torch.Tensor, network_times: Any) -> torch.Ten
 # ---------------------------------------------------------------------- learning
 @dataclass
 class LD3Result:
-    """A learned schedule: grid (N + 1,), network_times (N,) or None, and how it was learned."""
+    """A learned schedule: grid (N + 1,), network_times (N,) or None, solver_offsets (N, 3) or None, and how it was
+    learned."""
 
     grid: torch.Tensor
     network_times: torch.Tensor | None
@@ -338,6 +386,7 @@ class LD3Result:
     train_losses: list = field(default_factory=list)
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    solver_offsets: torch.Tensor | None = None
 
 
 def learn_schedule(
@@ -351,6 +400,7 @@ def learn_schedule(
     teacher_steps: int = 200,
     init: str | dict = "log_snr",
     time_shift: bool = False,
+    solver_offsets: bool = False,
     divergence_kind: str | None = None,
     weight_grad: bool = True,
     iters: int = 200,
@@ -372,9 +422,14 @@ def learn_schedule(
         named grid's validation distance is recorded in the result's info either way), or a schedule (a dict with
         "grid" and optionally "network_times", e.g. `load_schedule(path)` of a file learned for one of the
         composed models: a warm start; its network times start the time shift's, and are dropped when
-        time_shift is False).
-    time_shift: learn the decoupled network times too. divergence_kind: for OR / AND (density tracking), "exact",
-        "hutchinson" or "hutchinson_fd" (default exact for d <= 16, else hutchinson).
+        time_shift is False; its solver offsets likewise with solver_offsets).
+    time_shift: learn the decoupled network times too.
+    solver_offsets: learn the solver's coefficients too ("dpm2m" / "unipc"): per step, an offset to the 2M step's
+        extrapolation weight and, for UniPC, to the corrector's two weights (`check_solver_offsets`), starting from
+        0 (the solver itself) or from the init schedule's. Beyond LD3 (which learns times only), in the spirit of
+        learned solvers; the file then runs only with its own solver, as every file does.
+    divergence_kind: for OR / AND (density tracking), "exact", "hutchinson" or "hutchinson_fd" (default exact for
+        d <= 16, else hutchinson).
     weight_grad: for OR / AND, let the gradient flow through the tracked densities into the per-step weights (see
         `solve`); False treats the weights as constants (cheaper: no backward through the divergences).
     ball: r of the relaxed loss (x'_T within r * sigma_T of x_T); default 1e-3 d / nfe^2. iters: Adam steps.
@@ -394,12 +449,15 @@ def learn_schedule(
             f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
             f"nfe >= {SOLVER_ORDER[solver]}."
         )
-    start_ts = start_net = None
+    start_ts = start_net = start_off = None
+    if solver_offsets and solver not in ("dpm2m", "unipc"):
+        raise ValueError(f"solver_offsets=True needs solver 'dpm2m' or 'unipc' (multistep); got solver={solver!r}.")
     if isinstance(init, dict):
         if "grid" not in init:
             raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
         start_ts = torch.as_tensor(init["grid"], dtype=torch.float64)
         start_net = init.get("network_times")
+        start_off = init.get("solver_offsets")
         init = str(init.get("path", "schedule"))
     elif init not in GRIDS and init != "best":
         raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
@@ -432,15 +490,16 @@ def learn_schedule(
     if progress:
         log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {t_teach:.1f} s")
 
-    def run(x, ts, net=None, gen=generator):
+    def run(x, ts, net=None, off=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
         return solve(
-            expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen, probes=probes
-        )
+            expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen, probes=probes,
+            solver_offsets=off,
+        )  # fmt: skip
 
-    def val_distance(ts, net=None) -> float:
+    def val_distance(ts, net=None, off=None) -> float:
         with torch.no_grad():
-            out = run(x_val, ts, net, torch.Generator().manual_seed(probe_seed))
+            out = run(x_val, ts, net, off, torch.Generator().manual_seed(probe_seed))
             return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
 
     named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
@@ -457,13 +516,19 @@ def learn_schedule(
     if start_net is not None and time_shift:
         s0 = params_from_network_times(grid_from_params(sch, xi.detach(), t_max, t_min), start_net)
     s = s0.clone().requires_grad_(True)
+    mask = solver_offset_mask(solver, nfe)
+    o0 = torch.zeros(nfe, 3, dtype=torch.float64)
+    if start_off is not None and solver_offsets:
+        check_solver_offsets(start_off, solver, nfe, "init: the schedule's solver_offsets")
+        o0 = torch.as_tensor(start_off, dtype=torch.float64).clone()
+    o = o0.clone().requires_grad_(True)
     delta = torch.zeros_like(x_train, requires_grad=True)
-    params = [xi, s] if time_shift else [xi]
+    params = ([xi, s] if time_shift else [xi]) + ([o] if solver_offsets else [])
     opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])
 
     def current():
         ts = grid_from_params(sch, xi, t_max, t_min)
-        return ts, (network_times_from_params(ts, s) if time_shift else None)
+        return ts, (network_times_from_params(ts, s) if time_shift else None), (o * mask if solver_offsets else None)
 
     def val_loss() -> float:
         with torch.no_grad():
@@ -471,16 +536,16 @@ def learn_schedule(
 
     best = val_loss()
     init_loss = best
-    best_state = (xi.detach().clone(), s.detach().clone())
+    best_state = (xi.detach().clone(), s.detach().clone(), o.detach().clone())
     losses = []
     n = x_train.shape[0]
     if progress:
         log(f"ld3: nfe {nfe}, solver {solver}, init {init}: validation distance {init_loss:.5f}")
     for it in range(iters):
         idx = torch.randperm(n, generator=generator)[:batch_size]
-        ts, net = current()
+        ts, net, off = current()
         x_start = x_train[idx] + delta[idx]
-        out = run(x_start, ts, net)
+        out = run(x_start, ts, net, off)
         loss = (out - y_train[idx]).reshape(len(idx), -1).norm(dim=1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -492,13 +557,14 @@ def learn_schedule(
         if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
             v = val_loss()
             if v < best:
-                best, best_state = v, (xi.detach().clone(), s.detach().clone())
+                best, best_state = v, (xi.detach().clone(), s.detach().clone(), o.detach().clone())
             if progress:
                 log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
     with torch.no_grad():
         xi.copy_(best_state[0])
         s.copy_(best_state[1])
-        ts, net = current()
+        o.copy_(best_state[2])
+        ts, net, off = current()
     seconds = time.time() - start
     hutchinson = _tracks_density(expr) and _divergence_kind(divergence_kind, x_val) != "exact"
     info = {
@@ -509,6 +575,7 @@ def learn_schedule(
         "schedule": repr(sch),
         "grid": [float(v) for v in ts],
         "network_times": None if net is None else [float(v) for v in net],
+        **({"solver_offsets": [[float(v) for v in row] for row in off]} if off is not None else {}),
         "train_size": int(x_train.shape[0]),
         "val_size": int(x_val.shape[0]),
         "teacher": f"dpm2m, {teacher_steps} log_snr steps" if teacher_steps else "custom",
@@ -528,6 +595,7 @@ def learn_schedule(
     return LD3Result(
         grid=ts.detach(),
         network_times=None if net is None else net.detach(),
+        solver_offsets=None if off is None else off.detach(),
         val_loss=best,
         val_loss_init=init_loss,
         train_losses=losses,
@@ -608,6 +676,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher-probes", type=int, default=None, help="the same for the teacher (default --probes)")
     p.add_argument("--time-shift", action="store_true", help="learn the decoupled network times too")
     p.add_argument(
+        "--solver-offsets",
+        action="store_true",
+        help="learn the solver's coefficients too (dpm2m / unipc: offsets to the multistep and corrector weights)",
+    )
+    p.add_argument(
         "--detach-weights",
         action="store_true",
         help="OR / AND: treat the per-step weights as constants in the backward pass (cheaper, usually worse)",
@@ -676,6 +749,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_steps=a.teacher_steps,
         init=init,
         time_shift=a.time_shift,
+        solver_offsets=a.solver_offsets,
         divergence_kind=a.divergence,
         weight_grad=not a.detach_weights,
         iters=a.iters,

@@ -134,13 +134,13 @@ def sample(
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
     if timesteps is not None:
-        ts, t_net = check_grid(timesteps), None
+        ts, t_net, offsets = check_grid(timesteps), None, None
     else:
         from .ld3 import expression_keys
 
         expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde", "schedule": repr(sch)}
         hutch = probes if method == "ode" and divergence != "exact" else None
-        ts, t_net = resolve_grid(sch, grid, steps, expect=expect, default_steps=500, probes=hutch)
+        ts, t_net, offsets = resolve_grid(sch, grid, steps, expect=expect, default_steps=500, probes=hutch)
     if len(ts) - 1 < SOLVER_ORDER[solver]:
         raise ValueError(
             f"solver={solver!r} (order {SOLVER_ORDER[solver]}) needs at least {SOLVER_ORDER[solver]} steps; the grid "
@@ -186,7 +186,7 @@ def sample(
         out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span)
         x_next, log_q = out.x, out.log_q
         if solver != "euler":
-            x_next, log_q, multistep = multistep_composed(solver, x, out, eps, multistep, ts, k, sch)
+            x_next, log_q, multistep = multistep_composed(solver, x, out, eps, multistep, ts, k, sch, offsets)
         x = x_next
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
@@ -219,6 +219,7 @@ def multistep_composed(
     ts: torch.Tensor,
     k: int,
     schedule: NoiseSchedule,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Replace the Euler ODE step `out` (a `StepOutput` from x at ts[k]) by `solver` on the composed eps:
     "dpm2m" (DPM-Solver++(2M)) or "unipc" (UniPC, bh2: the same 2M step as predictor, after the UniC corrector).
@@ -229,9 +230,13 @@ def multistep_composed(
     new x0_hat (`unic_step`, no extra network call); the 2M step then goes from it to ts[k+1]. Each model's log q
     is moved along the displacement actually taken: dlogq_i += <s_i, x_next - x_Euler>, s_i = -eps_i / sigma (the
     Euler form of MATH.md section 4 holds for any displacement to first order). Returns (x_next, log_q, state for
-    the next call).
+    the next call). offsets: None or the (N, 3) learned solver coefficients of a schedule file (`compose.ld3`):
+    row k holds the 2M step's rho offset from ts[k] and the corrector's (d_rho0, d_rho1) at ts[k].
     """
     t_cur, t_next = float(ts[k]), float(ts[k + 1])
+    pred_off = corr_off = None
+    if offsets is not None:
+        pred_off, corr_off = offsets[k, 0], offsets[k, 1:]
     n = x.shape[0]
     x0_bar = (x - bcast(schedule.sigma(t_cur), x).to(x.dtype) * out.eps) / bcast(schedule.alpha(t_cur), x).to(x.dtype)
     x_from, m_prev, h_prev = x, None, None
@@ -239,9 +244,9 @@ def multistep_composed(
         x_c, m_prev, m_prev2 = state
         if solver == "unipc":
             t_prev2 = float(ts[k - 2]) if m_prev2 is not None else None
-            x_from = unic_step(x_c, m_prev, x0_bar, m_prev2, t_prev2, float(ts[k - 1]), t_cur, schedule)
+            x_from = unic_step(x_c, m_prev, x0_bar, m_prev2, t_prev2, float(ts[k - 1]), t_cur, schedule, corr_off)
         h_prev = 0.5 * float(schedule.log_snr(t_cur) - schedule.log_snr(float(ts[k - 1])))
-    x_next = dpm2m_step(x_from, x0_bar, m_prev, t_cur, t_next, schedule, h_prev)
+    x_next = dpm2m_step(x_from, x0_bar, m_prev, t_cur, t_next, schedule, h_prev, pred_off)
     s = -eps.reshape(eps.shape[0], n, -1).to(torch.float64) / float(schedule.sigma(t_cur))
     log_q = out.log_q + torch.einsum("lnd,nd->nl", s, (x_next - out.x).reshape(n, -1).to(torch.float64))
     return x_next, log_q, (x_from, x0_bar, m_prev)
@@ -256,6 +261,7 @@ def unic_step(
     t_prev: Any,
     t_cur: Any,
     schedule: NoiseSchedule,
+    rho_offsets: Any = None,
 ) -> torch.Tensor:
     """The UniC corrector (Zhao et al. 2023, arXiv 2302.04867; B(h) = expm1(-h), "bh2"; data prediction).
 
@@ -266,13 +272,17 @@ def unic_step(
                                                               + rho_1 (m_cur - m_prev)],
     order 1: rho_0 = 0, rho_1 = 1/2; order 2: rho_0 + rho_1 = b_1, r rho_0 + rho_1 = b_2 with
     b_1 = (phi / (-h) - 1) / phi and b_2 = 2 ((phi / (-h) - 1) / (-h) - 1/2) / phi.
-    Times may be tensors that carry gradients (learned grids).
+    rho_offsets: None or (d_rho0, d_rho1) added to (rho_0, rho_1), learned solver coefficients (`compose.ld3`; at
+    order 1 only d_rho1 is used). Times may be tensors that carry gradients (learned grids).
     """
     lam_prev, lam_cur = 0.5 * schedule.log_snr(t_prev), 0.5 * schedule.log_snr(t_cur)
     h = lam_cur - lam_prev
     phi = torch.expm1(-h)
     if m_prev2 is None:
-        corr = 0.5 * (m_cur - m_prev)
+        if rho_offsets is None:
+            corr = 0.5 * (m_cur - m_prev)
+        else:
+            corr = bcast(0.5 + rho_offsets[1], m_cur).to(m_cur.dtype) * (m_cur - m_prev)
     else:
         r = (0.5 * schedule.log_snr(t_prev2) - lam_prev) / h
         phi_1 = phi / -h - 1.0
@@ -280,6 +290,8 @@ def unic_step(
         b2 = 2.0 * (phi_1 / -h - 0.5) / phi
         rho0 = (b1 - b2) / (1.0 - r)
         rho1 = b1 - rho0
+        if rho_offsets is not None:
+            rho0, rho1 = rho0 + rho_offsets[0], rho1 + rho_offsets[1]
         corr = bcast(rho0 / r, m_cur).to(m_cur.dtype) * (m_prev2 - m_prev) + bcast(rho1, m_cur).to(m_cur.dtype) * (
             m_cur - m_prev
         )
@@ -296,12 +308,14 @@ def dpm2m_step(
     t_next: Any,
     schedule: NoiseSchedule,
     h_prev: Any = None,
+    rho_offset: Any = None,
 ) -> torch.Tensor:
     """One DPM-Solver++(2M) step (Lu et al. 2022, Alg. 2) from t_cur to t_next on data predictions.
 
     x, x0, x0_prev: (n, ...) state, x0_hat at (x, t_cur), and x0_hat of the previous step (None: first order).
     With lambda = log(alpha / sigma) (half the log-SNR), h = lambda_next - lambda_cur and r = h_prev / h:
-        x_next = (sigma_next / sigma_cur) x - alpha_next expm1(-h) D,  D = (1 + 1/(2r)) x0 - (1/(2r)) x0_prev.
+        x_next = (sigma_next / sigma_cur) x - alpha_next expm1(-h) D,  D = (1 + rho/r) x0 - (rho/r) x0_prev,
+    rho = 1/2 (+ rho_offset: a learned solver coefficient, `compose.ld3`; 0 is the solver itself).
     t_cur / t_next may be tensors that carry gradients (learned grids).
     """
     lam_cur, lam_next = 0.5 * schedule.log_snr(t_cur), 0.5 * schedule.log_snr(t_next)
@@ -309,7 +323,8 @@ def dpm2m_step(
     d = x0
     if x0_prev is not None:
         r = h_prev / h
-        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        rho = 0.5 if rho_offset is None else 0.5 + rho_offset
+        d = (1.0 + rho / r) * x0 - (rho / r) * x0_prev
     ratio = schedule.sigma(t_next) / schedule.sigma(t_cur)
     coef = -schedule.alpha(t_next) * torch.expm1(-h)
     return bcast(ratio, x).to(x.dtype) * x + bcast(coef, x).to(x.dtype) * d

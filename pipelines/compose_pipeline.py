@@ -765,13 +765,13 @@ class ComposePipeline(DiffusionPipeline):
         term_index = [next(i for i, lf in enumerate(order) if lf is leaf) for leaf in leaves]
 
         # 3. grid, initial state and its log q
-        t_net = None
+        t_net = offsets = None
         if timesteps is None and sigmas is None:
             expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde"}
             expect["schedule"] = repr(noise_schedule)
             explicit = is_schedule_file(schedule_name)
             hutch = probes if method == "ode" else None
-            ts, t_net = resolve_grid(
+            ts, t_net, offsets = resolve_grid(
                 noise_schedule, schedule_name, None if explicit else num_inference_steps, expect=expect, probes=hutch
             )
             if explicit and steps_given and len(ts) - 1 != num_inference_steps:
@@ -848,7 +848,9 @@ class ComposePipeline(DiffusionPipeline):
                 x_start = x
                 x, log_q, coeffs = out.x, out.log_q, out.coeffs
                 if solver != "euler":
-                    x, log_q, multistep = multistep_composed(solver, x_start, out, eps, multistep, ts, k, schedule)
+                    x, log_q, multistep = multistep_composed(
+                        solver, x_start, out, eps, multistep, ts, k, schedule, offsets
+                    )
                 kappas.append(out.kappa[root.path] if root is not None else torch.ones(n, 1, dtype=torch.float64))
                 for path, kap in out.kappa.items():
                     node_kappa.setdefault(path, []).append(kap)

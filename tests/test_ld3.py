@@ -395,3 +395,84 @@ def test_the_operator_key_of_schedule_files_holds_what_changes_the_target(tmp_pa
     ld3.load_schedule(p, expect=ld3.expression_keys(compose.AND(a, b, clamp=(0.0, 1.0))))
     with pytest.raises(ValueError, match=r"operator='AND\(A, B\)' \(this call: 'AND\(A, B, bias=\[0.5, -0.5\]\)'\)"):
         ld3.load_schedule(p, expect=ld3.expression_keys(compose.AND(a, b, bias=[1.0, 0.0])))
+
+
+@pytest.mark.parametrize("solver", ["dpm2m", "unipc"])
+def test_solver_offsets_gradient_matches_finite_differences(solver):
+    """Learned solver coefficients: zero offsets are the solver itself (same states), the gradient in the offsets is
+    the true one, and the entries the solver does not use get no gradient."""
+    sch = compose.NoiseSchedule.vp_linear()
+    g = compose.toy.GaussianMixture([[1.0, -0.5], [-1.0, 1.0]], 0.5, schedule=sch)
+    x = noises(sch, 8, 7)
+    ts = make_grid(sch, 4, "ays_sdxl")
+    zero = torch.zeros(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(ld3.solve(g, x, ts, solver, solver_offsets=zero), ld3.solve(g, x, ts, solver))
+    mask = ld3.solver_offset_mask(solver, 4)
+    w = torch.randn(8, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    off = 0.3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * mask
+    off.requires_grad_(True)
+    (grad,) = torch.autograd.grad((ld3.solve(g, x, ts, solver, solver_offsets=off) * w).sum(), off)
+    assert bool((grad[mask == 0] == 0).all()) and bool((grad[mask == 1] != 0).all())
+    with torch.no_grad():
+        for k, c in mask.nonzero().tolist():
+            e = torch.zeros_like(off)
+            e[k, c] = 1e-6
+            up, down = (ld3.solve(g, x, ts, solver, solver_offsets=off + s * e) for s in (1, -1))
+            fd = float(((up - down) * w).sum()) / 2e-6
+            assert abs(float(grad[k, c]) - fd) < 1e-5 * (1 + abs(fd)), (k, c, float(grad[k, c]), fd)
+
+
+def test_learned_solver_offsets_cut_the_distance_beyond_the_grid(two_mixtures):
+    """Mixture A, UniPC at NFE 4: learning the solver's coefficients with the grid and network times ends much
+    closer to the teacher on held-out noises than learning the times alone (same budget, same start)."""
+    a, _ = two_mixtures()
+    x = noises(a.schedule, 192, 11)
+    kw = dict(solver="unipc", teacher_steps=200, init="best", time_shift=True, iters=60, lr=0.05, batch_size=32,
+              progress=False)  # fmt: skip
+    teacher = ld3.solve(a, x[128:], make_grid(a.schedule, 200, "log_snr"), "dpm2m")
+    dist = {}
+    for off in (False, True):
+        res = ld3.learn_schedule(a, 4, x[:64], x[64:128], solver_offsets=off, **kw,
+                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        out = ld3.solve(a, x[128:], res.grid, "unipc", res.network_times, solver_offsets=res.solver_offsets)
+        dist[off] = float((out - teacher).norm(dim=1).mean())
+        assert (res.solver_offsets is not None) == off and ("solver_offsets" in res.info) == off
+    assert dist[True] < 0.5 * dist[False], dist
+
+
+def test_schedule_file_with_solver_offsets_runs_as_learned_and_bad_offsets_are_refused(tmp_path, two_mixtures):
+    """--solver-offsets writes them into the file; compose.sample with the file == ld3.solve with its grid, network
+    times and offsets; a transfer keeps them; offsets of the wrong shape, in unused entries, not finite or for Euler
+    are refused with the key named."""
+    a, b = two_mixtures()
+    path = tmp_path / "a.json"
+    argv = ["--model", "toy:A", "--nfe", "4", "--solver", "unipc", "--iters", "6", "--train", "16", "--val", "8"]
+    ld3.main([*argv, "--time-shift", "--solver-offsets", "--out", str(path)])
+    info = json.loads(path.read_text())
+    off = torch.tensor(info["solver_offsets"], dtype=torch.float64)
+    assert off.shape == (4, 3) and bool((off[ld3.solver_offset_mask("unipc", 4) == 1] != 0).any())
+    x = noises(a.schedule, 8, 5)
+    ref = ld3.solve(a, x, torch.tensor(info["grid"], dtype=torch.float64), "unipc",
+                    torch.tensor(info["network_times"], dtype=torch.float64), solver_offsets=off)  # fmt: skip
+    out = compose.sample(a, x_T=x, grid=str(path), method="ode", solver="unipc").samples
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    plain = ld3.solve(a, x, torch.tensor(info["grid"], dtype=torch.float64), "unipc",
+                      torch.tensor(info["network_times"], dtype=torch.float64))  # fmt: skip
+    assert float((out - plain).abs().max()) > 1e-4  # the offsets are used, not dropped
+    moved = ld3.transfer_schedule(str(path), compose.OR(a, b))
+    assert moved["solver_offsets"] == info["solver_offsets"]
+
+    def refused(value, match, solver="unipc"):
+        p = tmp_path / "bad.json"
+        p.write_text(json.dumps(info | {"solver_offsets": value, "solver": solver}))
+        with pytest.raises(ValueError, match=match):
+            ld3.load_schedule(p)
+
+    refused(info["solver_offsets"][:3], r"must have shape \(4, 3\)")
+    refused([[1.0, 0, 0]] + info["solver_offsets"][1:], "entries the unipc solver does not use must be 0")
+    refused([[0, 0, 0], [0.1, 0, 0.2], [0.1, 0.3, 0.2], [0.1, 0.2, 0.0]], "dpm2m columns 1-2", solver="dpm2m")
+    refused([[0, 0, 0]] * 3 + [[float("nan"), 0, 0]], "must be finite")
+    refused(info["solver_offsets"], "exist for 'dpm2m' and 'unipc', not solver='euler'", solver="euler")
+    refused([["a", 0, 0]] * 4, "not a table of numbers")
+    with pytest.raises(ValueError, match="solver_offsets=True needs solver 'dpm2m' or 'unipc'"):
+        ld3.learn_schedule(a, 4, x, x, solver="euler", solver_offsets=True, progress=False)

@@ -64,8 +64,9 @@ def test_every_shipped_file_is_complete_and_named_for_its_setup():
 
 @pytest.mark.parametrize("path", [p for p in FILES if setup_of(p) == "a"], ids=lambda p: p.name)
 def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
-    """The pipeline's ODE with the file == compose.ld3.solve with the file's grid and network times (then the
-    pipeline's final x0 at the last grid time): the schedule means the same thing where it is learned and used."""
+    """The pipeline's ODE with the file == compose.ld3.solve with the file's grid, network times and learned solver
+    offsets where it has them (then the pipeline's final x0 at the last grid time): the schedule means the same
+    thing where it is learned and used."""
     info = json.loads(path.read_text())
     pipe = pipes["a"]
     out = pipe(method="ode", solver=info["solver"], schedule=str(path), batch_size=2, output_type="latent",
@@ -73,10 +74,11 @@ def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
     model = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
     sch = model.schedule
     grid = torch.tensor(info["grid"], dtype=torch.float64)
-    net = None if info["network_times"] is None else torch.tensor(info["network_times"], dtype=torch.float64)
+    as_t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    net, off = as_t(info["network_times"]), as_t(info.get("solver_offsets"))
     x_T = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(3)) * float(sch.sigma(grid[0]))
     with torch.no_grad():
-        x = ld3.solve(model, x_T, grid, info["solver"], net)
+        x = ld3.solve(model, x_T, grid, info["solver"], net, solver_offsets=off)
         x0 = compose.eps_to_x0(model.eps(x, grid[-1]), x, grid[-1], sch)
     assert out.images.shape == x0.shape
     torch.testing.assert_close(out.images.float(), x0.float(), atol=2e-4, rtol=1e-4)
