@@ -129,8 +129,8 @@ def prepare(setup: str, args, log, parts=("train", "select", "test")) -> dict:
         if cached is not None and len(parts) == 3:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(dict(ys, seconds=teacher_s), cached)
-    return dict(expr=expr, div=div, sch=sch, xs=xs, ys=ys, solve=solve, teacher_grid=teacher_grid, teacher_s=teacher_s,
-                teacher_probes=tp)  # fmt: skip
+    return dict(expr=expr, target=target, div=div, sch=sch, xs=xs, ys=ys, solve=solve, teacher_grid=teacher_grid,
+                teacher_s=teacher_s, teacher_probes=tp)  # fmt: skip
 
 
 def run_setup(setup: str, args, clf, log) -> list[dict]:
@@ -265,7 +265,8 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
     if data["div"] is None:
         teacher = {"mean": 0.0, "median": 0.0, "flips": 0.0}
     else:
-        teacher = rerun(y_test, solve(x_test, data["teacher_grid"], seed_offset=1003, probes=data["teacher_probes"]))
+        kw = dict(probes=data["teacher_probes"], solver="dpm2m", of=data["target"])  # the teacher's own set-up
+        teacher = rerun(y_test, solve(x_test, data["teacher_grid"], seed_offset=1003, **kw))
     log(f"{setup}: teacher rerun {teacher}")
     rows = []
     for nfe in args.nfe:

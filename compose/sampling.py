@@ -78,7 +78,8 @@ def sample(
         x_T: (n, ...) starting states at the first grid time.
         timesteps: an explicit strictly decreasing grid in t; or `steps` with `grid`: a name in `compose.GRIDS`
             ("log_snr", "uniform", "karras", "ays_sd15", "ays_sdxl"), or the path of a learned JSON schedule file
-            (`compose.ld3`; its grid, NFE, solver and model are checked against this call).
+            (`compose.ld3`; its grid, NFE, solver and model are checked against this call; its network times and
+            learned solver coefficients, where it has them, are used).
         method: "sde" (Euler-Maruyama, Ito density estimator) or "ode" (the probability-flow ODE with a divergence
             estimate, stepped by `solver`).
         solver: for "ode": "euler", or "dpm2m" (DPM-Solver++(2M), Lu et al. 2022, on the composed x0_hat = x0 of the

@@ -634,7 +634,8 @@ class ComposePipeline(DiffusionPipeline):
             schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
                 `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
                 refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
-                message names the keys that differ). `grid` is an alias.
+                message names the keys that differ); its network times and learned solver coefficients, where it
+                has them, are used as learned. `grid` is an alias.
             solver: "euler", "dpm2m" (DPM-Solver++(2M) on the composed eps) or "unipc" (UniPC: the 2M predictor and
                 the UniC corrector, no extra network call; it rebuilds each state from the previous one, so latents
                 changed by `callback_on_step_end` move only the point where the UNets are called); method="ode"

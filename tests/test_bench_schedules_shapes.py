@@ -101,3 +101,26 @@ def test_and_clamp_bounds_the_students_weights_and_leaves_the_teacher_alone():
     assert float((data["ys"]["test"] - run(data["expr"])).abs().max()) > 1e-3
     with pytest.raises(SystemExit, match="--and-clamp bounds AND"):
         bench.parse_args(["--setups", "A", "OR", "--and-clamp", "0", "1"])
+
+
+def test_floor_report_reruns_the_teachers_own_solver_and_operator(tmp_path):
+    """With --solver unipc and --and-clamp the floor report's teacher rerun is still the teacher's set-up: the
+    unclamped AND with DPM-Solver++(2M), other probes (it used to run the students' solver and clamped AND)."""
+    import torch
+
+    from compose import ld3
+
+    files = ROOT / "model_cards" / "schedules-shapes-uncond"
+    argv = ["--setups", "AND", "--nfe", "4", "--train", "1", "--select", "1", "--test", "2", "--teacher-steps", "5",
+            "--solver", "unipc", "--and-clamp", "0.45", "0.55", "--threads", "2"]  # fmt: skip
+    bench.main([*argv, "--floor-of", str(files), "--json", str(tmp_path / "fl.json")])
+    (row,) = json.loads((tmp_path / "fl.json").read_text())["floor"]
+    args = bench.parse_args(argv)
+    data = bench.prepare("AND", args, lambda s: None, parts=("test",))
+    a, b = data["expr"].children
+    torch.manual_seed(args.seed + 1 + 1003)
+    with torch.no_grad():
+        again = ld3.solve(bench.compose.AND(a, b), data["xs"]["test"], data["teacher_grid"], "dpm2m",
+                          divergence_kind="hutchinson_fd")  # fmt: skip
+    want = float(bench.distances(data["ys"]["test"], again).mean())
+    assert abs(row["teacher_rerun"]["mean"] - want) < 1e-4 * (1 + want), (row["teacher_rerun"], want)
