@@ -231,27 +231,35 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
             raise ValueError(f"weights has {len(weights)} entries for {terms} terms; give one weight per term.")
     schedule = raw.get("schedule") or "log_snr"
     default_steps = 50  # a schedule file brings its own
+    learned = None  # a schedule file's keys: its NFE, and the ODE solver it was learned for
     if is_schedule_file(schedule):
         from compose.ld3 import load_schedule
 
         try:
-            default_steps = int(load_schedule(schedule)["nfe"])
+            learned = load_schedule(schedule)
         except ValueError as err:
             raise ValueError(f"schedule: {err}") from None
+        default_steps = int(learned["nfe"])
     elif schedule not in GRIDS:
         raise ValueError(
             f"schedule={schedule!r} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
         )
-    method = raw.get("method") or "sde"
+    method = raw.get("method") or ("ode" if learned is not None else "sde")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not known; use one of {list(METHODS)}.")
     divergence = raw.get("divergence") or None
     if divergence is not None and divergence not in DIVERGENCES:
         raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
-    solver = raw.get("solver") or None
+    solver = raw.get("solver") or (learned["solver"] if learned is not None else None)
     if solver is not None and solver not in SOLVERS:
         raise ValueError(
             f"solver={solver!r} is not known; use one of {list(SOLVERS)} ('dpm2m' and 'unipc' need method 'ode')."
+        )
+    if learned is not None and (method != "ode" or solver != learned["solver"]):
+        raise ValueError(
+            f"schedule: the file {schedule} was learned for method 'ode' with solver {learned['solver']!r}; this job "
+            f"asks for method {method!r}, solver {solver!r}. Leave method and solver out (the file's are used) or "
+            "set them to the file's."
         )
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
     if num_particles is not None and operator != "product_smc":

@@ -129,3 +129,24 @@ def test_schedule_file_rows_take_its_steps_and_are_checked(tmp_path):
     # the same file refused for another operator, by the pipeline, with the key named
     with pytest.raises(ValueError, match="operator"):
         J.run_job(pipe, J.parse_job({**row, "operator": "and"}))
+
+
+UNIPC = CARDS / "schedules-shapes-uncond" / "or-unipc-nfe4.json"
+
+
+@pytest.mark.skipif(not UNIPC.is_file(), reason="the shipped learned schedule is missing")
+def test_a_schedule_file_brings_its_ode_solver_and_a_contrary_one_is_refused():
+    """A row (or the Space's form) that names only the file runs it as learned: method 'ode', the file's solver and
+    NFE; a method or solver the file was not learned for is refused before any model is loaded."""
+    row = {"models": ["shapes-uncond-a", "shapes-uncond-b"], "prompts": [], "operator": "or", "schedule": str(UNIPC)}
+    job = J.parse_job(row)
+    assert (job.method, job.solver, job.steps) == ("ode", "unipc", 4)
+    assert J.pipeline_kwargs(job)["solver"] == "unipc" and J.pipeline_kwargs(job)["method"] == "ode"
+    assert J.parse_job({**row, "method": "ode", "solver": "unipc"}) == job
+    with pytest.raises(
+        ValueError, match="learned for method 'ode' with solver 'unipc'; this job asks for method 'sde'"
+    ):
+        J.parse_job({**row, "method": "sde"})
+    with pytest.raises(ValueError, match="asks for method 'ode', solver 'dpm2m'"):
+        J.parse_job({**row, "solver": "dpm2m"})
+    assert J.parse_job({**row, "schedule": "uniform"}).method == "sde"  # named grids keep the SDE default
