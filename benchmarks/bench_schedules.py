@@ -85,13 +85,16 @@ def part1(args, log) -> list[dict]:
                     teacher_steps=args.teacher_steps,
                     init=start_kind,
                     time_shift=args.time_shift,
+                    solver_offsets=args.solver_offsets,
                     iters=args.iters,
                     lr=args.lr,
                     progress=False,
                     generator=torch.Generator().manual_seed(args.seed),
                 )
                 with torch.no_grad():
-                    out = ld3.solve(expr, x_test, res.grid, solver, res.network_times)
+                    out = ld3.solve(
+                        expr, x_test, res.grid, solver, res.network_times, solver_offsets=res.solver_offsets
+                    )
                 row["learned"] = distance(out, y_test)
                 row["best_hand"] = best_kind
                 row["cut_vs_best_pct"] = 100.0 * (1 - row["learned"] / row[best_kind])
@@ -99,6 +102,8 @@ def part1(args, log) -> list[dict]:
                 row["learned_grid"] = [round(float(t), 5) for t in res.grid]
                 if res.network_times is not None:
                     row["learned_network_times"] = [round(float(t), 5) for t in res.network_times]
+                if res.solver_offsets is not None:
+                    row["learned_solver_offsets"] = [[round(float(v), 5) for v in r] for r in res.solver_offsets]
                 rows.append(row)
                 log(
                     f"{name} {solver} nfe {nfe}: best hand {best_kind} {row[best_kind]:.4f}, learned "
@@ -196,6 +201,9 @@ def parse_args(argv=None):
     p.add_argument("--val", type=int, default=200, help="noises that pick LD3's start grid and best iterate")
     p.add_argument("--test", type=int, default=200, help="held-out noises of the table (0: report on --val)")
     p.add_argument("--time-shift", action="store_true", help="LD3 learns the decoupled network times too")
+    p.add_argument(
+        "--solver-offsets", action="store_true", help="LD3 learns the solver's coefficients too (dpm2m / unipc)"
+    )
     p.add_argument("--no-diagnostics", action="store_true", help="skip part 2 (the schedules' dissipation)")
     p.add_argument("--no-grids", action="store_true", help="skip part 1 (the grids and LD3)")
     p.add_argument("--teacher-steps", type=int, default=200)

@@ -38,3 +38,12 @@ def test_bench_schedules_parts_can_be_skipped(capsys):
     assert "Distance to the teacher" not in text and "Spearman" in text
     with pytest.raises(SystemExit, match="--no-grids and --no-diagnostics"):
         bench_schedules.main(["--quick", "--no-grids", "--no-diagnostics"])
+
+
+def test_bench_schedules_learns_solver_offsets_when_asked(capsys):
+    res = bench_schedules.main(["--quick", "--setups", "A", "--solvers", "unipc", "--test", "0", "--no-diagnostics",
+                                "--time-shift", "--solver-offsets"])  # fmt: skip
+    assert "| A | unipc | 4 |" in capsys.readouterr().out
+    row = res["grids"][0]
+    assert row["learned"] <= row[row["best_hand"]] + 1e-12
+    assert len(row["learned_solver_offsets"]) == 4 and len(row["learned_network_times"]) == 4
