@@ -163,9 +163,16 @@ def test_space_bundle_runs_from_its_own_folder(tmp_path):
     with pytest.raises(ValueError, match="not shipped"):
         mod.bundle(tmp_path / "x", ["shapes-classifier"])
     dest = mod.bundle(tmp_path / "space", ["shapes-uncond-a"])
-    code = "import app; from pipelines import jobs; print(jobs.__file__); print(jobs.shipped_models())"
+    # the learned schedules of the bundled model come along, those that need model B do not
+    sched = sorted(p.name for p in (dest / "model_cards" / "schedules-shapes-uncond").glob("*.json"))
+    assert sched and all(n.startswith("a-") for n in sched) and "a-unipc-nfe4.json" in sched
+    code = (
+        "import app; from pipelines import jobs; print(jobs.__file__); print(jobs.shipped_models()); "
+        "print(jobs.parse_job({'models': ['shapes-uncond-a'], 'prompts': [], "
+        "'schedule': 'model_cards/schedules-shapes-uncond/a-unipc-nfe4.json'}).solver)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", code], cwd=dest, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    where, models = res.stdout.strip().splitlines()[-2:]
-    assert where.startswith(str(dest)) and "shapes-uncond-a" in models
+    where, models, solver = res.stdout.strip().splitlines()[-3:]
+    assert where.startswith(str(dest)) and "shapes-uncond-a" in models and solver == "unipc"

@@ -1,4 +1,5 @@
-"""Assemble a Hugging Face Space folder: app, README (front matter), requirements, the packages and shipped models.
+"""Assemble a Hugging Face Space folder: app, README (front matter), requirements, the packages, shipped models and
+the learned schedules of the bundled models (so `model_cards/schedules-.../*.json` paths work in the Space).
 
     python examples/space/bundle.py DIR [--models shapes-text shapes-uncond-a ...]
 """
@@ -34,7 +35,21 @@ def bundle(dest: str | Path, models: list[str] | None = None) -> Path:
         shutil.copytree(ROOT / pkg, dest / pkg, ignore=SKIP)
     for m in models:
         shutil.copytree(cards / m, dest / "model_cards" / m, ignore=SKIP)
+    for folder in sorted(cards.glob("schedules-*")):  # learned schedules: files whose models are all bundled
+        files = [f for f in sorted(folder.glob("*.json")) if set(_schedule_models(f)) <= set(models)]
+        if files:
+            (dest / "model_cards" / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in [*files, folder / "README.md"]:
+                if f.is_file():
+                    shutil.copy2(f, dest / "model_cards" / folder.name / f.name)
     return dest
+
+
+def _schedule_models(path: Path) -> list[str]:
+    """The checkpoint names a schedule file was learned for (its `model` key, comma-separated)."""
+    import json
+
+    return str(json.loads(path.read_text()).get("model", "")).split(",")
 
 
 def main() -> None:
