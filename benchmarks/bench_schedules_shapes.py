@@ -285,8 +285,10 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
         row["file"] = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
         row["file_distance"] = float(distances(out, y_test).mean())
         row["file_cut_pct"] = 100.0 * (1.0 - row["file_distance"] / row["best_named_distance"])
-        again = solve(x_test, ts, net, seed_offset=1000, off=off) if data["div"] else None
-        row["student_rerun"] = rerun(out, again) if data["div"] else teacher
+        if data["div"]:
+            row["student_rerun"] = rerun(out, solve(x_test, ts, net, seed_offset=1000, off=off))
+        else:
+            row["student_rerun"] = teacher
         if args.random_grids:
             g = torch.Generator().manual_seed(args.seed + 11)
             best = None

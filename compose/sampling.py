@@ -280,10 +280,7 @@ def unic_step(
     h = lam_cur - lam_prev
     phi = torch.expm1(-h)
     if m_prev2 is None:
-        if rho_offsets is None:
-            corr = 0.5 * (m_cur - m_prev)
-        else:
-            corr = bcast(0.5 + rho_offsets[1], m_cur).to(m_cur.dtype) * (m_cur - m_prev)
+        corr = (0.5 if rho_offsets is None else 0.5 + rho_offsets[1]) * (m_cur - m_prev)
     else:
         r = (0.5 * schedule.log_snr(t_prev2) - lam_prev) / h
         phi_1 = phi / -h - 1.0
