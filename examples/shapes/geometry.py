@@ -24,7 +24,7 @@ Verdicts (``GeometryJudge.predict``): shape index into :data:`~examples.shapes.d
 grey object. The decision for a clear object is a cascade of calibrated thresholds:
 
     elongation > max_elongation or holes > max_holes      -> -1
-    solidity < star_solidity                              -> star if arms >= star_min_arms and fill < circle_fill,
+    solidity < star_solidity                              -> star if arms in star_arms and fill < circle_fill,
                                                              else -1 (a crescent, a Y, a lumpy blob)
     fill < triangle_fill                                  -> triangle if arms in triangle_arms and rect < square_rect,
                                                              else -1 (a half-disc, a sliver)
@@ -74,7 +74,7 @@ class Thresholds:
     triangle_fill: float = 0.6437  # fitted: triangles below (renders: triangles <= 0.62, squares >= 0.66)
     circle_fill: float = 0.8471  # fitted: circles above (renders: squares <= 0.80, circles >= 0.92)
     square_rect: float = 0.8604  # fitted: squares above (renders: circles <= 0.82, squares >= 0.91)
-    star_min_arms: int = 4  # fitted: the fewest arms of a rendered star
+    star_arms: tuple = (4, 5)  # fitted: the range of arms of rendered stars
     triangle_arms: tuple = (3, 3)  # fitted: the arms of rendered triangles
     min_saturation: float = 0.35  # policy: (max - min) / max of the core's median colour (renders: >= 0.77)
     min_colour_share: float = 0.6  # policy: the majority hue class's share of the core pixels
@@ -381,7 +381,7 @@ def decide(feats: dict, th: Thresholds) -> tuple[int, int]:
     if feats["holes"] > th.max_holes:
         shape = -1
     elif feats["solidity"] < th.star_solidity:
-        shape = SHAPES.index("star") if arms >= th.star_min_arms and not round_ else -1
+        shape = SHAPES.index("star") if th.star_arms[0] <= arms <= th.star_arms[1] and not round_ else -1
     elif feats["elongation"] > th.max_elongation:  # an oval, a rectangle, a long triangle
         shape = -1
     elif fill < th.triangle_fill:
@@ -422,6 +422,7 @@ def load_geometry_judge(path=DEFAULT_CALIBRATION) -> GeometryJudge:
     th = json.loads(p.read_text())["thresholds"]
     th["hue_bounds"] = tuple(th["hue_bounds"])
     th["triangle_arms"] = tuple(th["triangle_arms"])
+    th["star_arms"] = tuple(th["star_arms"])
     return GeometryJudge(Thresholds(**th))
 
 
@@ -505,9 +506,9 @@ def calibrate(n_fit: int = 4000, n_test: int = 4000, seed: int = 0, size: int = 
     th.triangle_fill = _best_split(col["fill"][idx["triangle"]], col["fill"][solid & ~idx["triangle"]])
     th.circle_fill = _best_split(col["fill"][idx["square"]], col["fill"][idx["circle"]])
     th.square_rect = _best_split(col["rectangularity"][idx["circle"]], col["rectangularity"][idx["square"]])
-    # arm counts: every render's (stars: the fewest seen; triangles: the range seen)
-    th.star_min_arms = int(np.nanmin(col["arms"][idx["star"]]))
-    tri = col["arms"][idx["triangle"]]
+    # arm counts: the range seen on the renders of each
+    star, tri = col["arms"][idx["star"]], col["arms"][idx["triangle"]]
+    th.star_arms = (int(np.nanmin(star)), int(np.nanmax(star)))
     th.triangle_arms = (int(np.nanmin(tri)), int(np.nanmax(tri)))
     # hue boundaries: circular midpoints between the colours' median core hues
     hues = {}
