@@ -52,16 +52,39 @@ def test_blank_and_noise_images_get_no_verdict(judge):
         assert shape.eq(-1).all() and colour.eq(-1).all()
 
 
-def render_ellipse(a: float, b: float, theta: float, rgb, size: int = 24, ss: int = 8) -> torch.Tensor:
-    """An anti-aliased filled ellipse (semi-axes a, b pixels, rotated by theta) at the centre, in [-1, 1]."""
+def render_inside(inside, rgb, size: int = 24, ss: int = 8) -> torch.Tensor:
+    """An anti-aliased object from an inside test on (x, y) pixel offsets from the image centre, in [-1, 1]."""
     coords = (torch.arange(size * ss, dtype=torch.float64) + 0.5) / ss - size / 2
     y, x = torch.meshgrid(coords, coords, indexing="ij")
-    u = x * math.cos(theta) + y * math.sin(theta)
-    v = -x * math.sin(theta) + y * math.cos(theta)
-    inside = ((u / a) ** 2 + (v / b) ** 2 <= 1).to(torch.float32)[None, None]
-    cov = torch.nn.functional.avg_pool2d(inside, ss)[0, 0]
+    cov = torch.nn.functional.avg_pool2d(inside(x, y).to(torch.float32)[None, None], ss)[0, 0]
     img = torch.tensor(rgb, dtype=torch.float32)[:, None, None] * cov[None]
     return img[None] * 2 - 1
+
+
+def rotated(theta: float):
+    def uv(x, y):
+        return x * math.cos(theta) + y * math.sin(theta), -x * math.sin(theta) + y * math.cos(theta)
+
+    return uv
+
+
+def render_ellipse(a: float, b: float, theta: float, rgb, size: int = 24) -> torch.Tensor:
+    """A filled ellipse (semi-axes a, b pixels, rotated by theta) at the centre."""
+
+    def inside(x, y):
+        u, v = rotated(theta)(x, y)
+        return (u / a) ** 2 + (v / b) ** 2 <= 1
+
+    return render_inside(inside, rgb, size)
+
+
+def in_polygon(x, y, verts) -> torch.Tensor:
+    """Even-odd test of points against a polygon [(x, y), ...]."""
+    inside = torch.zeros(x.shape, dtype=torch.bool)
+    for (x1, y1), (x2, y2) in zip(verts, verts[1:] + verts[:1], strict=True):
+        crosses = (y1 > y) != (y2 > y)
+        inside ^= crosses & (x < x1 + (y - y1) * (x2 - x1) / ((y2 - y1) if y2 != y1 else 1e-12))
+    return inside
 
 
 def test_an_oval_is_not_a_circle(judge):
@@ -74,6 +97,39 @@ def test_an_oval_is_not_a_circle(judge):
             assert int(col) == k  # the colour is still read
             disc = render_ellipse(6.0, 6.0, theta, COLOUR_RGB[colour])  # the same renderer, aspect 1: a circle
             assert judge.predict(disc)[0].item() == circle
+
+
+def test_rounded_square_bowed_triangle_and_y_shape(judge):
+    """The policy beyond the renders: rounded corners keep a square, bowed-in sides keep a triangle, a Y is none."""
+    rgb = COLOUR_RGB["green"]
+    for theta in (0.0, 0.5, 1.0):
+
+        def rounded_square(x, y, a=6.0, rho=2.0, theta=theta):
+            u, v = rotated(theta)(x, y)
+            du, dv = (u.abs() - (a - rho)).clamp_min(0), (v.abs() - (a - rho)).clamp_min(0)
+            return (u.abs() <= a) & (v.abs() <= a) & (du**2 + dv**2 <= rho**2)
+
+        assert judge.predict(render_inside(rounded_square, rgb))[0].item() == SHAPES.index("square")
+        corners = [
+            (8 * math.cos(theta + k * 2 * math.pi / 3), 8 * math.sin(theta + k * 2 * math.pi / 3)) for k in range(3)
+        ]
+        bowed = []
+        for k in range(3):  # each side's midpoint pulled 12% of the inradius towards the centre (solidity ~0.88)
+            (x1, y1), (x2, y2) = corners[k], corners[(k + 1) % 3]
+            bowed += [(x1, y1), (0.88 * (x1 + x2) / 2, 0.88 * (y1 + y2) / 2)]
+        shape = judge.predict(render_inside(lambda x, y, p=bowed: in_polygon(x, y, p), rgb))[0].item()
+        assert shape == SHAPES.index("triangle")
+
+        def y_shape(x, y, theta=theta):
+            u, v = rotated(theta)(x, y)
+            arms = []
+            for k in range(3):
+                c, s = math.cos(k * 2 * math.pi / 3), math.sin(k * 2 * math.pi / 3)
+                along, across = u * c + v * s, -u * s + v * c
+                arms.append((along >= 0) & (along <= 8) & (across.abs() <= 1.3))
+            return arms[0] | arms[1] | arms[2]
+
+        assert judge.predict(render_inside(y_shape, rgb))[0].item() == -1
 
 
 def test_geometry_helpers():

@@ -20,17 +20,20 @@ is lenient (it calls oval blobs circles). This judge measures instead:
 Verdicts (``GeometryJudge.predict``): shape index into :data:`~examples.shapes.data.SHAPES` and colour index into
 :data:`~examples.shapes.data.COLOURS`, or -1 for "none": both are -1 for an image with no single clear object
 (blank, noise, several blobs, a noisy background); shape alone is -1 for an object that is none of the four shapes
-(elongated like an oval, with holes, or between the circle's and the square's figures), colour alone for a mixed or
-grey object. The decision for a clear object is a cascade of calibrated thresholds:
+(elongated like an oval, with holes, concave without a star's arms, or neither cornered nor round), colour alone
+for a mixed or grey object. The decision for a clear object is a cascade of calibrated thresholds:
 
-    elongation > max_elongation or holes > max_holes      -> -1
-    solidity < star_solidity                              -> star if arms in star_arms and fill < circle_fill,
-                                                             else -1 (a crescent, a Y, a lumpy blob)
+    holes > max_holes                                     -> -1
+    solidity < star_solidity (concave)                    -> star if arms in star_arms and fill < circle_fill;
+                                                             triangle if arms in triangle_arms, solidity >=
+                                                             min_triangle_solidity, fill < triangle_fill and not
+                                                             elongated (bowed-in sides); else -1 (a crescent, a Y)
+    elongation > max_elongation                           -> -1 (an oval, a rectangle, a long triangle)
     fill < triangle_fill                                  -> triangle if arms in triangle_arms and rect < square_rect,
                                                              else -1 (a half-disc, a sliver)
-    fill >= circle_fill and rect < square_rect            -> circle
-    rect >= square_rect and fill < circle_fill            -> square
-    otherwise                                             -> -1 (round by one figure, cornered by the other)
+    rect >= square_rect                                   -> square (corners rounded or not)
+    fill >= circle_fill                                   -> circle
+    otherwise                                             -> -1 (neither cornered nor round: a pentagon, a blob)
 
 :func:`calibrate` fits the thresholds on rendered images (``data.make_batch``, fixed seed, with mild noise, blur,
 contrast and background augmentation) and reports the accuracy on held-out renders; the result is stored in
@@ -70,6 +73,7 @@ class Thresholds:
     min_component_share: float = 0.8  # policy: the largest region's share of all foreground coverage
     max_elongation: float = 1.2  # policy: renders stay below 1.05; an ellipse of aspect 1.2 passes, 1.25 does not
     max_holes: float = 0.1  # policy: enclosed background / area (renders: 0)
+    min_triangle_solidity: float = 0.8  # policy: a three-armed object this solid is a triangle with bowed-in sides
     star_solidity: float = 0.9398  # fitted: stars below (renders: stars <= 0.92, the others >= 0.96)
     triangle_fill: float = 0.6437  # fitted: triangles below (renders: triangles <= 0.62, squares >= 0.66)
     circle_fill: float = 0.8471  # fitted: circles above (renders: squares <= 0.80, circles >= 0.92)
@@ -378,18 +382,24 @@ def decide(feats: dict, th: Thresholds) -> tuple[int, int]:
     # shape: every class needs all its figures to agree; an object between them is none of the four
     fill, rect, arms = feats["fill"], feats["rectangularity"], feats["arms"]
     round_, cornered = fill >= th.circle_fill, rect >= th.square_rect
+    three, long_ = th.triangle_arms[0] <= arms <= th.triangle_arms[1], feats["elongation"] > th.max_elongation
     if feats["holes"] > th.max_holes:
         shape = -1
-    elif feats["solidity"] < th.star_solidity:
-        shape = SHAPES.index("star") if th.star_arms[0] <= arms <= th.star_arms[1] and not round_ else -1
-    elif feats["elongation"] > th.max_elongation:  # an oval, a rectangle, a long triangle
+    elif feats["solidity"] < th.star_solidity:  # concave: a star, a triangle with bowed-in sides, or neither
+        if th.star_arms[0] <= arms <= th.star_arms[1] and not round_:
+            shape = SHAPES.index("star")
+        elif three and feats["solidity"] >= th.min_triangle_solidity and fill < th.triangle_fill and not long_:
+            shape = SHAPES.index("triangle")
+        else:
+            shape = -1
+    elif long_:  # an oval, a rectangle, a long triangle
         shape = -1
     elif fill < th.triangle_fill:
         shape = SHAPES.index("triangle") if th.triangle_arms[0] <= arms <= th.triangle_arms[1] and not cornered else -1
-    elif round_ and not cornered:
-        shape = SHAPES.index("circle")
-    elif cornered and not round_:
+    elif cornered:  # rectangularity, not fill, tells a square with rounded corners from a circle
         shape = SHAPES.index("square")
+    elif round_:
+        shape = SHAPES.index("circle")
     else:
         shape = -1
     return shape, colour
