@@ -7,7 +7,13 @@ raises `ValueError` naming the field and the fix; `pipeline_kwargs` is the ONE p
 on a loaded pipeline and returns the images, kappa and log-density traces and timings.
 
 Seeds: image i of a job uses its own generator seeded `seed + i` (initial noise, SDE noise, probes), so an image
-depends only on (job, i): the same whatever the number of images per call or the number of processes.
+depends only on (job, i) and not on the number of processes; with another number of images per call it is the same
+up to rounding (CPU kernels round differently for different batch sizes: a level or two out of 255 in a few pixels).
+
+Everything here is hostile input (a job file, the Space's form): `parse_job` bounds every field, including the prompt
+length in characters (and, with `Limits.max_prompt_tokens`, in tokens), the id length and the steps a schedule file
+brings, before anything is loaded. This module imports neither torch nor diffusers at import time (the command line
+parses its arguments without them); they are imported by the functions that run a job.
 """
 
 from __future__ import annotations
@@ -20,14 +26,10 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from compose.grids import GRIDS, is_schedule_file
-from compose.sampling import SOLVERS
-
-from .compose_pipeline import OPERATORS
+if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to parse a command line
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
@@ -58,7 +60,15 @@ FIELDS = (
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one job, so one request cannot exhaust the machine (the Space uses tight ones)."""
+    """Bounds on one job, so one request cannot exhaust the machine (the Space uses tight ones).
+
+    max_prompt_chars: per prompt (and negative prompt), checked before anything else is done with the text.
+    max_prompt_tokens: per prompt, in the checkpoint's tokenizer (`check_prompt_tokens`, once the model is loaded;
+        `parse_job` refuses earlier a prompt with more words than that, as every word is at least one token).
+        None: no limit here (the pipeline's tokenizer truncates at its own maximum, as diffusers does).
+    max_id_chars: a row's id names its image files.  max_seconds: the wall time of one job (None: none), checked
+        after every step (`Deadline`).  max_weight: the largest |weight| and temperature.
+    """
 
     max_steps: int = 1000
     max_images: int = 64
@@ -66,6 +76,11 @@ class Limits:
     max_side: int = 1024
     max_particles: int = 64
     max_langevin_steps: int = 8
+    max_prompt_chars: int = 1000
+    max_prompt_tokens: int | None = None
+    max_id_chars: int = 100
+    max_seconds: float | None = None
+    max_weight: float = 1000.0
 
 
 @dataclass
@@ -133,12 +148,23 @@ class JobResult:
             "log_q_final": [round(float(v), 3) for v in self.log_q[-1].mean(0)],
         }
         if self.log_q.shape[-1] > 1:
+            import torch
+
             won = torch.bincount(self.log_q[-1].argmax(-1), minlength=self.log_q.shape[-1])
             out["images_won"] = [int(v) for v in won]
         return out
 
 
 # ---------------------------------------------------------------------- parsing
+def show(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to about `limit` characters: error messages never echo a whole hostile input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    return f"{text[: limit - 3]}... ({size})"
+
+
 def _as_list(value: Any, name: str) -> list:
     if value is None:
         return []
@@ -154,13 +180,15 @@ def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | N
     if v is None or v == "":
         return default
     try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError
         iv = int(v)
         if iv != float(v):
             raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer; got {v!r}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be an integer; got {show(v)}.") from None
     if not lo <= iv <= hi:
-        raise ValueError(f"{name}={iv} is out of range; give an integer from {lo} to {hi}.")
+        raise ValueError(f"{name}={show(iv)} is out of range; give an integer from {lo} to {hi}.")
     return iv
 
 
@@ -169,12 +197,24 @@ def _float(raw: dict, name: str, default: float | None) -> float | None:
     if v is None or v == "":
         return default
     try:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError
         fv = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number; got {v!r}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number; got {show(v)}.") from None
     if not math.isfinite(fv):
-        raise ValueError(f"{name} must be finite; got {v!r}.")
+        raise ValueError(f"{name} must be finite; got {show(v)}.")
     return fv
+
+
+def _choice(raw: dict, name: str, choices, default: str | None, hint: str = "") -> str | None:
+    """A text field that must be one of `choices` (None / "" -> default)."""
+    v = raw.get(name)
+    if v is None or v == "":
+        return default
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name}={show(v)} is not known; use one of {list(choices)}{hint}.")
+    return v
 
 
 def count_terms(num_models: int, num_prompts: int) -> int:
@@ -184,26 +224,127 @@ def count_terms(num_models: int, num_prompts: int) -> int:
     return num_models
 
 
+def check_prompt_length(name: str, text: str, limits: Limits) -> None:
+    """Characters, then (a lower bound on) tokens: every word is at least one token. Cheap: nothing is loaded."""
+    if len(text) > limits.max_prompt_chars:
+        raise ValueError(f"{name} is {len(text)} characters long; the limit is {limits.max_prompt_chars}. Shorten it.")
+    words = len(text.split())
+    if limits.max_prompt_tokens is not None and words > limits.max_prompt_tokens:
+        raise ValueError(
+            f"{name} has {words} words, so at least {words} tokens; the limit is {limits.max_prompt_tokens} tokens. "
+            "Shorten it."
+        )
+
+
+def _job_id(raw: dict, limits: Limits) -> str | None:
+    job_id = raw.get("id")
+    if job_id in (None, ""):
+        return None
+    if not isinstance(job_id, (str, int)) or isinstance(job_id, bool):
+        raise ValueError(f"id must be text; got {type(job_id).__name__}.")
+    job_id = str(job_id)
+    if len(job_id) > limits.max_id_chars:
+        raise ValueError(
+            f"id is {len(job_id)} characters long; the limit is {limits.max_id_chars} (it names the image files). "
+            "Give a shorter id."
+        )
+    if not job_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or job_id.startswith("."):
+        raise ValueError(f"id={show(job_id)} must use only letters, digits, '-', '_' and '.' (it names files).")
+    if not job_id.isascii():
+        raise ValueError(f"id={show(job_id)} must use only ASCII letters, digits, '-', '_' and '.' (it names files).")
+    return job_id
+
+
+def _schedule_file(schedule: str, limits: Limits) -> dict[str, Any]:
+    """Read a learned-schedule file for a job: any failure is a ValueError naming the file and the fix, and the
+    keys the job and the pipeline rely on are checked here (their types, and the NFE against max_steps)."""
+    from compose.ld3 import load_schedule
+
+    try:
+        learned = load_schedule(schedule)
+    except ValueError as err:
+        raise ValueError(f"schedule: {err}") from None
+    except Exception as err:  # noqa: BLE001 -- a hostile file can break the reader in any way; name it
+        raise ValueError(
+            f"schedule: the file {show(schedule, 200)} cannot be read ({type(err).__name__}: {show(str(err), 200)}); "
+            "regenerate it with `python -m compose.learn_schedule`."
+        ) from None
+    nfe = learned.get("nfe")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(
+            f"schedule: the file {show(schedule, 200)} has nfe={show(nfe)}; it must be a positive integer. "
+            "Regenerate the file."
+        )
+    if nfe > limits.max_steps:
+        raise ValueError(
+            f"schedule: the file {show(schedule, 200)} has {nfe} steps (nfe); the limit is {limits.max_steps}. "
+            "Use a schedule with fewer steps."
+        )
+    guidance = learned.get("guidance")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise ValueError(
+            f"schedule: the file {show(schedule, 200)} has guidance={show(guidance)}; it must be a number. "
+            "Regenerate the file."
+        )
+    for key in ("model", "operator", "solver", "schedule"):
+        if not isinstance(learned.get(key), str):
+            raise ValueError(
+                f"schedule: the file {show(schedule, 200)} has {key}={show(learned.get(key))}; it must be text. "
+                "Regenerate the file."
+            )
+    return learned
+
+
 def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
-    """Check one raw request against `limits` (default `Limits()`); raise ValueError naming the field and the fix."""
+    """Check one raw request against `limits` (default `Limits()`); raise ValueError naming the field and the fix.
+
+    Only ValueError comes out, whatever the input (tests/test_hostile_inputs.py holds a table of bad rows)."""
+    from compose import GRIDS, SOLVERS
+    from compose.grids import is_schedule_file
+
+    from .compose_pipeline import OPERATORS
+
     limits = limits or Limits()
     if not isinstance(raw, dict):
         raise ValueError(f"a job must be a JSON object (one per line); got {type(raw).__name__}.")
-    unknown = sorted(set(raw) - set(FIELDS))
+    unknown = sorted(str(k) for k in set(raw) - set(FIELDS))
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; the fields are {list(FIELDS)}.")
-    models = [str(m).strip() for m in _as_list(raw.get("models"), "models") if str(m).strip()]
+        raise ValueError(f"unknown field(s) {show(unknown, 120)}; the fields are {list(FIELDS)}.")
+    job_id = _job_id(raw, limits)
+    models = _as_list(raw.get("models"), "models")
+    if not all(isinstance(m, str) for m in models):
+        raise ValueError(f"models must be names, folders or hub ids (text); got {show(models)}.")
+    models = [m.strip() for m in models if m.strip()]
     if not models:
         raise ValueError("models is missing; give a shipped model name (e.g. 'shapes-text'), a folder or a hub id.")
+    if len(models) > limits.max_terms:
+        raise ValueError(f"too many models: {len(models)}; the limit is {limits.max_terms}. Give fewer models.")
+    for m in models:
+        if len(m) > 500 or "\0" in m:
+            raise ValueError(f"models: {show(m)} is not a model name, folder or hub id (too long).")
     if "prompts" not in raw or raw["prompts"] == "":
         raise ValueError(
             "prompts is missing; give a prompt, a list of prompts ('|'-separated in CSV), or [] for unconditional "
             "models."
         )
+    if isinstance(raw["prompts"], str):
+        # a cheap bound before splitting: every prompt at most max_prompt_chars, one separator between them
+        cap = (limits.max_prompt_chars + 1) * limits.max_terms
+        if len(raw["prompts"]) > cap:
+            raise ValueError(
+                f"prompts is {len(raw['prompts'])} characters long; the limit is {limits.max_prompt_chars} per "
+                f"prompt and {limits.max_terms} prompts. Shorten it."
+            )
     prompts = _as_list(raw["prompts"], "prompts")
+    if len(prompts) > limits.max_terms:
+        raise ValueError(
+            f"too many terms: {len(prompts)} prompts; the limit is {limits.max_terms}. Give fewer prompts."
+        )
     if not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"prompts must be non-empty strings; got {prompts!r}.")
+        raise ValueError(f"prompts must be non-empty strings; got {show(prompts)}.")
     prompts = [p.strip() for p in prompts]
+    for i, p in enumerate(prompts):
+        check_prompt_length(f"prompts: prompt {i + 1}", p, limits)
     terms = count_terms(len(models), len(prompts))
     if len(models) > limits.max_terms or terms > limits.max_terms:
         raise ValueError(
@@ -214,7 +355,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     if operator in ("", None, "none"):
         operator = None
     elif not isinstance(operator, str) or operator.lower() not in OPERATORS:
-        raise ValueError(f"operator={operator!r} is not known; use one of {list(OPERATORS)}.")
+        raise ValueError(f"operator={show(operator)} is not known; use one of {list(OPERATORS)}.")
     else:
         operator = operator.lower()
     if operator is None and terms > 1:
@@ -223,38 +364,47 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     if weights in (None, "", []):
         weights = None
     else:
-        try:
-            weights = [float(w) for w in _as_list(weights, "weights")]
-        except (TypeError, ValueError):
-            raise ValueError(f"weights must be numbers; got {raw.get('weights')!r}.") from None
-        if len(weights) != terms:
-            raise ValueError(f"weights has {len(weights)} entries for {terms} terms; give one weight per term.")
+        items = _as_list(weights, "weights")
+        if len(items) != terms:
+            raise ValueError(f"weights has {len(items)} entries for {terms} terms; give one weight per term.")
+        weights = [_float({"weights": w}, "weights", None) for w in items]
+        if any(w is None or abs(w) > limits.max_weight for w in weights):
+            raise ValueError(
+                f"weights={show(raw.get('weights'))}: give one number per term, each from -{limits.max_weight:g} to "
+                f"{limits.max_weight:g}."
+            )
+    temperature = _float(raw, "temperature", 1.0)
+    if not 0 < temperature <= limits.max_weight:
+        raise ValueError(
+            f"temperature={temperature:g} is out of range; give a number above 0 and at most {limits.max_weight:g} "
+            "(1 samples the mixture)."
+        )
     schedule = raw.get("schedule") or "log_snr"
+    if not isinstance(schedule, str):
+        raise ValueError(
+            f"schedule must be a grid name ({list(GRIDS)}) or the path of a learned-schedule JSON; got "
+            f"{type(schedule).__name__}."
+        )
     default_steps = 50  # a schedule file brings its own
     learned = None  # a schedule file's keys: its NFE, and the ODE solver it was learned for
     if is_schedule_file(schedule):
-        from compose.ld3 import load_schedule
-
-        try:
-            learned = load_schedule(schedule)
-        except ValueError as err:
-            raise ValueError(f"schedule: {err}") from None
+        if len(schedule) > 4096 or "\0" in schedule:
+            raise ValueError(f"schedule={show(schedule)} is not a usable path; give a grid name or a JSON path.")
+        learned = _schedule_file(schedule, limits)
         default_steps = int(learned["nfe"])
     elif schedule not in GRIDS:
         raise ValueError(
-            f"schedule={schedule!r} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
+            f"schedule={show(schedule)} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
         )
-    method = raw.get("method") or ("ode" if learned is not None else "sde")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not known; use one of {list(METHODS)}.")
-    divergence = raw.get("divergence") or None
-    if divergence is not None and divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not known; use one of {list(DIVERGENCES)} (method 'ode').")
-    solver = raw.get("solver") or (learned["solver"] if learned is not None else None)
-    if solver is not None and solver not in SOLVERS:
-        raise ValueError(
-            f"solver={solver!r} is not known; use one of {list(SOLVERS)} ('dpm2m' and 'unipc' need method 'ode')."
-        )
+    method = _choice(raw, "method", METHODS, "ode" if learned is not None else "sde")
+    divergence = _choice(raw, "divergence", DIVERGENCES, None, " (method 'ode')")
+    solver = _choice(
+        raw,
+        "solver",
+        SOLVERS,
+        learned["solver"] if learned is not None else None,
+        " ('dpm2m' and 'unipc' need method 'ode')",
+    )
     if learned is not None and (method != "ode" or solver != learned["solver"]):
         raise ValueError(
             f"schedule: the file {schedule} was learned for method 'ode' with solver {learned['solver']!r}; this job "
@@ -279,19 +429,14 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     negative = raw.get("negative_prompt") or None
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
-    job_id = raw.get("id")
-    if job_id not in (None, ""):
-        job_id = str(job_id)
-        if not job_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or job_id.startswith("."):
-            raise ValueError(f"id={job_id!r} must use only letters, digits, '-', '_' and '.' (it names files).")
-    else:
-        job_id = None
+    if negative is not None:
+        check_prompt_length("negative_prompt", negative, limits)
     return Job(
         models=models,
         prompts=prompts,
         operator=operator,
         weights=weights,
-        temperature=_float(raw, "temperature", 1.0),
+        temperature=temperature,
         seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
         steps=_int(raw, "steps", default_steps, 1, limits.max_steps),
         schedule=schedule,
@@ -329,8 +474,8 @@ def resolve_model(name: str) -> str:
     if looks_local:
         if not (p / "model_index.json").is_file():
             raise ValueError(
-                f"models: cannot read {name!r}: not a shipped model ({', '.join(shipped_models())}) nor a folder "
-                "with model_index.json; give one of those or a hub id (owner/name)."
+                f"models: cannot read {show(name, 200)}: not a shipped model ({', '.join(shipped_models())}) nor a "
+                "folder with model_index.json; give one of those or a hub id (owner/name)."
             )
         return str(p)
     return name
@@ -357,7 +502,9 @@ class PipelineCache:
         except ValueError:
             raise
         except Exception as err:  # OSError, EnvironmentError from the hub, missing components, bad configs
-            raise ValueError(f"models: cannot load {list(models)}: {type(err).__name__}: {err}") from None
+            raise ValueError(
+                f"models: cannot load {show(list(models), 300)}: {type(err).__name__}: {show(str(err), 300)}"
+            ) from None
         if self.device is not None:
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
@@ -370,6 +517,8 @@ class PipelineCache:
 # ---------------------------------------------------------------------- running
 def generators(job: Job, device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One generator per image: image i is seeded `seed + i`."""
+    import torch
+
     return [torch.Generator(device=device).manual_seed(job.seed + i) for i in range(job.images)]
 
 
@@ -400,17 +549,69 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
     return kw
 
 
-def run_job(pipe, job: Job, progress: Any = None) -> JobResult:
+class TimeLimitExceeded(ValueError):
+    """A job ran past its time limit (`Deadline`); a ValueError, so it is reported like any bad request."""
+
+
+class Deadline:
+    """A wall-clock budget of `seconds` from `start` (default: now); `check` raises TimeLimitExceeded once spent."""
+
+    def __init__(self, seconds: float, start: float | None = None) -> None:
+        self.seconds = float(seconds)
+        self.start = time.monotonic() if start is None else start
+
+    def left(self) -> float:
+        return self.start + self.seconds - time.monotonic()
+
+    def check(self, step: int | None = None, steps: int | None = None) -> None:
+        if self.left() < 0:
+            where = f" (stopped after step {step} of {steps})" if step is not None else ""
+            raise TimeLimitExceeded(
+                f"time limit: this request ran longer than the limit of {self.seconds:g} s{where}; ask for fewer "
+                "steps or images, or a smaller size."
+            )
+
+
+def check_prompt_tokens(pipe, job: Job, limits: Limits) -> None:
+    """Count each prompt's tokens in every tokenizer of the loaded pipeline; ValueError over the limit (the job's
+    `max_prompt_tokens`, and the tokenizer's own maximum less its two special tokens, past which it would cut)."""
+    texts = [(f"prompts: prompt {i + 1}", p) for i, p in enumerate(job.prompts)]
+    if job.negative_prompt:
+        texts.append(("negative_prompt", job.negative_prompt))
+    for model in getattr(pipe, "models", []):
+        for tok in (getattr(model, "tokenizer", None), getattr(model, "tokenizer_2", None)):
+            if tok is None:
+                continue
+            own = getattr(tok, "model_max_length", None)
+            own = own - 2 if isinstance(own, int) and 2 < own < 10**6 else None
+            caps = [c for c in (limits.max_prompt_tokens, own) if c is not None]
+            if not caps:
+                continue
+            cap = min(caps)
+            for name, text in texts:
+                n = len(tok(text, add_special_tokens=False, truncation=False).input_ids)
+                if n > cap:
+                    raise ValueError(f"{name} is {n} tokens long; the limit is {cap} tokens. Shorten it.")
+
+
+def run_job(pipe, job: Job, progress: Any = None, deadline: Deadline | None = None) -> JobResult:
     """Run one job on a loaded pipeline; `progress(step, steps)` is called after every step.
 
     The pipeline's ValueErrors (e.g. a prompt for a model without text encoder) pass through unchanged; other
     errors of the network call (e.g. a resolution the UNet cannot take) become ValueErrors naming the job.
+    deadline: checked before sampling and after every step (TimeLimitExceeded, a ValueError, stops the job).
     """
+    import torch
 
     def on_step(_pipe, k, _t, _tensors):
         if progress is not None:
             progress(k + 1, job.steps)
+        if deadline is not None:
+            deadline.check(k + 1, job.steps)
         return {}
+
+    if deadline is not None:
+        deadline.check()
 
     kw = pipeline_kwargs(job)
     t0 = time.perf_counter()
@@ -455,6 +656,7 @@ def _term_names(job: Job) -> list[str]:
 
 __all__ = [
     "FIELDS",
+    "Deadline",
     "Job",
     "JobResult",
     "Limits",
@@ -465,5 +667,9 @@ __all__ = [
     "pipeline_kwargs",
     "resolve_model",
     "run_job",
+    "check_prompt_length",
+    "check_prompt_tokens",
+    "show",
     "shipped_models",
+    "TimeLimitExceeded",
 ]
