@@ -4,11 +4,13 @@ message, the app through gradio_client against a local launch, the Space front m
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ needs_models = pytest.mark.skipif(
     not all((CARDS / m / "model_index.json").is_file() for m in ("shapes-text", "shapes-uncond-a")),
     reason="the shipped shapes models are missing (restore with `git checkout -- model_cards/`)",
 )
-LIMITS = J.Limits(max_steps=6, max_images=3, max_terms=3, max_side=48)
+LIMITS = J.Limits(max_steps=6, max_images=3, max_terms=3, max_side=48, max_prompt_chars=200, max_prompt_tokens=75)
 
 
 def load_app():
@@ -92,7 +94,10 @@ def test_generate_shows_the_pipeline_images_and_traces(app_mod):
         (dict(steps=0), "steps=0 is out of range"),
         (dict(images=4), "images=4 is out of range"),
         (dict(size=64), "height=64 is out of range"),
-        (dict(models=[], other="/no/such/model"), "models: cannot read '/no/such/model'"),
+        (dict(models=[], other="/no/such/model"), "other checkpoints: '/no/such/model' is not a model this Space"),
+        (dict(schedule="/etc/passwd"), "schedule: '/etc/passwd' is not offered"),
+        (dict(models=["../shapes-text"]), "shipped models: '../shapes-text' is not one of"),
+        (dict(prompts="a red shape, " * 20), "prompts: prompt 1 is 259 characters long; the limit is 200"),
         (dict(models=[]), "models is missing"),
         (dict(models=["shapes-uncond-a"]), "the chosen models are unconditional"),
     ],
@@ -176,3 +181,124 @@ def test_space_bundle_runs_from_its_own_folder(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     where, models, solver = res.stdout.strip().splitlines()[-3:]
     assert where.startswith(str(dest)) and "shapes-uncond-a" in models and solver == "unipc"
+
+
+# ---------------------------------------------------------------------- hostile input (issue 23)
+def _without(message: str, echoed: str) -> str:
+    return message.replace(J.show(echoed), "NAME")
+
+
+@needs_models
+def test_other_checkpoints_are_confined_to_one_folder_with_one_message(app_mod, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(CARDS / "shapes-uncond-b", models / "uncond-b")
+    (models / "empty").mkdir()  # a folder without a model
+    (models / "link-out").symlink_to(CARDS / "shapes-uncond-a")  # a link out of the folder
+    (tmp_path / "secret.json").write_text("{}")
+    app = app_mod.App(LIMITS, models_dir=models)
+    assert app.other_models() == ["uncond-b"]
+    job = app.job(*form(models=["shapes-uncond-a"], other="uncond-b", prompts="", operator="or"))
+    assert job.models == ["shapes-uncond-a", str(models.resolve() / "uncond-b")]
+    hostile = ["/etc", "/no/such/model", str(CARDS / "shapes-text"), "shapes-text", "link-out", "empty", "../models",
+               "uncond-b/..", "uncond-b/unet", str(tmp_path / "secret.json"), "owner/hub-model", "~", "a" * 300,
+               "uncond-b\x00"]  # fmt: skip
+    messages = set()
+    for name in hostile:
+        with pytest.raises(ValueError, match="other checkpoints: .* is not a model this Space offers") as err:
+            app.job(*form(models=["shapes-uncond-a"], other=name, prompts="", operator="or"))
+        messages.add(_without(str(err.value), name))
+    assert len(messages) == 1, messages  # whatever the reason: the same message (it tells nothing about the files)
+    assert "uncond-b" in messages.pop()
+    # without a models folder the box takes nothing, with one message too
+    bare = app_mod.App(LIMITS, models_dir=None)
+    with pytest.raises(ValueError, match="this Space takes no other checkpoints"):
+        bare.job(*form(other=str(CARDS / "shapes-text")))
+
+
+@needs_models
+def test_schedule_is_a_choice_and_refusals_look_alike(app_mod, tmp_path):
+    app = app_mod.App(LIMITS)
+    offered = list(app.schedules)
+    assert offered[:5] == ["uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl"]
+    learned = "schedules-shapes-uncond/or-unipc-nfe4.json"
+    assert learned in offered and all(not os.path.isabs(label) for label in offered)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    shipped_path = str(CARDS / "schedules-shapes-uncond" / "or-unipc-nfe4.json")
+    hostile = [str(broken), str(tmp_path / "missing.json"), str(tmp_path), shipped_path, "/etc/passwd", "karras2",
+               "../" + learned]  # fmt: skip
+    messages = set()
+    for value in hostile:
+        with pytest.raises(ValueError, match="is not offered") as err:
+            app.job(*form(schedule=value))
+        messages.add(_without(str(err.value), value))
+    assert len(messages) == 1, messages
+    # a shipped learned schedule runs from the list: its own steps (the slider is ignored) and solver
+    fields = form(models=["shapes-uncond-a", "shapes-uncond-b"], prompts="", operator="or", schedule=learned,
+                  guidance=1.0, images=1, steps=6)  # fmt: skip
+    job = app.job(*fields)
+    nfe = json.loads(Path(shipped_path).read_text())["nfe"]
+    assert (job.steps, job.method, job.solver, job.schedule) == (nfe, "ode", "unipc", shipped_path)
+    gallery, _fig, summary = app.generate(*fields)
+    assert len(gallery) == 1 and f"{nfe} steps ({learned})" in summary and str(CARDS) not in summary
+
+
+@needs_models
+def test_prompt_tokens_are_counted_in_the_model_tokenizer(app_mod):
+    app = app_mod.App(LIMITS)
+    # one word within the character limit, but 15 tokens for the shipped tokenizer (16 tokens, 14 without the two
+    # special ones): the pipeline would cut it silently, the Space refuses it before sampling
+    with pytest.raises(gr.Error, match="prompts: prompt 1 is 15 tokens long; the limit is 14 tokens"):
+        app.generate(*form(prompts="red," * 7 + "red"))
+    with pytest.raises(gr.Error, match="has 80 words, so at least 80 tokens; the limit is 75"):
+        app.generate(*form(prompts="a " * 80))  # refused before any model is touched
+
+
+@needs_models
+def test_time_limit_stops_a_request_between_steps(app_mod):
+    app = app_mod.App(J.Limits(**{**LIMITS.__dict__, "max_seconds": 0.6}))
+    job = app.job(*form(steps=6, images=1))
+    app.run(job)  # loads the model (the time limit counts from the request: loading is part of it)
+
+    def slow(k, n):
+        time.sleep(0.25)
+
+    with pytest.raises(
+        J.TimeLimitExceeded, match=r"ran longer than the limit of 0.6 s \(stopped after step [23] of 6"
+    ):
+        app.run(job, progress=slow, deadline=J.Deadline(0.6))
+    zero = app_mod.App(J.Limits(**{**LIMITS.__dict__, "max_seconds": 0.0}))
+    with pytest.raises(gr.Error, match="time limit: this request ran longer than the limit of 0 s"):
+        zero.generate(*form())
+
+
+def test_queue_is_bounded(app_mod):
+    """One request runs, `queue_size` wait, the next is refused at once (gradio's own 'Queue is full')."""
+    from gradio_client import Client
+
+    class Slow(app_mod.App):
+        def generate(self, *fields, progress=None):
+            time.sleep(3)
+            return [], None, "done"
+
+    app = Slow(LIMITS, queue_size=1)
+    demo = app_mod.build_demo(app)
+    assert demo._queue.max_size == 1 and demo._queue.default_concurrency_limit == 1
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        running = client.submit(*form(), api_name="/generate")
+        time.sleep(1.0)  # the first one is running now
+        waiting = client.submit(*form(), api_name="/generate")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        refused = client.submit(*form(), api_name="/generate")
+        with pytest.raises(Exception, match="[Qq]ueue is full"):
+            refused.result(timeout=30)
+        assert time.monotonic() - t0 < 1.5
+        assert running.result(timeout=30)[2] == "done" and waiting.result(timeout=30)[2] == "done"
+    finally:
+        demo.close()

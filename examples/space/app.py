@@ -2,18 +2,25 @@
 
     python examples/space/app.py [--port 7860] [--host 127.0.0.1]
 
-Pick shipped models (or give any local folder / hub id), prompts (one per line) and an operator; the page shows the
-images and, for every term, kappa (the operator's weight) and the tracked log-density over the steps, so one can see
-which model "won" where. Limits (steps, images, terms, resolution; environment variables COMPOSE_MAX_STEPS,
-COMPOSE_MAX_IMAGES, COMPOSE_MAX_TERMS, COMPOSE_MAX_SIDE) keep one visitor from exhausting the machine; requests
-queue (one runs at a time). Bad input shows as a message in the page, never a stack trace.
+Pick shipped models (and, where the Space's operator set COMPOSE_MODELS_DIR, folders of that one directory), prompts
+(one per line) and an operator; the page shows the images and, for every term, kappa (the operator's weight) and the
+tracked log-density over the steps, so one can see which model "won" where.
+
+Every input is hostile: limits on every field (prompt length in characters and in tokens, steps, size, images,
+terms, particles, Langevin moves; environment variables COMPOSE_MAX_*, see `space_limits`) are checked on the server
+before any work, a request stops at its time limit (COMPOSE_MAX_SECONDS), and the queue is bounded
+(COMPOSE_MAX_QUEUE waiting, one running). The schedule is a choice from the named grids and the learned schedules the
+Space ships; no server path is ever read from the form, and a refused model or schedule gets the same message
+whatever the reason (it does not tell whether a file exists). Bad input shows as a message, never a stack trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -33,7 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from compose.grids import GRIDS  # noqa: E402
+from compose import GRIDS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
 from pipelines.compose_pipeline import OPERATORS  # noqa: E402
 
@@ -51,15 +58,74 @@ def space_limits() -> J.Limits:
         max_side=int(env("COMPOSE_MAX_SIDE", 512)),
         max_particles=int(env("COMPOSE_MAX_PARTICLES", 8)),
         max_langevin_steps=int(env("COMPOSE_MAX_LANGEVIN_STEPS", 2)),
+        max_prompt_chars=int(env("COMPOSE_MAX_PROMPT_CHARS", 200)),
+        max_prompt_tokens=int(env("COMPOSE_MAX_PROMPT_TOKENS", 75)),
+        max_seconds=float(env("COMPOSE_MAX_SECONDS", 120)),
     )
 
 
-class App:
-    """The demo's state (loaded pipelines, limits) and its generation function."""
+MAX_NAME = 100  # a model folder name in COMPOSE_MODELS_DIR
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-    def __init__(self, limits: J.Limits | None = None, cache_size: int = 2) -> None:
+
+class App:
+    """The demo's state (loaded pipelines, limits, what it offers) and its generation function.
+
+    models_dir: the one directory whose model folders visitors may name in the "other checkpoints" box (default: the
+        COMPOSE_MODELS_DIR environment variable; None: the box takes nothing). Shipped models are ticked instead.
+    queue_size: requests waiting at most (default COMPOSE_MAX_QUEUE, 16); one runs at a time.
+    """
+
+    def __init__(
+        self,
+        limits: J.Limits | None = None,
+        cache_size: int = 2,
+        models_dir: str | os.PathLike | None = None,
+        queue_size: int | None = None,
+    ) -> None:
         self.limits = limits or space_limits()
         self.pipes = J.PipelineCache(size=cache_size)
+        models_dir = models_dir or os.environ.get("COMPOSE_MODELS_DIR") or None
+        self.models_dir = Path(models_dir).resolve() if models_dir else None
+        self.queue_size = queue_size or int(os.environ.get("COMPOSE_MAX_QUEUE", 16))
+        self.schedules = offered_schedules()
+
+    # ------------------------------------------------------------------ what the Space offers
+    def other_models(self) -> list[str]:
+        """Folder names under `models_dir` holding a model (model_index.json), symlinks out of it left out."""
+        if self.models_dir is None or not self.models_dir.is_dir():
+            return []
+        names = []
+        for p in sorted(self.models_dir.iterdir()):
+            try:
+                inside = p.resolve().parent == self.models_dir
+            except OSError:
+                continue
+            if inside and NAME.fullmatch(p.name) and len(p.name) <= MAX_NAME and (p / "model_index.json").is_file():
+                names.append(p.name)
+        return names
+
+    def _other_model(self, name: str) -> str:
+        """A name typed in the "other checkpoints" box -> its folder in `models_dir`. Whatever is wrong with it (a
+        path, a hub id, a name that does not exist, a folder without a model, a link out of the directory) the
+        message is the same, so the box tells nothing about the server's files."""
+        offered = self.other_models()
+        if NAME.fullmatch(name) and len(name) <= MAX_NAME and name in offered:
+            return str(self.models_dir / name)
+        raise ValueError(
+            f"other checkpoints: {J.show(name)} is not a model this Space offers; give the folder name of one of "
+            f"{offered or 'none (this Space takes no other checkpoints: tick shipped models)'}."
+        )
+
+    def _public(self, message: str) -> str:
+        """A message for the page: server folders shown by their public names."""
+        for label, value in sorted(self.schedules.items(), key=lambda kv: -len(kv[1])):
+            if value != label:  # a shipped schedule file: its path -> its label
+                message = message.replace(value, label)
+        for folder, label in ((self.models_dir, "<models>"), (HERE.parents[1], "."), (HERE, ".")):
+            if folder is not None:
+                message = message.replace(str(folder) + os.sep, label + "/").replace(str(folder), label)
+        return message
 
     def job(
         self,
@@ -76,20 +142,48 @@ class App:
         particles: float = 4,
         moves: float = 0,
     ) -> J.Job:
-        """The form's fields -> a checked `Job` (ValueError naming the field on bad input)."""
-        names = list(models or []) + [m.strip() for m in (other_models or "").splitlines() if m.strip()]
-        lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+        """The form's fields -> a checked `Job` (ValueError naming the field on bad input).
+
+        The cheap, size-bounding checks come first (a 20 MB prompt is refused before it is split into lines)."""
+        lim = self.limits
+        prompts, other_models = prompts or "", other_models or ""
+        if not isinstance(prompts, str) or not isinstance(other_models, str):
+            raise ValueError("prompts and other checkpoints must be text.")
+        if len(prompts) > (lim.max_prompt_chars + 1) * lim.max_terms:
+            raise ValueError(
+                f"prompts: the box holds {len(prompts)} characters; the limit is {lim.max_prompt_chars} per prompt "
+                f"and {lim.max_terms} prompts. Shorten them."
+            )
+        if len(other_models) > (MAX_NAME + 1) * lim.max_terms:
+            raise ValueError(
+                f"other checkpoints: the box holds {len(other_models)} characters; give at most {lim.max_terms} "
+                f"folder names of at most {MAX_NAME} characters, one per line."
+            )
+        models = list(models or [])
+        shipped = J.shipped_models()
+        bad = [m for m in models if not isinstance(m, str) or m not in shipped]
+        if bad:
+            raise ValueError(f"shipped models: {J.show(bad[0])} is not one of {shipped}; tick those only.")
+        names = models + [self._other_model(m.strip()) for m in other_models.splitlines() if m.strip()]
+        lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        if not isinstance(schedule, str) or schedule not in self.schedules:
+            raise ValueError(
+                f"schedule: {J.show(schedule)} is not offered; choose a named grid or a shipped learned schedule from "
+                "the list."
+            )
         terms = J.count_terms(len(names), len(lines))
         raw = {
             "models": names,
             "prompts": lines,
             "operator": operator if terms > 1 else None,
             "steps": steps,
-            "schedule": schedule,
+            "schedule": self.schedules[schedule],
             "guidance": guidance,
             "seed": seed,
             "images": images,
         }
+        if schedule not in GRIDS:  # a learned schedule brings its steps (and its ODE solver)
+            raw.pop("steps")
         if size:
             raw["height"] = raw["width"] = size
         if operator == "product_smc" and terms > 1:
@@ -98,9 +192,19 @@ class App:
                 raw["langevin_steps"] = moves
         return J.parse_job(raw, self.limits)
 
-    def run(self, job: J.Job, progress=None) -> J.JobResult:
-        """Load (cached) and run a checked job; ValueError for what the user can fix."""
-        pipe = self.pipes.get(job.models)
+    def run(self, job: J.Job, progress=None, deadline: J.Deadline | None = None) -> J.JobResult:
+        """Load (cached) and run a checked job; ValueError for what the user can fix.
+
+        A model that fails to load is reported without the loader's details (they go to the server log)."""
+        try:
+            pipe = self.pipes.get(job.models)
+        except ValueError as err:
+            print(f"loading {job.models} failed: {err}", file=sys.stderr)
+            names = [Path(m).name for m in job.models]
+            raise ValueError(f"models: {names} cannot be loaded; the server log has the details.") from None
+        if deadline is not None:
+            deadline.check()
+        J.check_prompt_tokens(pipe, job, self.limits)
         if not job.prompts and any(m.is_text for m in pipe.models):
             raise ValueError("prompts is empty; write one prompt per line (a model with a text encoder was chosen).")
         if job.prompts and not any(m.is_text for m in pipe.models):
@@ -111,29 +215,46 @@ class App:
                 f"size: the model's native resolution {native} is over this Space's limit {self.limits.max_side}; "
                 f"set a size of at most {self.limits.max_side}."
             )
-        return J.run_job(pipe, job, progress=progress)
+        return J.run_job(pipe, job, progress=progress, deadline=deadline)
 
     def generate(self, *fields, progress=gr.Progress()):  # noqa: B008 -- gradio's progress tracker idiom
         """The page's handler: form fields -> (gallery items, kappa / log q figure, summary markdown).
 
-        Raises gr.Error (a message in the page) for every failure; unexpected ones are logged on the server.
+        Raises gr.Error (a message in the page) for every failure; unexpected ones are logged on the server. The
+        time limit (`Limits.max_seconds`) counts from here: loading, then every step.
         """
+        start = time.monotonic()
         try:
             job = self.job(*fields)
+            deadline = J.Deadline(self.limits.max_seconds, start) if self.limits.max_seconds is not None else None
 
             def on_step(k: int, n: int) -> None:
                 progress((k, n), desc="sampling", unit="steps")
 
-            res = self.run(job, progress=on_step)
+            res = self.run(job, progress=on_step, deadline=deadline)
         except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(self._public(str(err)), print_exception=False) from None
         except Exception as err:  # noqa: BLE001 -- never a stack trace in the page; the log keeps it
             traceback.print_exc()
             raise gr.Error(f"internal error ({type(err).__name__}); the server log has the details.") from None
         gallery = [(_enlarge(im), f"seed {job.seed + i}") for i, im in enumerate(res.images)]
         fig = plot_traces(res)
         plt.close(fig)
-        return gallery, fig, summary_markdown(res, job)
+        return gallery, fig, summary_markdown(res, job, self.schedule_label(job.schedule))
+
+    def schedule_label(self, value: str) -> str:
+        """The name the page shows for a schedule (a grid's name, a shipped file's folder/name)."""
+        return next((label for label, v in self.schedules.items() if v == value), value)
+
+
+def offered_schedules() -> dict[str, str]:
+    """What the schedule box offers: the named grids (value = name) and the learned-schedule files shipped next to
+    the models (label "schedules-.../x.json" -> its path). Nothing else is accepted."""
+    out = {name: name for name in GRIDS}
+    for d in J.SHIPPED_DIRS:
+        for f in sorted(Path(d).glob("schedules-*/*.json")):
+            out.setdefault(f"{f.parent.name}/{f.name}", str(f))
+    return out
 
 
 def _enlarge(image, target: int = 192):
@@ -167,12 +288,12 @@ def plot_traces(res: J.JobResult):
     return fig
 
 
-def summary_markdown(res: J.JobResult, job: J.Job) -> str:
+def summary_markdown(res: J.JobResult, job: J.Job, schedule: str | None = None) -> str:
     """A table per term: mean / last kappa, final log q, images won; the run's timing."""
     s = res.summary()
     op = job.operator or "none (one term)"
     lines = [
-        f"**{op}** over {len(res.terms)} term(s), {job.steps} steps ({job.schedule}), guidance "
+        f"**{op}** over {len(res.terms)} term(s), {job.steps} steps ({schedule or job.schedule}), guidance "
         f"{job.guidance if job.guidance is not None else 'default'}, seeds {job.seed}..{job.seed + job.images - 1}: "
         f"{res.seconds:.1f} s ({res.seconds / job.images:.2f} s/image).",
         "",
@@ -207,27 +328,35 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                     label="shipped models",
                     elem_id="models",
                 )
+                offered = app.other_models()
                 other = gr.Textbox(
-                    label="other checkpoints (local folder or hub id, one per line)", lines=2, elem_id="other_models"
+                    label=f"other checkpoints (folder names, one per line: {', '.join(offered)})",
+                    lines=2,
+                    elem_id="other_models",
+                    max_length=(MAX_NAME + 1) * lim.max_terms,
+                    visible=bool(offered),
                 )
                 prompts = gr.Textbox(
                     "a red shape\na circle",
-                    label="prompts (one per line; empty for unconditional models)",
+                    label=f"prompts (one per line, at most {lim.max_prompt_chars} characters each; empty for "
+                    "unconditional models)",
                     lines=3,
                     elem_id="prompt",
+                    max_length=(lim.max_prompt_chars + 1) * lim.max_terms,
                 )
                 operator = gr.Dropdown(list(OPERATORS), value="and", label="operator", elem_id="operator")
                 with gr.Row():
                     steps = gr.Slider(1, lim.max_steps, value=min(50, lim.max_steps), step=1, label="steps")
                     schedule = gr.Dropdown(
-                        list(GRIDS),
+                        list(app.schedules),
                         value="log_snr",
-                        label="schedule (a name, or a learned-schedule JSON path)",
-                        allow_custom_value=True,
+                        label="schedule (a named grid, or a shipped learned schedule: it brings its steps and solver)",
+                        allow_custom_value=False,
+                        elem_id="schedule",
                     )
                 with gr.Row():
                     guidance = gr.Slider(1, 15, value=4, step=0.5, label="guidance (1 = none)")
-                    seed = gr.Number(0, precision=0, minimum=0, label="seed")
+                    seed = gr.Number(0, precision=0, minimum=0, maximum=2**53, label="seed")
                 with gr.Row():
                     images = gr.Slider(1, lim.max_images, value=min(4, lim.max_images), step=1, label="images")
                     size = gr.Number(0, precision=0, minimum=0, maximum=lim.max_side, label="size (0 = native)")
@@ -256,7 +385,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
             outputs=[out, plot, summary],
             api_name="generate",
         )
-    demo.queue(default_concurrency_limit=1, max_size=16)
+    demo.queue(default_concurrency_limit=1, max_size=app.queue_size)  # one runs, at most queue_size wait
     return demo
 
 
