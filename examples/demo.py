@@ -8,6 +8,9 @@ Rows (every image is one sample; figures are from the shipped shapes classifier)
   2. AND("a red shape", "a circle") on the same model (SuperDiff AND, classifier-free guidance around it);
   3. AND("a red shape" on shapes-text-colour, "a circle" on shapes-text-shape): two experts;
   4. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars).
+
+About 45 s on a quiet 2-core CPU; a busy machine can take several times that. Progress goes to stderr: each row's
+step, its time and an estimate of the time left (`--no-progress` to drop it); stdout carries the table only.
 """
 
 from __future__ import annotations
@@ -66,6 +69,60 @@ def load(names: list[str]):
     return pipe
 
 
+class Progress:
+    """Progress on stderr, so slow never looks like hung: per row, the step, the row's time and an estimate of the
+    time left. The estimate weighs each row by its network rows per image and step (`cost`: prompts plus the
+    unconditional branch, per checkpoint) and divides the work left by the rate measured so far. On a terminal one
+    line is rewritten in place; otherwise a line is printed every `every` seconds and when a row ends."""
+
+    def __init__(self, costs: list[int], steps: int, stream=None, every: float = 5.0, enabled: bool = True) -> None:
+        self.costs, self.steps, self.every, self.enabled = costs, steps, every, enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.work = float(sum(costs) * steps)
+        self.done = 0.0
+        self.sampling = 0.0  # seconds spent in finished rows
+        self.index = -1
+
+    def say(self, text: str, end: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if end else ""))
+        elif end:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def left(self, row_seconds: float) -> str:
+        spent = self.sampling + row_seconds
+        if self.done <= 0 or spent <= 0:
+            return "time left: estimating"
+        return f"about {(self.work - self.done) * spent / self.done:.0f} s left"
+
+    def start_row(self, label: str) -> None:
+        self.index += 1
+        self.label, self.row_start, self.last = label, time.perf_counter(), 0.0
+        self.say(f"[demo] row {self.index + 1}/{len(self.costs)} {label}: starting, {self.left(0.0)}")
+
+    def step(self, k: int) -> None:
+        """Called after step k (1-based) of the current row."""
+        self.done = sum(self.costs[: self.index]) * self.steps + self.costs[self.index] * k
+        now = time.perf_counter() - self.row_start
+        if self.tty or now - self.last >= self.every:
+            self.last = now
+            self.say(
+                f"[demo] row {self.index + 1}/{len(self.costs)}: step {k}/{self.steps}, {now:.1f} s, {self.left(now)}",
+                end=not self.tty,
+            )
+
+    def end_row(self) -> None:
+        seconds = time.perf_counter() - self.row_start
+        self.sampling += seconds
+        self.done = sum(self.costs[: self.index + 1]) * self.steps
+        rest = f", {self.left(0.0)}" if self.index + 1 < len(self.costs) else ""
+        self.say(f"[demo] row {self.index + 1}/{len(self.costs)} done in {seconds:.1f} s{rest}")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,41 +137,63 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=_positive_int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t_start = time.perf_counter()
+    if not args.no_progress:
+        print("[demo] loading the shipped models and the classifier ...", file=sys.stderr, flush=True)
     judge = load_classifier(CARDS / "shapes-classifier")
     common = dict(num_inference_steps=args.steps, batch_size=args.images, output_type="pt")
     rows = []  # (label, images (n, 3, H, W) in [0, 1], kind)
     text = load(["shapes-text"])
     experts = load(["shapes-text-colour", "shapes-text-shape"])
     uncond = load(["shapes-uncond-a", "shapes-uncond-b"])
-    jobs = [
+    jobs = [  # label, pipeline, call, kind, network rows per image and step (for the time-left estimate)
         (
             'joint prompt "a red circle" (never seen)',
             text,
             dict(prompt="a red circle", guidance_scale=args.guidance),
             "and",
+            2,
         ),
         (
             'AND("a red shape", "a circle"), one model',
             text,
             dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
             "and",
+            3,
         ),
         (
             'AND(colour expert: "a red shape", shape expert: "a circle")',
             experts,
             dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
             "and",
+            4,
         ),
-        ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or"),
+        ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or", 2),
     ]
-    print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'half A':>6} {'valid':>5} {'s/img':>6}")
-    for label, pipe, kw, kind in jobs:
+    progress = Progress([job[4] for job in jobs], args.steps, enabled=not args.no_progress)
+    if not args.no_progress:
+        print(
+            f"[demo] loaded in {time.perf_counter() - t_start:.1f} s; sampling {len(jobs)} rows x {args.images} images"
+            f" x {args.steps} steps (about 45 s in all at the defaults on a quiet 2-core CPU; a busy machine can take "
+            "several times that)",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'half A':>6} {'valid':>5} {'s/img':>6}", flush=True)
+    for label, pipe, kw, kind, _cost in jobs:
+        progress.start_row(label)
+
+        def on_step(_pipe, k, _t, _tensors):
+            progress.step(k + 1)
+            return {}
+
         t0 = time.perf_counter()
-        out = pipe(generator=torch.Generator().manual_seed(args.seed), **common, **kw)
+        out = pipe(generator=torch.Generator().manual_seed(args.seed), **common, **kw, callback_on_step_end=on_step)
         sec = (time.perf_counter() - t0) / args.images
+        progress.end_row()
         images = out.images.float()
         ps, pc = judge.predict(images * 2 - 1)
         shape, colour = ps.argmax(1), pc.argmax(1)
@@ -123,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         both = ((colour == COLOURS.index("red")) & (shape == SHAPES.index("circle"))).float().mean()
         half_a = (shape < 2).float().mean()
         valid = ((ps.max(1).values > 0.9) & (pc.max(1).values > 0.9)).float().mean()
-        print(f"{label:<62} {red:5.2f} {circle:6.2f} {both:5.2f} {half_a:6.2f} {valid:5.2f} {sec:6.2f}")
+        print(f"{label:<62} {red:5.2f} {circle:6.2f} {both:5.2f} {half_a:6.2f} {valid:5.2f} {sec:6.2f}", flush=True)
         rows.append((label, images, kind))
     out_path = Path(args.out)
     save_labelled_grid(rows, out_path)

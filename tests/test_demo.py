@@ -91,3 +91,34 @@ def test_unknown_words_are_tokenised_not_fatal():
     )
     assert out.images.shape == (1, 3, 24, 24) and torch.isfinite(out.images).all()
     assert "purple" not in COLOURS and "dodecahedron" not in SHAPES
+
+
+def test_demo_prints_progress_per_row_with_the_time_left(tmp_path, capsys):
+    """Slow must never look like hung (issue 24.6): every row says its step, its time and the time left, on stderr;
+    stdout keeps the table alone."""
+    demo.main(["--out", str(tmp_path / "d.png"), "--images", "1", "--steps", "3"])
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "[demo] loading the shipped models" in err and "sampling 4 rows x 1 images x 3 steps" in err
+    for i in range(1, 5):
+        assert f"[demo] row {i}/4 " in err and f"[demo] row {i}/4 done in " in err
+    assert err.count("s left") >= 3  # after every row but the last, and before rows 2-4
+    assert "[demo]" not in captured.out and len(captured.out.splitlines()) == 1 + 4 + 1  # header, rows, "wrote"
+    demo.main(["--out", str(tmp_path / "q.png"), "--images", "1", "--steps", "2", "--no-progress"])
+    assert "[demo]" not in capsys.readouterr().err
+
+
+def test_progress_estimate_weighs_rows_by_their_cost(monkeypatch):
+    import io
+
+    clock = iter([0.0, 10.0, 10.0, 12.0])  # row 1 starts at 0 and ends at 10 s; row 2 starts at 10, one step at 12
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    p = demo.Progress([1, 3], steps=2, stream=stream, every=0.0)
+    p.start_row("one")
+    assert "time left: estimating" in stream.getvalue()
+    p.end_row()  # 2 of 8 units of work in 10 s: 6 units left at 5 s each
+    assert stream.getvalue().splitlines()[-1] == "[demo] row 1/2 done in 10.0 s, about 30 s left"
+    p.start_row("two")
+    p.step(1)  # 5 units in 12 s: 3 left -> 7.2 s
+    assert stream.getvalue().splitlines()[-1] == "[demo] row 2/2: step 1/2, 2.0 s, about 7 s left"
