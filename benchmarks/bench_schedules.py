@@ -1,6 +1,6 @@
 """Step schedules at low NFE: every named grid and the LD3-learned one, and the thermodynamic diagnostics.
 
-Part 1 (2-D mixtures, exact models; `compose.ld3.toy_models`): for a single mixture A, OR(A, B) and AND(A, B), the
+Part 1 (2-D mixtures, exact models; `compose.toy.toy_models`): for a single mixture A, OR(A, B) and AND(A, B), the
 ODE solvers Euler and DPM-Solver++(2M) (`--solvers`, also UniPC; OR / AND use those other than Euler), NFE 4, 6,
 8, 10: the mean L2 distance to the teacher (DPM-Solver++(2M), `--teacher-steps` log-SNR steps, from the same
 noises) on `--test` held-out noises, for every grid of
@@ -30,13 +30,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compose  # noqa: E402
-from compose import ld3, thermo  # noqa: E402
+from compose import ld3, thermo, toy  # noqa: E402
 from compose.schedule import alphas_cumprod_from_config  # noqa: E402
 from compose.toy import GaussianMixture  # noqa: E402
 
 
 def setups(schedule: str = "vp_linear") -> dict:
-    toys = ld3.toy_models(schedule)
+    toys = toy.toy_models(schedule)
     a, b = toys["A"], toys["B"]
     return {"A": a, "OR(A,B)": compose.OR(a, b), "AND(A,B)": compose.AND(a, b)}
 
@@ -124,7 +124,7 @@ def path_schedules() -> dict:
 
 def part2(args, log) -> list[dict]:
     rows = []
-    base = ld3.toy_models()["A"]
+    base = toy.toy_models()["A"]
     for name, sch in path_schedules().items():
         a = GaussianMixture(base.means, base.stds, schedule=sch, name="A")
         row = {

@@ -38,6 +38,7 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3  # noqa: E402
+from pipelines.compose_models import DiffusersUnconditional  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
@@ -48,10 +49,10 @@ SOLVER_NAMES = {"euler": "Euler", "dpm2m": "DPM-Solver++(2M)", "unipc": "UniPC (
 
 
 def build(setup: str):
-    a = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
+    a = DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
     if setup == "A":
         return a, None
-    b = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-b"))
+    b = DiffusersUnconditional(str(CARDS / "shapes-uncond-b"))
     return (compose.OR(a, b) if setup == "OR" else compose.AND(a, b)), "hutchinson_fd"
 
 
@@ -60,10 +61,14 @@ def distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def metrics(images: torch.Tensor, clf) -> dict:
-    """valid and half-A shares (`bench_shapes.or_metrics`) of images in [-1, 1] (the classifier's input range)."""
-    from benchmarks.bench_shapes import or_metrics
+    """valid and half-A shares of images in [-1, 1] (the classifier's input range) by the shipped classifier
+    (`examples.shapes.eval_unconditional.judge`: valid = confidence > 0.9 on both heads)."""
+    from examples.shapes.data import SHAPES
+    from examples.shapes.eval_unconditional import judge
 
-    return or_metrics(*clf.predict(images.clamp(-1, 1)))
+    v = judge(images.clamp(-1, 1), clf)
+    half_a = torch.isin(v["_shape_idx"], torch.tensor([SHAPES.index("circle"), SHAPES.index("square")]))
+    return {"half_a": float(half_a.float().mean()), "valid": v["valid_frac"]}
 
 
 def heading(cfg: dict) -> str:
@@ -410,7 +415,7 @@ def step_report(rows: list[dict], args, log) -> list[dict]:
     of the per-step displacements (0 for a constant-speed walk), max / min their ratio."""
     from compose import thermo
 
-    model = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
+    model = DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
     sch = model.schedule
     g = torch.Generator().manual_seed(args.seed + 7)
     x_T = torch.randn((args.step_noises, *model.sample_shape), generator=g) * float(sch.sigma(sch.t_max))
@@ -508,7 +513,7 @@ def parse_args(argv=None):
     for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk", "probes", "teacher_probes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
-    order = max(compose.sampling.SOLVER_ORDER[s] for s in [a.solver, *a.compare_solvers])
+    order = max(compose.options.SOLVER_ORDER[s] for s in [a.solver, *a.compare_solvers])
     if min(a.nfe) < order:
         raise SystemExit(
             f"--nfe: the solvers {[a.solver, *a.compare_solvers]} need at least {order} steps; got {a.nfe}"

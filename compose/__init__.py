@@ -1,32 +1,30 @@
 """compose: the mathematics of composing diffusion models at sampling time (no diffusers import here).
 
-Conventions (see MATH.md in the project docs): t in [0, 1] with data at t = 0; x_t = alpha_t x_0 + sigma_t eps;
+Conventions (docs/MATH.md): t in [0, 1] with data at t = 0; x_t = alpha_t x_0 + sigma_t eps;
 score = -eps_hat / sigma_t.
+
+Modules, in dependency order (each imports only those before it):
+  options -> schedule -> predictions -> models -> operators -> solvers -> engine -> schedule_files -> grids
+  -> sampler (the one sampling loop) -> smc -> sampling -> ld3 -> learn_schedule (command line);
+  thermo and toy stand apart (schedule diagnostics, exact Gaussian-mixture models).
 """
 
 from . import ld3, thermo, toy
-from .engine import Composer, StepOutput, divergence
-from .grids import GRIDS, make_grid, resolve_grid
-from .models import OnSchedule, model_eps, on_schedule
+from .engine import Composer
+from .grids import make_grid, resolve_grid
+from .models import OnSchedule, on_schedule
 from .operators import AND, OR, Average, Expr, Guided, Product
-from .predictions import (
-    PREDICTION_TYPES,
-    eps_to_score,
-    eps_to_x0,
-    from_eps,
-    normalize_prediction_type,
-    score_to_eps,
-    to_eps,
-)
-from .sampling import SOLVERS, SampleResult, sample
+from .options import GRIDS, SOLVERS
+from .predictions import from_eps, normalize_prediction_type, to_eps
+from .sampling import SampleResult, sample
 from .schedule import NoiseSchedule
-from .smc import PoE, SMCResult, effective_sample_size, sample_smc, systematic_resample
+from .smc import PoE, SMCResult, sample_smc
+from .solvers import X0Clip
 
 __all__ = [
     "AND",
     "GRIDS",
     "OR",
-    "PREDICTION_TYPES",
     "SOLVERS",
     "Average",
     "Composer",
@@ -38,22 +36,15 @@ __all__ = [
     "Product",
     "SMCResult",
     "SampleResult",
-    "StepOutput",
-    "divergence",
-    "effective_sample_size",
-    "eps_to_score",
-    "eps_to_x0",
+    "X0Clip",
     "from_eps",
     "ld3",
     "make_grid",
-    "model_eps",
     "normalize_prediction_type",
-    "resolve_grid",
     "on_schedule",
+    "resolve_grid",
     "sample",
     "sample_smc",
-    "score_to_eps",
-    "systematic_resample",
     "thermo",
     "to_eps",
     "toy",

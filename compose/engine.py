@@ -1,73 +1,58 @@
-"""One step of a composed sampler and each model's log-density increment along it (MATH.md sections 3-4).
+"""Each model's log-density increment along one step of the shared trajectory (MATH.md sections 3-4).
 
 The caller evaluates the leaf predictions (one batched network call in the pipelines) and hands them over as
-eps (L, n, ...); `Composer.step` does the rest and keeps no hidden state: log q is passed in and returned.
+eps (L, n, ...); `Composer.weigh` returns the operators' leaf coefficients and every leaf's log q after the step.
+It keeps no hidden state: log q is passed in and returned. The step itself is `compose.solvers`'.
 
-Density increments are computed in eps units (g^2 / sigma^2 = -d lambda / dt stays finite as sigma -> 0):
-  SDE (Ito density estimator, SuperDiff Thm. 1), step dx = [-f x + g^2 s_bar] h + g sqrt(h) z:
-      dlogq_a = h g^2 <s_bar, s_a> + g sqrt(h) <z, s_a> - (h g^2 / 2) |s_a|^2 + d f h
-  ODE (SuperDiff Prop. 5), step dx = [-f x + (g^2 / 2) s_bar] h:
-      dlogq_a = h [ d f - (g^2 / 2) div s_a - (g^2 / 2) <s_a, s_a - s_bar> ]
-Both are dlogq = Q c + r with c the leaf coefficients of s_bar = sum_l c_l s_l, which is what the operators use.
+Density increments are computed in eps units with the rate rho of the first-order step (`compose.solvers.StepRates`:
+rho = h g^2 / sigma^2 for "euler", 2 (s - s') / s for "ddim", s = sigma / alpha), so they stay finite as sigma -> 0:
+  SDE (Ito density estimator, SuperDiff Thm. 1), step sigma (-rho eps_bar + sqrt(rho) z) beside the linear part:
+      dlogq_a = rho <eps_bar, eps_a> - sqrt(rho) <z, eps_a> - (rho / 2) |eps_a|^2 + d c
+  ODE (SuperDiff Prop. 5), step -sigma (rho / 2) eps_bar beside the linear part:
+      dlogq_a = d c + (rho / 2) sigma div eps_a - (rho / 2) <eps_a, eps_a - eps_bar>
+with c the per-dimension log-Jacobian of the linear part (f h for euler), the same for every model. Both are
+dlogq = Q coeffs + r, affine in the leaf coefficients of eps_bar = sum_l coeffs_l eps_l: what the operators use.
 
 Deviation from the paper (SDE only): every leaf's increment also gets the zero-mean control variate
-    - (g^2 h / (2 (alpha^2 + sigma^2))) (|z|^2 - d).
+    - (rho sigma^2 / (2 (alpha^2 + sigma^2))) (|z|^2 - d).
 The Ito estimator replaces the second-order term (g^2 h / 2) z^T H z of the exact change of log q by its mean
 (g^2 h / 2) tr H; at high noise every model's Hessian is H ~ -I / (alpha^2 + sigma^2) (data of unit scale), so
 that replacement is the dominant error of the estimate and it is the same for every model. Adding the term
-removes it (the tracked log q of 2-D mixtures correlates 0.9998 instead of 0.9989 with the exact value after
-800 steps). It is common to all leaves, so kappa of OR and AND and every difference log q_i - log q_j are
+removes it. It is common to all leaves, so kappa of OR and AND and every difference log q_i - log q_j are
 unchanged; only the absolute log q gains. `control_variate=False` gives the paper's estimator.
+
+The step to the data (t_next = 0) is deterministic whatever the method: its increment is the ODE one with rho = 2;
+under method="sde" no divergence is available, so its divergence term is left out (approximate, as the Ito estimator
+is for any deterministic step; docs/MATH.md section 4).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .models import model_name
+from .models import model_eps, model_name
 from .operators import Expr, StepContext, operator_root
+from .options import DIVERGENCES, check_method
 from .schedule import NoiseSchedule
-
-METHODS = ("sde", "ode")
-DIVERGENCES = ("hutchinson", "hutchinson_fd", "exact")
-
-
-def check_method(method: str, divergence: str | None = None) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not known; use 'sde' (Ito density estimator) or 'ode' (divergence).")
-    if divergence is not None and divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is not known; use one of {DIVERGENCES}.")
-
-
-def check_grid(timesteps: Any, name: str = "timesteps") -> torch.Tensor:
-    """A strictly decreasing grid in (0, 1] as float64 (ValueError otherwise)."""
-    ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
-    if ts.numel() < 2:
-        raise ValueError(f"{name} needs at least two times (a start and an end); got {ts.numel()}.")
-    if not bool(torch.all(torch.isfinite(ts))) or not bool(torch.all(ts[1:] < ts[:-1])):
-        raise ValueError(
-            f"{name} must be strictly decreasing (noise at t = 1 to data at t = 0); got {ts.tolist()[:8]}..."
-        )
-    if not (0.0 < float(ts[-1]) and float(ts[0]) <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1]; got [{float(ts[-1])}, {float(ts[0])}].")
-    return ts
+from .solvers import StepRates, first_order, is_final, step_rates
 
 
 @dataclass
 class StepOutput:
-    x: torch.Tensor  # (n, ...) state at t_next
-    log_q: torch.Tensor  # (n, L) float64 leaf log-densities at t_next
+    x: torch.Tensor | None  # (n, ...) state at t_next (Composer.step only; the sampler's solvers move x)
+    log_q: torch.Tensor  # (n, L) float64 leaf log-densities at t_next (along the first-order step)
     coeffs: torch.Tensor  # (n, L) leaf coefficients of the composed prediction
     eps: torch.Tensor  # (n, ...) composed eps_bar
     kappa: dict  # node path -> (n, K)
 
 
 class Composer:
-    """A compiled expression: the leaves, the shared schedule, and the step.
+    """A compiled expression: the leaves, the shared schedule, and the density bookkeeping of a step.
 
     Args:
         expr: an operator expression (or a single model).
@@ -85,7 +70,7 @@ class Composer:
         self.control_variate = bool(control_variate)
         self.leaves = expr.compile() if isinstance(expr, Expr) else [expr]
         if schedule is None:
-            schedule = _common_schedule(self.leaves)
+            schedule = common_schedule(self.leaves)
         self.schedule = schedule
         self.root = operator_root(expr) if isinstance(expr, Expr) else None
 
@@ -103,6 +88,62 @@ class Composer:
         lp = -0.5 * (xf**2).sum(-1) / sigma**2 - 0.5 * d * math.log(2 * math.pi * sigma**2)
         return lp[:, None].expand(-1, self.num_leaves).clone()
 
+    def weigh(
+        self,
+        eps: torch.Tensor,
+        log_q: torch.Tensor,
+        rates: StepRates,
+        *,
+        noise: torch.Tensor | None = None,
+        div_eps: torch.Tensor | None = None,
+        bias_scale: float = 0.0,
+        deterministic: bool = False,
+    ) -> StepOutput:
+        """The operators' coefficients for one step and every leaf's log q after it (module docstring).
+
+        Args:
+            eps: (L, n, ...) leaf predictions eps_hat at the start of the step.
+            log_q: (n, L) leaf log-densities there.
+            rates: the first-order step's `StepRates` (`compose.solvers.step_rates`).
+            noise: (n, ...) the standard normal z of an SDE step (required for method="sde" unless deterministic).
+            div_eps: (L, n) divergence of each leaf's eps_hat in x (method="ode"; None under a deterministic SDE step).
+            bias_scale: the share of an AND bias this step carries (h / (t_first - t_last)).
+            deterministic: the step to the data (the ODE formula, also under method="sde").
+        """
+        log_q = log_q.to(torch.float64)
+        rho, sigma = rates.rho, rates.sigma
+        L, n = eps.shape[0], eps.shape[1]
+        d = eps[0, 0].numel()
+        work = torch.promote_types(eps.dtype, torch.float32)
+        E = eps.reshape(L, n, -1).to(work)
+        G = torch.einsum("and,bnd->nab", E, E).to(torch.float64)  # <eps_a, eps_b>
+        self._check_finite(G, sigma)
+        diag = torch.diagonal(G, dim1=-2, dim2=-1)
+        if self.method == "sde" and not deterministic:
+            if noise is None:
+                raise ValueError("noise is required for method='sde' (a standard normal tensor shaped like x).")
+            zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(work), E).to(torch.float64)
+            Q = rho * G
+            r = -math.sqrt(rho) * zE - 0.5 * rho * diag + d * rates.common
+            if self.control_variate:
+                zz = noise.reshape(n, -1).to(torch.float64).pow(2).sum(-1)
+                r = r - (0.5 * rho * sigma**2 / (rates.alpha**2 + sigma**2)) * (zz - d)[:, None]
+        else:
+            if div_eps is None and not deterministic:
+                raise ValueError("div_eps (L, n) is required for method='ode'; see compose.engine.divergence.")
+            Q = (0.5 * rho) * G
+            r = d * rates.common - 0.5 * rho * diag
+            if div_eps is not None:
+                r = r + (0.5 * rho * sigma) * div_eps.to(torch.float64).T
+        ctx = StepContext(Q=Q, r=r, log_q=log_q, bias_scale=bias_scale)
+        if isinstance(self.expr, Expr):
+            c = self.expr.coeffs(ctx)
+        else:
+            c = torch.ones(n, 1, dtype=torch.float64, device=G.device)
+        dlogq = torch.einsum("nab,nb->na", Q, c) + r
+        eps_bar = torch.einsum("nl,lnd->nd", c.to(work), E).reshape(eps.shape[1:]).to(eps.dtype)
+        return StepOutput(x=None, log_q=log_q + dlogq, coeffs=c, eps=eps_bar, kappa=ctx.kappa)
+
     def step(
         self,
         x: torch.Tensor,
@@ -114,73 +155,31 @@ class Composer:
         noise: torch.Tensor | None = None,
         div_eps: torch.Tensor | None = None,
         bias_scale: float = 0.0,
+        solver: str = "euler",
     ) -> StepOutput:
-        """Move x from t_cur to t_next with the composed prediction and update each leaf's log q.
-
-        Args:
-            x: (n, ...) state at t_cur.
-            eps: (L, n, ...) leaf predictions eps_hat at (x, t_cur).
-            log_q: (n, L) leaf log-densities at (x, t_cur).
-            noise: (n, ...) standard normal z for the SDE step (required for method="sde").
-            div_eps: (L, n) divergence of each leaf's eps_hat in x (required for method="ode").
-            bias_scale: h / (t_first - t_last), how much of an AND bias this step carries.
-        """
-        sch = self.schedule
-        log_q = log_q.to(torch.float64)
-        h = t_cur - t_next
-        if not h > 0:
+        """`weigh` and the first-order step ("euler" or "ddim") from t_cur to t_next (0: to the data) in one call."""
+        if not t_cur - t_next > 0:
             raise ValueError(f"t_next must be smaller than t_cur; got t_cur={t_cur}, t_next={t_next}.")
-        f = float(sch.f(t_cur))
-        g2 = float(sch.g2(t_cur))
-        sigma = float(sch.sigma(t_cur))
-        w = float(sch.g2_over_sigma2(t_cur))  # g^2 / sigma^2
-        L, n = eps.shape[0], eps.shape[1]
-        d = x[0].numel()
-        work = torch.promote_types(eps.dtype, torch.float32)
-        E = eps.reshape(L, n, -1).to(work)
-        G = torch.einsum("and,bnd->nab", E, E).to(torch.float64)  # <eps_a, eps_b>
-        self._check_finite(G, t_cur)
-        diag = torch.diagonal(G, dim1=-2, dim2=-1)
-        if self.method == "sde":
-            if noise is None:
-                raise ValueError("noise is required for method='sde' (a standard normal tensor shaped like x).")
-            zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(work), E).to(torch.float64)
-            Q = (h * w) * G
-            r = -(math.sqrt(g2 * h) / sigma) * zE - 0.5 * h * w * diag + d * f * h
-            if self.control_variate:
-                zz = noise.reshape(n, -1).to(torch.float64).pow(2).sum(-1)
-                alpha = float(sch.alpha(t_cur))
-                r = r - (0.5 * g2 * h / (alpha**2 + sigma**2)) * (zz - d)[:, None]
-        else:
-            if div_eps is None:
-                raise ValueError("div_eps (L, n) is required for method='ode'; see compose.engine.divergence.")
-            Q = (0.5 * h * w) * G
-            r = d * f * h + (0.5 * h * g2 / sigma) * div_eps.to(torch.float64).T - 0.5 * h * w * diag
-        ctx = StepContext(Q=Q, r=r, log_q=log_q, bias_scale=bias_scale)
-        if isinstance(self.expr, Expr):
-            c = self.expr.coeffs(ctx)
-        else:
-            c = torch.ones(n, 1, dtype=torch.float64, device=G.device)
-        dlogq = torch.einsum("nab,nb->na", Q, c) + r
-        eps_bar = torch.einsum("nl,lnd->nd", c.to(work), E).reshape(x.shape).to(x.dtype)
-        if self.method == "sde":
-            x_next = x + (-f * x - (g2 / sigma) * eps_bar) * h + math.sqrt(g2 * h) * noise.to(x.dtype)
-        else:
-            x_next = x + (-f * x - (0.5 * g2 / sigma) * eps_bar) * h
-        return StepOutput(x=x_next, log_q=log_q + dlogq, coeffs=c, eps=eps_bar, kappa=ctx.kappa)
+        final = is_final(t_next)
+        rates = step_rates(solver, self.schedule, t_cur, t_next)
+        out = self.weigh(eps, log_q, rates, noise=noise, div_eps=div_eps, bias_scale=bias_scale, deterministic=final)
+        step_noise = noise if self.method == "sde" and not final else None
+        out.x = first_order(solver, x, out.eps.to(x.dtype), t_cur, t_next, self.schedule, step_noise)
+        return out
 
-    def _check_finite(self, G: torch.Tensor, t: float) -> None:
+    def _check_finite(self, G: torch.Tensor, sigma: float) -> None:
         if bool(torch.isfinite(G).all()):
             return
         bad = ~torch.isfinite(torch.diagonal(G, dim1=-2, dim2=-1)).all(0)
         names = [model_name(self.leaves[i]) for i in torch.nonzero(bad).flatten().tolist()] or ["(overflow)"]
         raise ValueError(
-            f"eps: model(s) {names} returned NaN or inf at t={t:.4g}. Check the model and its inputs; in half "
-            "precision try float32 or bfloat16."
+            f"eps: model(s) {names} returned NaN or inf at sigma_t={sigma:.4g}. Check the model and its inputs; in "
+            "half precision try float32 or bfloat16."
         )
 
 
-def _common_schedule(leaves: list) -> NoiseSchedule:
+def common_schedule(leaves: list) -> NoiseSchedule:
+    """The one noise schedule of the leaves (ValueError when they differ or one has none)."""
     schedules = []
     for m in leaves:
         sch = getattr(m, "schedule", None)
@@ -204,7 +203,7 @@ def rademacher(shape: tuple, generator: torch.Generator | None, dtype: torch.dty
 
 
 def divergence(
-    fn,
+    fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     *,
     kind: str = "hutchinson",
@@ -249,3 +248,18 @@ def divergence(
     else:
         raise ValueError(f"divergence kind={kind!r} is not known; use one of {DIVERGENCES}.")
     return acc / probes.shape[0]
+
+
+def leaf_divergences(leaves: list, x: torch.Tensor, t: Any, eps: torch.Tensor, kind: str, zeta: torch.Tensor | None,
+                     fd_e: float, *, detach: bool = True) -> torch.Tensor:  # fmt: skip
+    """(L, n) divergence of every leaf's eps in x at time t; the probes zeta (K, n, ...) are shared across leaves
+    (their differences have low variance). fd_e: the finite-difference step of "hutchinson_fd"."""
+    out = []
+    for i, m in enumerate(leaves):
+        fn = lambda y, m=m: model_eps(m, y, t)  # noqa: E731
+        div = divergence(fn, x, kind=kind, probes=zeta, fd_eps=fd_e, fx=eps[i])
+        out.append(div.detach() if detach else div)
+    return torch.stack(out)
+
+
+__all__ = ["Composer", "StepOutput", "common_schedule", "divergence", "leaf_divergences", "rademacher"]

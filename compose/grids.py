@@ -1,18 +1,20 @@
-"""Time grids: decreasing sequences t_0 = t_max > ... > t_N = t_min in the convention of `NoiseSchedule`.
+"""Time grids: decreasing sequences t_0 = t_max > ... > t_{N-1} = t_min > t_N = 0 in the convention of `NoiseSchedule`.
 
-Every named grid is a rule for placing N + 1 noise levels between the schedule's endpoints; the levels are converted
-to t through the log-SNR, so one name means the same noise levels for every schedule that reaches them:
+A grid of N + 1 times is N steps and N network evaluations (at every time but the last, 0: the last step lands on
+the data with x0_hat, as diffusers' schedulers end). Every named grid is a rule for placing the N evaluation times
+between the schedule's endpoints; the levels are converted to t through the log-SNR, so one name means the same
+noise levels for every schedule that reaches them:
 
 - "uniform": uniform in t.
 - "log_snr": uniform in lambda = log(alpha^2 / sigma^2).
 - "karras": Karras et al. (EDM, 2022) eq. 5 with rho = 7 in the VE scale s = sigma / alpha:
-  s_i = (s_max^(1/rho) + i / N (s_min^(1/rho) - s_max^(1/rho)))^rho.
+  s_i = (s_max^(1/rho) + i / (N - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho.
 - "ays_sd15", "ays_sdxl": the Align-Your-Steps 10-step presets (Sabour et al. 2024) that diffusers ships as
   `AysSchedules` (VE scale, SD 1.5 / SDXL), interpolated log-linearly to other step counts (the paper's recipe:
   log s linearly interpolated over an equally spaced index). They were optimised for the SD noise table, whose
   VE range is [0.029, 14.615]; on another schedule the preset's log s is mapped affinely onto that schedule's
   [log s_min, log s_max] (the identity for SD 1.5 and SDXL themselves).
-- a path to a JSON schedule file (`compose.ld3.load_schedule`), or an explicit tensor: see `resolve_grid`.
+- a path to a JSON schedule file (`compose.schedule_files.load_schedule`), or an explicit tensor: see `resolve_grid`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import Any
 
 import torch
 
+from .options import GRIDS, check_grid, check_steps
 from .schedule import NoiseSchedule
-
-GRIDS = ("uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl")
+from .schedule_files import load_schedule
 
 # diffusers `AysSchedules` "StableDiffusionSigmas" / "StableDiffusionXLSigmas" (10 steps, VE sigma = sigma / alpha).
 # diffusers writes a final 0.0 ("denoise to the data"); the paper's last level is 0.029, the SD table's sigma_min,
@@ -68,16 +70,30 @@ def make_grid(
     t_max: float | None = None,
     t_min: float | None = None,
 ) -> torch.Tensor:
-    """A grid of `steps` steps: (steps + 1,) float64 times, strictly decreasing from t_max to t_min.
+    """A grid of `steps` network evaluations: (steps + 1,) float64 times, strictly decreasing, ending at 0.
 
-    kind: one of `GRIDS` (see the module docstring). t_max / t_min default to the schedule's.
+    The `steps` evaluation times run from t_max to t_min (both included; `steps` = 1: t_max only) placed by `kind`
+    (one of `GRIDS`, see the module docstring); the last step goes from t_min to the data (t = 0) with x0_hat, as
+    diffusers' schedulers end (DDIM's final alpha of 1, Euler's final sigma of 0). t_max / t_min default to the
+    schedule's.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    steps = check_steps(steps, "steps")
+    return torch.cat([noise_levels(schedule, steps, kind, t_max, t_min), torch.zeros(1, dtype=torch.float64)])
+
+
+def noise_levels(
+    schedule: NoiseSchedule, num: int, kind: str = "log_snr", t_max: float | None = None, t_min: float | None = None
+) -> torch.Tensor:
+    """`num` strictly decreasing times from t_max to t_min (both included) placed by `kind`; (num,) float64."""
     t_max = schedule.t_max if t_max is None else float(t_max)
     t_min = schedule.t_min if t_min is None else float(t_min)
     if not 0 < t_min < t_max <= 1:
         raise ValueError(f"need 0 < t_min < t_max <= 1; got t_min={t_min}, t_max={t_max}.")
+    if kind not in GRIDS:
+        raise ValueError(f"grid={kind!r} is not known; use one of {GRIDS}, or the path of a JSON schedule file.")
+    if num == 1:
+        return torch.tensor([t_max], dtype=torch.float64)
+    steps = num - 1
     if kind == "uniform":
         return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
     lo, hi = _log_ve_sigma(schedule, t_min), _log_ve_sigma(schedule, t_max)  # log s_min, log s_max
@@ -88,12 +104,10 @@ def make_grid(
         ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
         s_max, s_min = math.exp(hi * inv), math.exp(lo * inv)  # s^(1 / rho)
         log_s = KARRAS_RHO * torch.log(s_max + ramp * (s_min - s_max))
-    elif kind in AYS_SIGMAS:
+    else:
         preset = loglinear_interp(AYS_SIGMAS[kind], steps + 1).log()
         p_hi, p_lo = float(preset[0]), float(preset[-1])
         log_s = lo + (preset - p_lo) * (hi - lo) / (p_hi - p_lo)
-    else:
-        raise ValueError(f"grid={kind!r} is not known; use one of {GRIDS}, or the path of a JSON schedule file.")
     ts = schedule.t_from_log_snr(-2.0 * log_s)
     ts[0], ts[-1] = t_max, t_min
     return _strict(ts, kind)
@@ -102,7 +116,7 @@ def make_grid(
 def _strict(ts: torch.Tensor, kind: str) -> torch.Tensor:
     if not bool(torch.all(ts[1:] < ts[:-1])):
         raise ValueError(
-            f"grid={kind!r} with {ts.numel() - 1} steps has coinciding times on this schedule (the steps are finer "
+            f"grid={kind!r} with {ts.numel()} steps has coinciding times on this schedule (the steps are finer "
             "than the schedule resolves); use fewer steps or another grid."
         )
     return ts
@@ -134,11 +148,7 @@ def resolve_grid(
     Returns the grid and, for learned schedules, the times fed to the network at each step (a decoupled time shift)
     and the learned solver coefficients (`compose.ld3`; pass them to the multistep solver), each None when absent.
     """
-    from .engine import check_grid
-
     if is_schedule_file(grid):
-        from .ld3 import load_schedule
-
         sched = load_schedule(grid, expect=expect)
         ts = check_grid(sched["grid"], "the schedule file's grid")
         if steps is not None and steps != ts.numel() - 1:

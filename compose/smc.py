@@ -48,14 +48,12 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, check_grid
-from .grids import make_grid
+from .engine import Composer
+from .grids import resolve_grid
 from .models import model_eps, model_name
 from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
-from .predictions import bcast
-
-FINALS = ("resample", "weights")
-LANGEVIN_AFTER = ("resample", "every")
+from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
+from .sampler import Draws, Hooks, StepInfo, TorchDraws, run
 
 
 class PoE(Expr):
@@ -208,32 +206,6 @@ def choose_one(log_w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(log_w.shape[1] - 1)
 
 
-def check_smc_options(num_particles: Any, ess_threshold: Any, resample_window: Any, method: str = "sde") -> tuple:
-    """ValueError for bad particle options; returns the window (t_lo, t_hi) as floats."""
-    if method != "sde":
-        raise ValueError(
-            f"method={method!r} cannot be used with a particle product: the Feynman-Kac weights need the SDE. Use "
-            "method='sde', or an ODE operator (compose.AND / compose.Product) without particles."
-        )
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(
-            f"num_particles must be an integer >= 2 (with one particle nothing is reweighted); got {num_particles!r}. "
-            "Use compose.Product (operator='product') for a single trajectory."
-        )
-    if not (isinstance(ess_threshold, (int, float)) and 0 < ess_threshold <= 1):
-        raise ValueError(
-            f"ess_threshold must lie in (0, 1] (a fraction of num_particles; 0.5 is usual, 1 resamples every step); "
-            f"got {ess_threshold!r}."
-        )
-    try:
-        lo, hi = (float(v) for v in resample_window)
-    except (TypeError, ValueError):
-        raise ValueError(f"resample_window must be a pair (t_lo, t_hi); got {resample_window!r}.") from None
-    if not 0 <= lo < hi <= 1:
-        raise ValueError(f"resample_window=(t_lo, t_hi) must satisfy 0 <= t_lo < t_hi <= 1; got {resample_window!r}.")
-    return lo, hi
-
-
 @dataclass
 class ParticleStep:
     """One step of the particle sampler (all particles flattened to n K rows)."""
@@ -244,8 +216,49 @@ class ParticleStep:
     ancestors: torch.Tensor  # (n, K) index (within the group) of every particle's parent at this step
     ess: torch.Tensor  # (n,) ESS before resampling, in particles
     resampled: torch.Tensor  # (n,) bool
-    coeffs: torch.Tensor  # (n K, L) leaf coefficients of the move
-    kappa: dict
+    coeffs: torch.Tensor | None = None  # (n K, L) leaf coefficients of the move (particle_step only)
+    kappa: dict | None = None
+
+
+def factor_increment(poe: PoE, eps: torch.Tensor, log_q: torch.Tensor, rho: float) -> torch.Tensor:
+    """(n K,) float64 Feynman-Kac log-weight increment of one step with rate rho = h g^2 / sigma^2.
+
+    eps: (L, n K, ...) leaf predictions at the start of the step; log_q: (n K, L) there (OR factors weigh their
+    leaves by it).
+    """
+    ctx = StepContext(Q=torch.zeros(0), r=torch.zeros(0), log_q=log_q.to(torch.float64))
+    C = poe.product._child_coeffs(ctx)  # (n K, J, L): leaf coefficients of every factor (OR factors use log q)
+    E = eps.reshape(eps.shape[0], eps.shape[1], -1).to(torch.float64)
+    eps_factors = torch.einsum("njl,lnd->jnd", C, E)
+    return log_weight_increment(eps_factors, poe.factor_exponents, rho, 1.0)
+
+
+def reweight_and_resample(
+    x: torch.Tensor,
+    log_q: torch.Tensor,
+    log_w: torch.Tensor,
+    dl: torch.Tensor,
+    u: torch.Tensor,
+    t_next: float,
+    *,
+    ess_threshold: float = 0.5,
+    resample_window: tuple[float, float] = (0.0, 1.0),
+) -> ParticleStep:
+    """Add the increments dl (n K,) to the log-weights (n, K) and resample (systematic, u (n,)) every group whose ESS
+    fell below ess_threshold K, where t_next lies in resample_window. x: (n K, ...), log_q: (n K, L), group-major."""
+    n, K = log_w.shape
+    log_w = log_w.to(torch.float64) + dl.reshape(n, K)
+    log_w = log_w - log_w.amax(-1, keepdim=True)  # mean-free shifts do not change the normalised weights
+    ess = effective_sample_size(log_w)
+    lo, hi = resample_window
+    resampled = (ess < ess_threshold * K) & (lo <= t_next <= hi)
+    idx = torch.arange(K, device=log_w.device).expand(n, K).clone()
+    if bool(resampled.any()):
+        idx[resampled] = systematic_resample(log_w[resampled], u.to(log_w.device)[resampled])
+        flat = (idx + K * torch.arange(n, device=idx.device)[:, None]).reshape(-1)
+        x, log_q = x[flat.to(x.device)], log_q[flat.to(log_q.device)]
+        log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
+    return ParticleStep(x, log_q, log_w, idx, ess, resampled)
 
 
 def particle_step(
@@ -263,7 +276,8 @@ def particle_step(
     ess_threshold: float = 0.5,
     resample_window: tuple[float, float] = (0.0, 1.0),
 ) -> ParticleStep:
-    """Move every particle (`Composer.step` of the PoE's Product), add its log-weight increment, resample if needed.
+    """One Euler-Maruyama particle step on its own: move every particle (`Composer.step` of the PoE's Product), add
+    its log-weight increment, resample if needed (what `sample_smc`'s loop does at every step but the last).
 
     Args:
         composer: `Composer(poe.product, method="sde")`.
@@ -272,44 +286,12 @@ def particle_step(
         log_q: (n K, L) leaf log-densities; log_w: (n, K) float64 log-weights; noise: (n K, ...) standard normal.
         u: (n,) uniforms in [0, 1) for systematic resampling (drawn every step, used where a group resamples).
     """
-    n, K = log_w.shape
-    ctx = StepContext(Q=torch.zeros(0), r=torch.zeros(0), log_q=log_q.to(torch.float64))
-    C = poe.product._child_coeffs(ctx)  # (n K, J, L): leaf coefficients of every factor (OR factors use log q)
-    E = eps.reshape(eps.shape[0], eps.shape[1], -1).to(torch.float64)
-    eps_factors = torch.einsum("njl,lnd->jnd", C, E)
-    w_sch = float(composer.schedule.g2_over_sigma2(t_cur))
-    dl = log_weight_increment(eps_factors, poe.factor_exponents, t_cur - t_next, w_sch)
+    dl = factor_increment(poe, eps, log_q, (t_cur - t_next) * float(composer.schedule.g2_over_sigma2(t_cur)))
     out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise)
-    log_w = log_w.to(torch.float64) + dl.reshape(n, K)
-    log_w = log_w - log_w.amax(-1, keepdim=True)  # mean-free shifts do not change the normalised weights
-    ess = effective_sample_size(log_w)
-    lo, hi = resample_window
-    active = lo <= t_next <= hi
-    resampled = (ess < ess_threshold * K) & active
-    idx = torch.arange(K, device=log_w.device).expand(n, K).clone()
-    x_next, lq = out.x, out.log_q
-    if bool(resampled.any()):
-        idx[resampled] = systematic_resample(log_w[resampled], u.to(log_w.device)[resampled])
-        flat = (idx + K * torch.arange(n, device=idx.device)[:, None]).reshape(-1)
-        x_next, lq = x_next[flat], lq[flat]
-        log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
-    return ParticleStep(x_next, lq, log_w, idx, ess, resampled, out.coeffs, out.kappa)
-
-
-def check_langevin_options(langevin_steps: Any, langevin_step: Any, langevin_after: Any) -> None:
-    """ValueError for bad rejuvenation options (`sample_smc`)."""
-    if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int) or langevin_steps < 0:
-        raise ValueError(
-            f"langevin_steps must be an integer >= 0 (Langevin moves per rejuvenation; 0 turns them off); got "
-            f"{langevin_steps!r}."
-        )
-    if isinstance(langevin_step, bool) or not isinstance(langevin_step, (int, float)) or not 0 < langevin_step <= 1:
-        raise ValueError(
-            f"langevin_step must lie in (0, 1] (the move's step in units of sigma_t^2 / A; 0.1-0.5 is usual, larger "
-            f"steps are rejected more often); got {langevin_step!r}."
-        )
-    if langevin_after not in LANGEVIN_AFTER:
-        raise ValueError(f"langevin_after={langevin_after!r} is not known; use one of {LANGEVIN_AFTER}.")
+    st = reweight_and_resample(out.x, out.log_q, log_w, dl, u, t_next, ess_threshold=ess_threshold,
+                               resample_window=resample_window)  # fmt: skip
+    st.coeffs, st.kappa = out.coeffs, out.kappa
+    return st
 
 
 @dataclass
@@ -450,26 +432,97 @@ def langevin_groups(after: str, resampled: torch.Tensor, t_next: float, window: 
 
 
 # ---------------------------------------------------------------------- the sampler
+class ParticleHooks(Hooks):
+    """The particle sampler as hooks of `compose.sampler.run`: Feynman-Kac weights, resampling, Langevin moves.
+
+    x in the loop holds the n K particles group-major. Every step but the last (the step to the data, which maps
+    each particle to its x0_hat) adds the log-weight increment, resamples the groups whose ESS fell, and, with
+    langevin_steps > 0, rejuvenates (the predictions the moves leave at (x, t_next) serve the next step).
+    """
+
+    def __init__(self, poe: PoE, schedule: Any, n: int, K: int, *, ess_threshold: float,
+                 resample_window: tuple[float, float], langevin_steps: int = 0, langevin_step: float = 0.5,
+                 langevin_after: str = "every", device: Any = None) -> None:  # fmt: skip
+        self.poe, self.schedule, self.n, self.K = poe, schedule, n, K
+        self.ess_threshold, self.window = ess_threshold, resample_window
+        self.langevin = (langevin_steps, langevin_step, langevin_after)
+        self.log_w = torch.zeros(n, K, dtype=torch.float64, device=device)
+        self.lineage = torch.arange(K, device=device).expand(n, K).clone()
+        self.ess: list[torch.Tensor] = []
+        self.resampled: list[torch.Tensor] = []
+        self.evaluations = torch.zeros(n, dtype=torch.float64)
+        self.accepted = torch.zeros(n, dtype=torch.float64)
+        self.moved = torch.zeros(n, dtype=torch.float64)
+        self.pending: Pending | None = None
+        self.u: torch.Tensor | None = None
+
+    def draw(self, k: int, draws: Draws, final: bool) -> None:
+        self.u = None if final else draws.uniforms(self.n)
+
+    def predict(self, predict, x, t, zeta):
+        if self.pending is None:
+            return predict(x, t, zeta)
+        eps = self.pending.complete(lambda xr, tt: predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0],
+                                    x, t)  # fmt: skip
+        self.pending = None
+        return eps, None
+
+    def state_replaced(self) -> None:
+        self.pending = None  # new particles from a callback: evaluate them afresh
+
+    def after_step(self, k: int, step: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        self.evaluations += 1
+        if step.final:
+            return step.x, step.log_q
+        dl = factor_increment(self.poe, step.eps, step.log_q_prev, step.rho)
+        st = reweight_and_resample(step.x, step.log_q, self.log_w, dl, self.u, step.t_next,
+                                   ess_threshold=self.ess_threshold, resample_window=self.window)  # fmt: skip
+        x, log_q, self.log_w = st.x, st.log_q, st.log_w
+        self.lineage = torch.gather(self.lineage, 1, st.ancestors.to(self.lineage.device))
+        self.ess.append(st.ess)
+        self.resampled.append(st.resampled)
+        L, step_size, after = self.langevin
+        groups = langevin_groups(after, st.resampled, step.t_next, self.window) if L else None
+        if groups is not None and bool(groups.any()):
+            noises = [step.draws.noise(x) for _ in range(L)]
+            us = [step.draws.uniform_rows(self.n * self.K) for _ in range(L)]
+            sigma = float(self.schedule.sigma(step.t_next))
+
+            def eps_fn(xr: torch.Tensor, tt: float) -> torch.Tensor:
+                return step.predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0]
+
+            rj = rejuvenate(self.poe, eps_fn, x, step.t_next, sigma, log_q, groups, noises, us, step_size)
+            x, log_q, self.pending = rj.x, rj.log_q, rj.eps
+            self.evaluations += groups.cpu().double() * L  # the call at the start is the next step's
+            self.accepted += rj.accepted
+            self.moved += groups.cpu().double()
+        return x, log_q
+
+    def pick(self, u: torch.Tensor) -> torch.Tensor:
+        """(n,) flat row index of one particle per group, drawn by the final normalised weights (u: (n,))."""
+        log_w = self.log_w - torch.logsumexp(self.log_w, -1, keepdim=True)
+        return choose_one(log_w, u) + self.K * torch.arange(self.n, device=log_w.device)
+
+
 @dataclass
 class SMCResult:
     """What `sample_smc` returns.
 
-    samples: (n, K, ...) the particles of every group at the last grid time t_N.
-    denoised: (n, K, ...) x0_hat of the move's composed prediction at t_N.
+    samples: (n, K, ...) the particles of every group at the last grid time (the data when the grid ends at 0).
     log_weights: (n, K) float64 final log-weights (normalised: logsumexp = 0); uniform after final="resample".
     log_q: (n, K, L) float64 tracked log-density of every leaf (Ito estimator along the particle paths).
-    ess: (steps, n) ESS in particles at every step, before resampling.
-    resampled: (steps, n) bool, where a group was resampled.
+    ess: (steps - 1, n) ESS in particles after every reweighted step (all but the step to the data), before
+        resampling.
+    resampled: (steps - 1, n) bool, where a group was resampled.
     num_resamples: (n,) resampling events per group (the final resample not counted).
     ancestors: (n, K) the starting particle (0 .. K-1) each final particle descends from.
     timesteps: the grid (steps + 1,), float64.
-    evaluations: (n,) network evaluations per particle of every group (of every leaf; the final x0_hat included):
-        steps + 1 without Langevin moves, plus langevin_steps for every rejuvenation of the group.
+    evaluations: (n,) network evaluations per particle of every group (of every leaf): steps, plus langevin_steps
+        for every rejuvenation of the group.
     acceptance: (n,) mean acceptance rate of the group's Langevin moves (NaN where none was made).
     """
 
     samples: torch.Tensor
-    denoised: torch.Tensor
     log_weights: torch.Tensor
     log_q: torch.Tensor
     ess: torch.Tensor
@@ -496,6 +549,7 @@ def sample_smc(
     generator: torch.Generator | None = None,
     *,
     grid: str = "log_snr",
+    solver: str = "euler",
     ess_threshold: float = 0.5,
     resample_window: tuple[float, float] = (0.0, 1.0),
     final: str = "resample",
@@ -514,8 +568,10 @@ def sample_smc(
         num_samples: n, the number of groups (each gives weighted particles of the product); default 1.
         num_particles: K >= 2 particles per group.
         x_T: (n, K, ...) starting particles; default N(0, sigma_{t_0}^2 / A) with A the total exponent.
-        timesteps / steps / grid: the time grid, as in `compose.sample` (default 500 log-SNR steps).
-        method: "sde" only (the weights need it).
+        timesteps / steps / grid: the time grid, as in `compose.sample` (default 500 log-SNR steps, ending at the
+            data: the last step maps every particle to its x0_hat and is not reweighted).
+        method: "sde" only (the weights need it). solver: "euler" or "ddim" (the Euler-Maruyama step in t or in
+            sigma / alpha).
         generator: for x_T, the SDE noise and the resampling uniforms (same seed, same output).
         ess_threshold: resample a group when its ESS drops below ess_threshold * K; in (0, 1].
         resample_window: (t_lo, t_hi): resample only after steps that land at t_next in this interval.
@@ -533,8 +589,9 @@ def sample_smc(
         raise ValueError(f"sample_smc samples a compose.PoE; got {type(expr).__name__}. Wrap it: PoE(a, b).")
     window = check_smc_options(num_particles, ess_threshold, resample_window, method)
     check_langevin_options(langevin_steps, langevin_step, langevin_after)
-    if final not in FINALS:
-        raise ValueError(f"final={final!r} is not known; use one of {FINALS}.")
+    check_solver(solver, method)
+    if final not in SMC_FINALS:
+        raise ValueError(f"final={final!r} is not known; use one of {SMC_FINALS}.")
     if expr.total_exponent <= 0:
         raise ValueError(f"PoE: the total exponent must be positive; got {expr.total_exponent}.")
     expr.compile()
@@ -542,7 +599,10 @@ def sample_smc(
     sch, K = composer.schedule, num_particles
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
-    ts = check_grid(timesteps) if timesteps is not None else make_grid(sch, 500 if steps is None else steps, kind=grid)
+    if timesteps is not None:
+        ts = check_grid(timesteps, "timesteps")
+    else:
+        ts, _, _ = resolve_grid(sch, grid, steps, default_steps=500)
     t0 = float(ts[0])
     if x_T is None:
         n = 1 if num_samples is None else num_samples
@@ -560,80 +620,51 @@ def sample_smc(
         if num_samples is not None and num_samples != n:
             raise ValueError(f"num_samples={num_samples} does not match x_T with {n} groups.")
         x = x_T.reshape(n * K, *x_T.shape[2:])
-    log_q = composer.initial_log_q(x, t0)
-    log_w = torch.zeros(n, K, dtype=torch.float64, device=x.device)
-    lineage = torch.arange(K, device=x.device).expand(n, K).clone()
-    ess, resampled = [], []
-    iterator = range(len(ts) - 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc=f"compose.sample_smc (K={K})")
     leaves = composer.leaves
 
-    def eps_fn(x_: torch.Tensor, t_: float) -> torch.Tensor:
-        tt = torch.tensor(t_, dtype=torch.float64)
-        return torch.stack([model_eps(m, x_, tt) for m in leaves])
+    def predict(x_: torch.Tensor, t_: torch.Tensor, zeta: Any = None) -> tuple[torch.Tensor, None]:
+        return torch.stack([model_eps(m, x_, t_) for m in leaves]), None
 
-    evaluations = torch.zeros(n, dtype=torch.float64)
-    accepted = torch.zeros(n, dtype=torch.float64)
-    moved = torch.zeros(n, dtype=torch.float64)
-    pending = None  # predictions the Langevin moves left at (x, t_next), reused by the next step
-    for k in iterator:
-        t_cur, t_next = float(ts[k]), float(ts[k + 1])
-        eps = eps_fn(x, t_cur) if pending is None else pending.complete(eps_fn, x, t_cur)
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        st = particle_step(
-            composer, expr, x, t_cur, t_next, eps, log_q, log_w, noise, u,
-            ess_threshold=ess_threshold, resample_window=window,
-        )  # fmt: skip
-        x, log_q, log_w = st.x, st.log_q, st.log_w
-        lineage = torch.gather(lineage, 1, st.ancestors)
-        ess.append(st.ess)
-        resampled.append(st.resampled)
-        evaluations += 1
-        pending = None
-        groups = langevin_groups(langevin_after, st.resampled, t_next, window) if langevin_steps else None
-        if groups is not None and bool(groups.any()):
-            noises = [
-                torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.dtype)
-                for _ in range(langevin_steps)
-            ]
-            us = [torch.rand(n * K, generator=generator, dtype=torch.float64) for _ in range(langevin_steps)]
-            rj = rejuvenate(
-                expr, eps_fn, x, t_next, float(sch.sigma(t_next)), log_q, groups, noises, us, langevin_step
-            )
-            x, log_q, pending = rj.x, rj.log_q, rj.eps
-            evaluations += groups.cpu().double() * langevin_steps  # the call at the start is the next step's
-            accepted += rj.accepted
-            moved += groups.cpu().double()
-        if callback is not None:
-            callback(k, t_next, x.reshape(n, K, *x.shape[1:]), log_w)
-    t_last = torch.tensor(float(ts[-1]), dtype=torch.float64)
-    final_eps = eps_fn(x, float(t_last)) if pending is None else pending.complete(eps_fn, x, float(t_last))
-    evaluations += 1
-    eps_bar = torch.einsum("nl,ln...->n...", st.coeffs.to(final_eps.dtype), final_eps)
-    denoised = (x - bcast(sch.sigma(t_last), x) * eps_bar) / bcast(sch.alpha(t_last), x)
-    log_w = log_w - torch.logsumexp(log_w, -1, keepdim=True)
+    hooks = ParticleHooks(expr, sch, n, K, ess_threshold=ess_threshold, resample_window=window,
+                          langevin_steps=langevin_steps, langevin_step=langevin_step, langevin_after=langevin_after,
+                          device=x.device)  # fmt: skip
+    cb = None
+    if callback is not None:
+
+        def cb(k, t_cur, t_next, x_, log_q_):
+            callback(k, t_next, x_.reshape(n, K, *x_.shape[1:]), hooks.log_w)
+
+    bar = _progress(progress, len(ts) - 1, f"compose.sample_smc (K={K})")
+    draws = TorchDraws(generator)
+    tr = run(composer, predict, x, ts, composer.initial_log_q(x, t0), solver=solver, draws=draws, hooks=hooks,
+             callback=cb, progress=bar)  # fmt: skip
+    x, log_q, lineage = tr.x, tr.log_q, hooks.lineage
+    log_w = hooks.log_w - torch.logsumexp(hooks.log_w, -1, keepdim=True)
     if final == "resample":
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        idx = systematic_resample(log_w, u)
+        idx = systematic_resample(log_w, draws.uniforms(n))
         flat = (idx + K * torch.arange(n, device=idx.device)[:, None]).reshape(-1)
-        x, denoised, log_q = x[flat], denoised[flat], log_q[flat]
+        x, log_q = x[flat], log_q[flat]
         lineage = torch.gather(lineage, 1, idx)
         log_w = torch.full_like(log_w, -math.log(K))
-    res = torch.stack(resampled)
+    res = torch.stack(hooks.resampled) if hooks.resampled else torch.zeros(0, n, dtype=torch.bool)
     return SMCResult(
         samples=x.reshape(n, K, *x.shape[1:]),
-        denoised=denoised.reshape(n, K, *x.shape[1:]),
         log_weights=log_w,
         log_q=log_q.reshape(n, K, -1),
-        ess=torch.stack(ess),
+        ess=torch.stack(hooks.ess) if hooks.ess else torch.zeros(0, n, dtype=torch.float64),
         resampled=res,
         num_resamples=res.sum(0),
         ancestors=lineage,
         timesteps=ts,
-        evaluations=evaluations,
-        acceptance=accepted / moved,
+        evaluations=hooks.evaluations,
+        acceptance=hooks.accepted / hooks.moved,
     )
+
+
+def _progress(show: bool, total: int, desc: str):
+    """A tqdm bar's update method (or None)."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc).update

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from .engine import Composer
+from .grids import make_grid, noise_levels
+from .ld3 import solve
 from .models import model_eps
 from .predictions import bcast
 from .schedule import NoiseSchedule
@@ -139,20 +142,21 @@ def step_lengths(trajectory: torch.Tensor) -> dict[str, Any]:
 
 
 def teacher_trajectory(expr: Any, x_T: torch.Tensor, ts: torch.Tensor, substeps: int = 20) -> torch.Tensor:
-    """(N + 1, n, ...) states of the teacher (DPM-Solver++(2M), `substeps` log-SNR steps per grid step) at ts."""
-    from .grids import make_grid
-    from .ld3 import solve
+    """(N + 1, n, ...) states of the teacher (DPM-Solver++(2M), `substeps` log-SNR steps per grid step) at ts.
 
+    A step to the data (ts[k + 1] = 0) is taken as `substeps` steps down to the schedule's t_min, then x0_hat."""
     out = [x_T]
     x = x_T
-    sch = getattr(expr, "schedule", None)
-    if sch is None:
-        from .engine import Composer
-
-        sch = Composer(expr, method="ode").schedule
+    sch = getattr(expr, "schedule", None) or Composer(expr, method="ode").schedule
     with torch.no_grad():
         for k in range(ts.numel() - 1):
-            fine = make_grid(sch, substeps, "log_snr", t_max=float(ts[k]), t_min=float(ts[k + 1]))
-            x = solve(expr, x, fine, "dpm2m")
+            t_a, t_b = float(ts[k]), float(ts[k + 1])
+            if t_b > 0:
+                fine = noise_levels(sch, substeps + 1, "log_snr", t_max=t_a, t_min=t_b)
+            elif t_a > sch.t_min:
+                fine = make_grid(sch, substeps, "log_snr", t_max=t_a)
+            else:
+                fine = torch.tensor([t_a, 0.0], dtype=torch.float64)
+            x = solve(expr, x, fine, "dpm2m" if fine.numel() > 2 else "euler")
             out.append(x)
     return torch.stack(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -123,3 +124,12 @@ def product_of_mixtures(*mixtures: GaussianMixture, exponents=None) -> GaussianM
     weights = torch.softmax(logw, 0)
     keep = weights > 1e-12
     return GaussianMixture(means[keep], variances[keep].sqrt(), weights[keep], schedule=mixtures[0].schedule)
+
+
+def toy_models(schedule: str = "vp_linear") -> dict[str, Any]:
+    """The two 2-D mixtures of the tests: A = {(-2, 0), (2, 0)}, B = {(2, 0), (0, 3)}, std 0.5."""
+    sch = {"vp_linear": NoiseSchedule.vp_linear, "cosine": NoiseSchedule.cosine, "ot": NoiseSchedule.ot}[schedule]()
+    return {
+        "A": GaussianMixture([[-2.0, 0.0], [2.0, 0.0]], 0.5, schedule=sch, name="A"),
+        "B": GaussianMixture([[2.0, 0.0], [0.0, 3.0]], 0.5, schedule=sch, name="B"),
+    }

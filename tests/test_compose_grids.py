@@ -31,9 +31,10 @@ SCHEDULES = {
 @pytest.mark.parametrize("steps", [1, 4, 10, 37])
 def test_named_grids_are_decreasing_between_the_endpoints(sched, kind, steps):
     sch = SCHEDULES[sched]()
-    ts = make_grid(sch, steps, kind)
+    ts = make_grid(sch, steps, kind)  # `steps` evaluations from t_max to t_min, then the step to the data
     assert ts.shape == (steps + 1,) and ts.dtype == torch.float64
-    assert float(ts[0]) == sch.t_max and float(ts[-1]) == sch.t_min
+    assert float(ts[0]) == sch.t_max and float(ts[-1]) == 0.0
+    assert steps == 1 or float(ts[-2]) == sch.t_min
     assert bool(torch.all(ts[1:] < ts[:-1]))
 
 
@@ -43,7 +44,7 @@ def ve_sigma(sch, ts):
 
 def test_karras_grid_follows_edm_eq5_in_the_ve_scale():
     sch = compose.NoiseSchedule.vp_linear()
-    ts = make_grid(sch, 8, "karras")
+    ts = make_grid(sch, 9, "karras")[:-1]  # the 9 evaluation times (the last step goes to the data)
     s = ve_sigma(sch, ts)
     s_max, s_min, rho = float(s[0]), float(s[-1]), 7.0
     i = torch.arange(9, dtype=torch.float64) / 8
@@ -53,16 +54,18 @@ def test_karras_grid_follows_edm_eq5_in_the_ve_scale():
 
 def test_log_snr_grid_is_uniform_in_log_snr():
     sch = compose.NoiseSchedule.cosine()
-    lam = sch.log_snr(make_grid(sch, 7, "log_snr"))
+    lam = sch.log_snr(make_grid(sch, 8, "log_snr")[:-1])
     gaps = lam[1:] - lam[:-1]
     torch.testing.assert_close(gaps, gaps.mean().expand(7), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["ays_sd15", "ays_sdxl"])
 def test_ays_presets_on_the_sd_table_are_the_published_sigmas(kind):
-    """On the SD noise table (VE range [0.0292, 14.6146]) the 10-step grid reproduces diffusers' AysSchedules."""
+    """On the SD noise table (VE range [0.0292, 14.6146]) the 11 evaluation times of an 11-step grid are the published
+    11 noise levels of diffusers' AysSchedules (its "10 steps" plus the last level, where our grid's last evaluation
+    sits before the step to the data)."""
     sch = sd15_schedule()
-    s = ve_sigma(sch, make_grid(sch, 10, kind))
+    s = ve_sigma(sch, make_grid(sch, 11, kind)[:-1])
     torch.testing.assert_close(s, torch.tensor(AYS_SIGMAS[kind], dtype=torch.float64), rtol=1e-2, atol=0)
 
 
@@ -118,8 +121,9 @@ def test_ode_solvers_converge_at_their_order_to_the_exact_flow(solver, order):
         sch.sigma(sch.t_max)
     )
     errs, lq_errs = [], []
-    for n in (20, 40, 80):
-        out = compose.sample(g, x_T=x_T, steps=n, method="ode", solver=solver, divergence="exact", grid="log_snr")
+    for n in (20, 40, 80):  # n steps to t_min (the grid without its step to the data), the solver's own order
+        ts = make_grid(sch, n + 1, "log_snr")[:-1]
+        out = compose.sample(g, x_T=x_T, timesteps=ts, method="ode", solver=solver, divergence="exact")
         exact = exact_flow(sch, x_T, sch.t_max, sch.t_min)
         errs.append(float((out.samples - exact).norm(dim=1).mean()))
         # the tracked log-density follows the exact one along the step actually taken
@@ -138,7 +142,8 @@ def test_dpm2m_beats_euler_at_equal_nfe_on_the_exact_flow():
     exact = exact_flow(sch, x_T, sch.t_max, sch.t_min)
     err = {}
     for solver in ("euler", "dpm2m"):
-        out = compose.sample(g, x_T=x_T, steps=10, method="ode", solver=solver, divergence="exact")
+        ts = make_grid(sch, 11)[:-1]
+        out = compose.sample(g, x_T=x_T, timesteps=ts, method="ode", solver=solver, divergence="exact")
         err[solver] = float((out.samples - exact).norm(dim=1).mean())
     assert err["dpm2m"] < 0.5 * err["euler"], err
 
@@ -150,7 +155,8 @@ def test_sampling_a_vp_model_along_the_ot_path_follows_the_ot_flow():
     x_T = torch.randn(32, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * float(
         ot.sigma(ot.t_max)
     )
-    out = compose.sample(g, x_T=x_T, steps=200, method="ode", solver="dpm2m", divergence="exact", path="ot")
+    ts = make_grid(ot, 201)[:-1]  # to t_min: the OT flow itself
+    out = compose.sample(g, x_T=x_T, timesteps=ts, method="ode", solver="dpm2m", divergence="exact", path="ot")
     assert out.timesteps[0] == ot.t_max and out.timesteps[-1] == ot.t_min
     exact = exact_flow(ot, x_T, ot.t_max, ot.t_min)
     assert float((out.samples - exact).norm(dim=1).max()) < 1e-3

@@ -120,10 +120,10 @@ def test_prediction_adapters_round_trip(name, kind):
     }[kind]
     torch.testing.assert_close(compose.to_eps(truth, x, t, sch, kind), eps)
     torch.testing.assert_close(compose.from_eps(eps, x, t, sch, kind), truth)
-    torch.testing.assert_close(compose.eps_to_x0(eps, x, t, sch), x0)
-    score = compose.eps_to_score(eps, t, sch)
+    torch.testing.assert_close(compose.predictions.eps_to_x0(eps, x, t, sch), x0)
+    score = compose.predictions.eps_to_score(eps, t, sch)
     torch.testing.assert_close(score, -eps / s)
-    torch.testing.assert_close(compose.score_to_eps(score, t, sch), eps)
+    torch.testing.assert_close(compose.predictions.score_to_eps(score, t, sch), eps)
 
 
 def test_prediction_type_names():
@@ -135,11 +135,12 @@ def test_prediction_type_names():
 def test_grids_are_decreasing_and_bad_steps_refused():
     for sch in SCHEDULES.values():
         for kind in ("uniform", "log_snr"):
-            ts = compose.make_grid(sch, 10, kind=kind)
+            ts = compose.make_grid(sch, 10, kind=kind)  # 10 evaluations from t_max to t_min, then the data
             assert ts.shape == (11,) and bool(torch.all(ts[1:] < ts[:-1]))
-            assert float(ts[0]) == pytest.approx(sch.t_max) and float(ts[-1]) == pytest.approx(sch.t_min)
-        lam = sch.log_snr(compose.make_grid(sch, 10, kind="log_snr"))
-        torch.testing.assert_close(lam.diff(), torch.full((10,), float(lam.diff().mean()), dtype=torch.float64))
+            assert float(ts[0]) == pytest.approx(sch.t_max) and float(ts[-2]) == pytest.approx(sch.t_min)
+            assert float(ts[-1]) == 0.0
+        lam = sch.log_snr(compose.make_grid(sch, 10, kind="log_snr")[:-1])
+        torch.testing.assert_close(lam.diff(), torch.full((9,), float(lam.diff().mean()), dtype=torch.float64))
     with pytest.raises(ValueError, match="steps"):
         compose.make_grid(SCHEDULES["ot"], 0)
     with pytest.raises(ValueError, match="grid"):

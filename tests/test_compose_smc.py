@@ -9,8 +9,8 @@ import torch
 from conftest import mode_shares
 
 import compose
-from compose import AND, OR, PoE, Product, effective_sample_size, sample, sample_smc, systematic_resample
-from compose.smc import choose_one, log_weight_increment, particle_step
+from compose import AND, OR, PoE, Product, sample, sample_smc
+from compose.smc import choose_one, effective_sample_size, log_weight_increment, particle_step, systematic_resample  # noqa: I001
 from compose.toy import GaussianMixture, product_of_mixtures
 
 
@@ -108,10 +108,11 @@ def test_tempering_a_gaussian_is_exact():
 
     beta = 2 and 0.5, where the importance weights from the move (the plain scaled score, variance 0.12 and 4.4 here)
     to the target have finite variance. At beta = 3 they barely do and 16 x 64 particles underestimate the variance by
-    ~15% (README: when the move is far narrower than the target, weights are heavy-tailed)."""
+    ~15% (README: when the move is far narrower than the target, weights are heavy-tailed); at beta = 2 and 64
+    particles the estimate spreads 0.15-0.20 over seeds (target 0.18), at 256 particles 0.16-0.19."""
     q = gaussian([1.0, -1.0], 0.6, "q")
     for beta in (2.0, 0.5):
-        r = sample(PoE(q, exponents=[beta]), num_samples=16, num_particles=64, steps=200, generator=gen(1),
+        r = sample(PoE(q, exponents=[beta]), num_samples=16, num_particles=256, steps=200, generator=gen(1),
                    final="weights")  # fmt: skip
         mean, var = weighted_moments(*pooled(r))
         assert torch.allclose(mean, torch.tensor([1.0, -1.0], dtype=torch.float64), atol=0.08)
@@ -243,7 +244,7 @@ def test_resampling_respects_threshold_and_window(two_mixtures):
     strict = always.ess < 32 * (1 - 1e-9)
     assert torch.equal(always.resampled, strict)
     late = sample_smc(PoE(a, b), ess_threshold=1.0, resample_window=(0.0, 0.3), final="weights", **kw)
-    t_next = late.timesteps[1:]
+    t_next = late.timesteps[1:-1]  # every step but the step to the data is reweighted
     assert not bool(late.resampled[t_next > 0.3].any()) and bool(late.resampled[t_next <= 0.3].any())
     assert torch.allclose(torch.logsumexp(always.log_weights, -1), torch.zeros(2, dtype=torch.float64))
 
@@ -281,7 +282,7 @@ def test_starting_particles_and_progress(two_mixtures, capsys):
     seen = []
     r = sample_smc(PoE(a, b), x_T=x_T, steps=5, num_particles=4, generator=gen(0),
                    callback=lambda k, t, x, lw: seen.append((k, x.shape, lw.shape)))  # fmt: skip
-    assert r.samples.shape == (3, 4, 2) and r.ess.shape == (5, 3) and r.log_q.shape == (3, 4, 2)
+    assert r.samples.shape == (3, 4, 2) and r.ess.shape == (4, 3) and r.log_q.shape == (3, 4, 2)
     assert seen[0] == (0, (3, 4, 2), (3, 4)) and len(seen) == 5
     # the default start is N(0, sigma_T^2 / A): the product of the factors' priors
     r = sample_smc(PoE(a, b, exponents=[2.0, 2.0]), num_samples=1, num_particles=4000, steps=1, generator=gen(0),

@@ -10,6 +10,7 @@ import torch
 import compose
 from compose import ld3
 from compose.grids import make_grid
+from compose.learn_schedule import main as learn_schedule_main
 
 
 def noises(sch, n, seed):
@@ -21,9 +22,9 @@ def noises(sch, n, seed):
 def test_grid_parametrisation_is_monotone_and_invertible():
     sch = compose.NoiseSchedule.vp_linear()
     xi = torch.randn(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
-    ts = ld3.grid_from_params(sch, xi, sch.t_max, sch.t_min)
-    assert ts.shape == (8,) and bool(torch.all(ts[1:] < ts[:-1]))
-    assert float(ts[0]) == sch.t_max and float(ts[-1]) == sch.t_min
+    ts = ld3.grid_from_params(sch, xi, sch.t_max, sch.t_min)  # 7 gaps: 8 evaluations, then the data
+    assert ts.shape == (9,) and bool(torch.all(ts[1:] < ts[:-1]))
+    assert float(ts[0]) == sch.t_max and float(ts[-2]) == sch.t_min and float(ts[-1]) == 0.0
     back = ld3.grid_from_params(sch, ld3.params_from_grid(sch, ts), sch.t_max, sch.t_min)
     torch.testing.assert_close(back, ts)
 
@@ -33,7 +34,7 @@ def test_grid_gradient_on_a_discrete_table_matches_finite_differences():
 
     sch = compose.NoiseSchedule.from_alphas_cumprod(alphas_cumprod_from_config({"beta_schedule": "linear"}))
     xi = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64, requires_grad=True)
-    w = torch.tensor([0.0, 1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    w = torch.tensor([0.0, 1.0, -2.0, 0.5, 0.0, 0.0], dtype=torch.float64)
     (ld3.grid_from_params(sch, xi, sch.t_max, sch.t_min) * w).sum().backward()
     e = 1e-5
     for j in range(4):
@@ -117,7 +118,8 @@ def test_weight_grad_is_the_full_gradient_of_the_composed_solve(two_mixtures, op
 
 def test_command_line_schedule_file_and_its_checks(tmp_path, two_mixtures, capsys):
     path = tmp_path / "sched.json"
-    ld3.main(["--model", "toy:A", "--nfe", "4", "--iters", "10", "--train", "32", "--val", "16", "--out", str(path)])
+    learn_schedule_main(["--model", "toy:A", "--nfe", "4", "--iters", "10", "--train", "32", "--val", "16", "--out",
+                         str(path)])  # fmt: skip
     assert "validation distance" in capsys.readouterr().out
     info = json.loads(path.read_text())
     for key in ld3.REQUIRED_KEYS:
@@ -137,17 +139,18 @@ def test_command_line_schedule_file_and_its_checks(tmp_path, two_mixtures, capsy
     # a warm start from that file: OR(A, B) learned from A's grid; a file for another NFE or a non-file is refused
     warm = tmp_path / "or.json"
     argv = ["--model", "toy:A", "toy:B", "--operator", "or", "--iters", "3", "--train", "16", "--val", "8"]
-    ld3.main([*argv, "--nfe", "4", "--init", str(path), "--out", str(warm)])
+    learn_schedule_main([*argv, "--nfe", "4", "--init", str(path), "--out", str(warm)])
     assert json.loads(warm.read_text())["init"] == str(path)
     with pytest.raises(ValueError, match="nfe=4 \\(this call: 6\\)"):
-        ld3.main([*argv, "--nfe", "6", "--init", str(path), "--out", str(warm)])
+        learn_schedule_main([*argv, "--nfe", "6", "--init", str(path), "--out", str(warm)])
     with pytest.raises(SystemExit):
-        ld3.main([*argv, "--nfe", "4", "--init", "karas", "--out", str(warm)])
+        learn_schedule_main([*argv, "--nfe", "4", "--init", "karas", "--out", str(warm)])
     assert "--init karas: not a named grid" in capsys.readouterr().err
 
 
 def test_bad_schedule_files_are_refused(tmp_path):
-    good = {k: None for k in ld3.REQUIRED_KEYS} | {"grid": [1.0, 0.5, 0.001], "nfe": 2}
+    good = {k: "x" for k in ld3.REQUIRED_KEYS} | {"format": ld3.FORMAT, "grid": [1.0, 0.5, 0.0], "nfe": 2,
+                                                   "guidance": 1.0, "train_size": 8}  # fmt: skip
     p = tmp_path / "s.json"
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -161,6 +164,23 @@ def test_bad_schedule_files_are_refused(tmp_path):
     p.write_text(json.dumps(good | {"nfe": 3}))
     with pytest.raises(ValueError, match="nfe=3 but the grid has 2 steps"):
         ld3.load_schedule(p)
+    p.write_text(json.dumps(good | {"grid": [1.0, 0.5, 0.001]}))
+    with pytest.raises(ValueError, match="must end at 0"):
+        ld3.load_schedule(p)
+    for key, bad, match in (("network_times", 5, "network_times must be a list"),
+                            ("network_times", [0.9, float("nan")], "network_times must be finite times"),
+                            ("network_times", [0.9, 1.5], "network_times must be finite times"),
+                            ("guidance", None, "guidance must be a finite number"),
+                            ("nfe", "2", "nfe must be a positive integer"),
+                            ("format", "compose-schedule/9", "format='compose-schedule/9' is not known")):  # fmt: skip
+        p.write_text(json.dumps(good | {key: bad}))
+        with pytest.raises(ValueError, match=match):
+            ld3.load_schedule(p)
+    # format 1 (a grid to t_min, then one more evaluation for the final denoising) reads as its format-2 equivalent
+    p.write_text(json.dumps(good | {"format": "compose-schedule/1", "grid": [1.0, 0.5, 0.001], "network_times": [1.0,
+                                    0.45], "nfe": 2}))  # fmt: skip
+    old = ld3.load_schedule(p)
+    assert old["grid"] == [1.0, 0.5, 0.001, 0.0] and old["nfe"] == 3 and old["network_times"] == [1.0, 0.45, 0.001]
     with pytest.raises(ValueError, match="does not exist"):
         ld3.load_schedule(tmp_path / "missing.json")
     p.write_text(json.dumps(good))
@@ -251,9 +271,9 @@ def test_more_hutchinson_probes_bring_the_solve_to_the_exact_divergence(two_mixt
 
     one, sixteen = err(1), err(16)
     assert one > 1e-3 and sixteen < one / 2.5
-    with pytest.raises(ValueError, match="probes must be a positive integer"):
+    with pytest.raises(ValueError, match="probes=0 is out of range"):
         ld3.solve(expr, x, grid, "dpm2m", divergence_kind="hutchinson", probes=0)
-    with pytest.raises(ValueError, match="teacher_probes must be a positive integer"):
+    with pytest.raises(ValueError, match="teacher_probes must be an integer"):
         ld3.learn_schedule(expr, 4, x, x, iters=0, teacher_probes=1.5, progress=False)
     res = ld3.learn_schedule(
         expr, 4, x[:8], x[8:16], teacher_steps=20, divergence_kind="hutchinson", iters=0, probes=2, progress=False
@@ -345,16 +365,16 @@ def test_a_schedule_transferred_to_a_composition_runs_there_unchanged(tmp_path, 
     with pytest.raises(ValueError, match="measured: \\['grid'\\]"):
         ld3.transfer_schedule(src, expr, grid=[1.0, 0.0])
     cli = tmp_path / "cli.json"
-    ld3.main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--out", str(cli)])
+    learn_schedule_main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--out", str(cli)])
     assert "wrote" in capsys.readouterr().out
     written = json.loads(cli.read_text())
     assert {k: written[k] for k in ld3.CHECKED_KEYS} == {k: info[k] for k in ld3.CHECKED_KEYS}
     assert written["command"].endswith(f"--transfer {src} --out {cli}")
     with pytest.raises(ValueError, match="nfe=4 \\(this call: 6\\)"):
-        ld3.main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--nfe", "6",
+        learn_schedule_main(["--model", "toy:A", "toy:B", "--operator", "or", "--transfer", str(src), "--nfe", "6",
                   "--out", str(cli)])  # fmt: skip
     with pytest.raises(SystemExit):
-        ld3.main(["--model", "toy:A", "--out", str(cli)])
+        learn_schedule_main(["--model", "toy:A", "--out", str(cli)])
     assert "--nfe is required" in capsys.readouterr().err
 
 
@@ -389,7 +409,7 @@ def test_the_operator_key_of_schedule_files_holds_what_changes_the_target(tmp_pa
     assert float((run(compose.AND(a, b, bias=[1.0, 0.0])) - run(compose.AND(a, b))).abs().max()) > 1e-3
 
     # a file for AND(A, B) is refused for a biased AND, with the key named; the clamped AND takes it
-    info = {k: None for k in ld3.REQUIRED_KEYS} | {"grid": [1.0, 0.5, 0.001], "nfe": 2}
+    info = {k: "x" for k in ld3.REQUIRED_KEYS} | {"format": ld3.FORMAT, "grid": [1.0, 0.5, 0.0], "nfe": 2}
     p = tmp_path / "and.json"
     p.write_text(json.dumps(info | ld3.expression_keys(compose.AND(a, b))))
     ld3.load_schedule(p, expect=ld3.expression_keys(compose.AND(a, b, clamp=(0.0, 1.0))))
@@ -447,7 +467,7 @@ def test_schedule_file_with_solver_offsets_runs_as_learned_and_bad_offsets_are_r
     a, b = two_mixtures()
     path = tmp_path / "a.json"
     argv = ["--model", "toy:A", "--nfe", "4", "--solver", "unipc", "--iters", "6", "--train", "16", "--val", "8"]
-    ld3.main([*argv, "--time-shift", "--solver-offsets", "--out", str(path)])
+    learn_schedule_main([*argv, "--time-shift", "--solver-offsets", "--out", str(path)])
     info = json.loads(path.read_text())
     off = torch.tensor(info["solver_offsets"], dtype=torch.float64)
     assert off.shape == (4, 3) and bool((off[ld3.solver_offset_mask("unipc", 4) == 1] != 0).any())

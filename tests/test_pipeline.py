@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import compose
 from pipelines import ComposePipeline, ComposePipelineOutput
+from pipelines.families import Leaf, NetworkGroups
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -263,7 +264,7 @@ def test_one_unet_call_per_step_with_cfg(folders):
         generator=seed(),
         output_type="latent",
     )
-    assert calls.rows == [4 * 2] * 4  # 3 steps + the final denoising, 3 prompts + uncond in each call
+    assert calls.rows == [4 * 2] * 3  # 3 steps = 3 calls (the last lands on the data), 3 prompts + uncond in each
     calls.rows.clear()
     pipe(
         prompt=["a", "b"],
@@ -273,7 +274,7 @@ def test_one_unet_call_per_step_with_cfg(folders):
         generator=seed(),
         output_type="latent",
     )
-    assert calls.rows == [2] * 3  # guidance_scale=1: no unconditional branch
+    assert calls.rows == [2] * 2  # guidance_scale=1: no unconditional branch
 
 
 def test_hutchinson_fd_probes_ride_in_the_main_call(folders):
@@ -291,8 +292,9 @@ def test_hutchinson_fd_probes_ride_in_the_main_call(folders):
         generator=seed(),
         output_type="latent",
     )
-    # per step: 2 terms x 2 images x (1 + 2 probes) + 2 unconditional rows; final denoising without probes
-    assert calls.rows == [2 * 2 * 3 + 2] * 2 + [3 * 2]
+    # per step (the step to the data too: its density increment needs the divergence): 2 terms x 2 images x
+    # (1 + 2 probes) + 2 unconditional rows
+    assert calls.rows == [2 * 2 * 3 + 2] * 2
 
 
 def test_several_checkpoints_one_call_each_and_shared_components(folders):
@@ -310,7 +312,7 @@ def test_several_checkpoints_one_call_each_and_shared_components(folders):
         generator=seed(),
         output_type="latent",
     )
-    assert calls_a.rows == [2] * 3 and calls_b.rows == [2] * 3  # term + its checkpoint's uncond row
+    assert calls_a.rows == [2] * 2 and calls_b.rows == [2] * 2  # term + its checkpoint's uncond row
     assert out.log_q.shape == (1, 2)
     same = load([folders["sd_a"], folders["sd_a"]])
     assert same.models[0].unet is same.models[1].unet
@@ -323,7 +325,7 @@ def test_several_checkpoints_one_call_each_and_shared_components(folders):
         generator=seed(),
         output_type="latent",
     )
-    assert calls.rows == [2] * 3  # identical checkpoints share one UNet and one call
+    assert calls.rows == [2] * 2  # identical checkpoints share one UNet and one call
 
 
 # ---------------------------------------------------------------------- determinism, generators, latents
@@ -367,7 +369,7 @@ def test_unconditional_checkpoints(folders):
     calls = CallCounter(pipe.models[0].unet, pipe.models[1].unet)
     out = pipe(operator="or", batch_size=3, num_inference_steps=2, generator=seed(), output_type="np")
     assert out.images.shape == (3, 8, 8, 3) and out.kappa.shape == (2, 3, 2)
-    assert calls.rows == [3] * 6  # 2 checkpoints x (2 steps + final)
+    assert calls.rows == [3] * 4  # 2 checkpoints x 2 steps
     single = load(folders["uncond_a"])
     out = single(batch_size=2, num_inference_steps=2, generator=seed(), output_type="pil")
     assert len(out.images) == 2 and out.images[0].size == (8, 8)
@@ -429,8 +431,7 @@ def test_prediction_type_and_schedule_conversion():
     twin = ComposeModel_for(VTwin(unet, compose.NoiseSchedule.from_scheduler(cos)), cos)
     pipe = ComposePipeline.from_models([base, twin])
     leaves = [pipeline_leaf(sch, m) for m in pipe.models]
-    groups = pipe._plan(leaves, [], {})
-    eps, _ = pipe._predict(groups, leaves, x, t, sch)
+    eps, _ = NetworkGroups(leaves, leaves, [], {}, None).predict(x, t, sch)
     torch.testing.assert_close(eps[1], eps[0], atol=2e-3, rtol=1e-3)
 
 
@@ -441,9 +442,7 @@ def ComposeModel_for(unet, scheduler):  # noqa: N802 - reads like the class it b
 
 
 def pipeline_leaf(schedule, model):
-    from pipelines.compose_pipeline import _Leaf
-
-    return _Leaf(schedule, model.name, model, None)
+    return Leaf(schedule, model.name, model, None)
 
 
 def test_sdxl_style_components(folders, tmp_path):
@@ -526,14 +525,16 @@ def test_time_grids(folders):
     kw = dict(generator=seed(), output_type="latent")
     out = pipe(num_inference_steps=4, **kw)
     assert out.kappa.shape[0] == 4 and out.timesteps.shape == (5,)
-    out = pipe(timesteps=[999, 600, 200], **kw)
-    torch.testing.assert_close(out.timesteps, torch.tensor([1.0, 0.601, 0.201, sch.t_min], dtype=torch.float64))
+    out = pipe(timesteps=[999, 600, 200], **kw)  # three evaluations, then the step to the data (as DDIM)
+    torch.testing.assert_close(out.timesteps, torch.tensor([1.0, 0.601, 0.201, 0.0], dtype=torch.float64))
     t = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
     sigmas = (sch.sigma(t) / sch.alpha(t)).tolist() + [0.0]
     out = pipe(sigmas=sigmas, **kw)
     torch.testing.assert_close(out.timesteps[:3], t, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.timesteps, torch.cat([t, torch.zeros(1, dtype=torch.float64)]), atol=1e-6, rtol=0)
     uniform = pipe(num_inference_steps=3, grid="uniform", **kw)
-    torch.testing.assert_close(uniform.timesteps, torch.linspace(sch.t_max, sch.t_min, 4, dtype=torch.float64))
+    want = torch.cat([torch.linspace(sch.t_max, sch.t_min, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(uniform.timesteps, want)
 
 
 def test_callback_and_progress_bar(folders, capsys):
@@ -655,6 +656,8 @@ def test_matches_the_reference_loop_of_compose(folders):
     expr = compose.OR(a, compose.on_schedule(b, a.schedule))
     latents = torch.randn(2, 3, 8, 8, generator=seed(5))
     ts = compose.make_grid(a.schedule, 3)
+    clip = compose.X0Clip.from_config(pipe.scheduler.config)  # the DDPM config's clip_sample, as the pipeline reads it
+    assert clip is not None and clip.clip_sample_range == 1.0
     with torch.no_grad():
         ref = compose.sample(
             expr,
@@ -663,6 +666,7 @@ def test_matches_the_reference_loop_of_compose(folders):
             method="ode",
             divergence="hutchinson_fd",
             generator=seed(1),
+            clip=clip,
         )
     out = pipe(
         operator="or",
@@ -677,8 +681,8 @@ def test_matches_the_reference_loop_of_compose(folders):
     # e = 1e-3 sigma_t, so log q (thousands of nats) agrees to ~0.1 nats and kappa / the samples to ~1e-3.
     torch.testing.assert_close(out.log_q, ref.log_q, atol=0.2, rtol=0)
     torch.testing.assert_close(out.kappa, ref.kappa, atol=2e-3, rtol=0)
-    torch.testing.assert_close(out.images, ref.denoised, atol=1e-2, rtol=1e-3)  # random UNets: |x0_hat| ~ 40
-    assert (out.images - ref.denoised).abs().mean() < 1e-5 * ref.denoised.abs().mean() * 100
+    torch.testing.assert_close(out.images, ref.samples, atol=1e-2, rtol=1e-3)
+    assert (out.images - ref.samples).abs().mean() < 1e-5 * ref.samples.abs().mean() * 100
 
 
 def test_scheduler_is_read_never_stepped(folders, monkeypatch):

@@ -25,10 +25,11 @@ def test_particles_of_every_image_share_one_batched_call(sd):
     calls = CallCounter(sd.unet)
     out = sd(prompt=["a cat", "a dog"], operator="product_smc", num_particles=3, guidance_scale=3.0,
              num_inference_steps=4, batch_size=2, generator=seed(), output_type="pt")  # fmt: skip
-    # every step: 2 images x 3 particles x (2 prompts + the unconditional branch) in ONE call; + final denoising
-    assert calls.rows == [2 * 3 * 3] * 5
+    # every step: 2 images x 3 particles x (2 prompts + the unconditional branch) in ONE call
+    assert calls.rows == [2 * 3 * 3] * 4
     assert out.images.shape == (2, 3, 16, 16)
-    assert out.ess.shape == (4, 2) and bool((out.ess >= 1 - 1e-9).all() and (out.ess <= 3 + 1e-9).all())
+    # every step but the step to the data is reweighted
+    assert out.ess.shape == (3, 2) and bool((out.ess >= 1 - 1e-9).all() and (out.ess <= 3 + 1e-9).all())
     assert out.num_resamples.shape == (2,) and out.log_weights.shape == (2, 3)
     assert torch.allclose(torch.logsumexp(out.log_weights, -1), torch.zeros(2, dtype=torch.float64))
     assert out.kappa.shape == (4, 2, 3) and out.log_q.shape == (2, 2)
@@ -45,13 +46,15 @@ def test_weights_follow_the_guided_conjunction_formula(sd):
         return {}
 
     kw = dict(prompt=["a cat", "a dog"], operator="product_smc", num_particles=4, guidance_scale=2.0,
-              num_inference_steps=1, generator=seed(3), output_type="latent")  # fmt: skip
+              num_inference_steps=2, generator=seed(3), output_type="latent")  # fmt: skip
     out = sd(**kw, ess_threshold=1e-6, callback_on_step_end=grab, callback_on_step_end_tensor_inputs=["latents"])
-    # recompute the increment of the single step from the network outputs at the first grid time
+    # recompute the increment of the one reweighted step (the step to the data is not reweighted) from the network
+    # outputs at the first grid time
     sch = sd.models[0].schedule
     t0, t1 = float(out.timesteps[0]), float(out.timesteps[1])
     x = torch.randn((4, 4, 8, 8), generator=seed(3)) * float(sch.sigma(t0))  # the pipeline's initial draw (A = 1)
-    enc = {p: sd._encode(sd.models[0], p, "cpu")["encoder_hidden_states"] for p in ("a cat", "a dog", "")}
+    m = sd.models[0]
+    enc = {p: m.family.encode(m, p, "cpu")["encoder_hidden_states"] for p in ("a cat", "a dog", "")}
     T = sch.timestep(torch.tensor(t0, dtype=torch.float64)).float().expand(4)
     e = {p: sd.unet(x, T, encoder_hidden_states=h.expand(4, -1, -1)).sample.double() for p, h in enc.items()}
     d1, d2 = (e["a cat"] - e[""]).flatten(1), (e["a dog"] - e[""]).flatten(1)
@@ -89,7 +92,7 @@ def test_unconditional_checkpoints_plain_product_and_pixel_text(tmp_path):
     calls = CallCounter(pipe.unet, pipe.models[1].unet)
     out = pipe(operator="product_smc", num_particles=2, weights=[1.0, 2.0], num_inference_steps=2, batch_size=3,
                generator=seed(), output_type="np")  # fmt: skip
-    assert out.images.shape == (3, 8, 8, 3) and calls.rows == [6] * 6  # 2 UNets x (2 steps + final), 3 x 2 rows
+    assert out.images.shape == (3, 8, 8, 3) and calls.rows == [6] * 4  # 2 UNets x 2 steps, 3 x 2 rows
     assert torch.allclose(out.kappa[0, 0], torch.tensor([1.0, 2.0], dtype=torch.float64))
     # one prompt with guidance: CFG as a product (exponents w and 1 - w)
     text = quiet(pixel_text_pipe(str(tmp_path)))
@@ -105,11 +108,11 @@ def test_initial_particles_are_scaled_by_the_total_exponent(sd, monkeypatch):
 
     seen = []
 
-    def spy(composer, poe, x, *args, **kwargs):
+    def spy(composer, predict, x, *args, **kwargs):
         seen.append(x.clone())
-        return compose.smc.particle_step(composer, poe, x, *args, **kwargs)
+        return compose.sampler.run(composer, predict, x, *args, **kwargs)
 
-    monkeypatch.setattr(cp, "particle_step", spy)
+    monkeypatch.setattr(cp, "run", spy)
     lat = torch.randn(2 * 3, 4, 8, 8, generator=seed(0))
     out = sd(prompt=["a", "b"], operator="product_smc", num_particles=3, guidance_scale=1.0, latents=lat,
              num_inference_steps=2, output_type="latent")  # fmt: skip
@@ -154,18 +157,19 @@ def test_guidance_one_and_negative_weight_without_unconditional_is_refused(sd):
 
 
 def test_langevin_moves_are_batched_calls_and_reuse_the_last_prediction(sd):
-    """langevin_steps=1 after every step: per step one call at the moved-from particles and one at the proposals, whose
-    predictions the next step reuses: 1 + 2 x steps calls of all rows (evaluations = 2 steps + 1 per particle)."""
+    """langevin_steps=1 after every reweighted step (all but the step to the data): one call at the moved-from
+    particles and one at the proposals, whose predictions the next step reuses: 1 + 2 x (steps - 1) calls of all rows
+    (evaluations = steps + (steps - 1) per particle)."""
     kw = dict(prompt=["a cat", "a dog"], operator="product_smc", num_particles=3, guidance_scale=3.0,
               num_inference_steps=3, batch_size=2, output_type="pt")  # fmt: skip
     calls = CallCounter(sd.unet)
     out = sd(**kw, generator=seed(1), langevin_steps=1)
-    assert calls.rows == [2 * 3 * 3] * (1 + 2 * 3)
-    assert torch.equal(out.evaluations, torch.full((2,), 7.0, dtype=torch.float64))
+    assert calls.rows == [2 * 3 * 3] * (1 + 2 * 2)
+    assert torch.equal(out.evaluations, torch.full((2,), 5.0, dtype=torch.float64))
     again = sd(**kw, generator=seed(1), langevin_steps=1).images
     plain = sd(**kw, generator=seed(1))
     assert torch.equal(out.images, again) and not torch.equal(out.images, plain.images)
-    assert torch.equal(plain.evaluations, torch.full((2,), 4.0, dtype=torch.float64))
+    assert torch.equal(plain.evaluations, torch.full((2,), 3.0, dtype=torch.float64))
     # one generator per image: image i depends on generator i only, with the moves too
     g1 = sd(**kw, generator=[seed(5), seed(6)], langevin_steps=1).images
     g2 = sd(**kw, generator=[seed(5), seed(7)], langevin_steps=1).images
@@ -180,4 +184,4 @@ def test_langevin_after_resample_moves_only_resampled_images(sd):
     assert torch.equal(never.images, plain.images)  # nothing resampled, nothing moved, no extra draws
     moved = sd(**{**kw, "generator": seed(0)}, ess_threshold=1.0, langevin_steps=2, langevin_after="resample")
     assert int(moved.num_resamples.sum()) > 0
-    assert torch.equal(moved.evaluations, 5 + 2 * moved.num_resamples.double())
+    assert torch.equal(moved.evaluations, 4 + 2 * moved.num_resamples.double())

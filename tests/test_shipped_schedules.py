@@ -11,6 +11,7 @@ import torch
 
 import compose
 from compose import ld3
+from pipelines.compose_models import DiffusersUnconditional
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 FOLDER = CARDS / "schedules-shapes-uncond"
@@ -50,8 +51,9 @@ def test_every_shipped_file_is_complete_and_named_for_its_setup():
     assert {setup_of(p) for p in FILES} <= set(MODELS), [p.name for p in FILES]
     for path in FILES:
         info = ld3.load_schedule(path)
-        nfe = int(path.stem.rsplit("nfe", 1)[1])
-        assert info["nfe"] == nfe and len(info["grid"]) == nfe + 1 and info["solver"] == solver_of(path)
+        steps = int(path.stem.rsplit("nfe", 1)[1])  # the names count format 1's solver steps: nfe = steps + 1
+        assert info["nfe"] == steps + 1 and len(info["grid"]) == steps + 2 and info["solver"] == solver_of(path)
+        assert info["grid"][-1] == 0.0 and info["upgraded_from"]["nfe"] == steps
         assert info["solver"] in compose.SOLVERS
         assert info["model"] == ",".join(MODELS[setup_of(path)])
         net = info["network_times"]
@@ -65,26 +67,26 @@ def test_every_shipped_file_is_complete_and_named_for_its_setup():
 @pytest.mark.parametrize("path", [p for p in FILES if setup_of(p) == "a"], ids=lambda p: p.name)
 def test_pipeline_follows_the_learned_grid_and_network_times(pipes, path):
     """The pipeline's ODE with the file == compose.ld3.solve with the file's grid, network times and learned solver
-    offsets where it has them (then the pipeline's final x0 at the last grid time): the schedule means the same
-    thing where it is learned and used."""
+    offsets where it has them (both end with the step to the data): the schedule means the same thing where it is
+    learned and used (learned without x0 clipping: the pipeline's clip_sample is turned off)."""
     info = json.loads(path.read_text())
     pipe = pipes["a"]
     out = pipe(method="ode", solver=info["solver"], schedule=str(path), batch_size=2, output_type="latent",
-               generator=torch.Generator().manual_seed(3))  # fmt: skip
-    model = ld3.DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
+               generator=torch.Generator().manual_seed(3), clip_sample=False)  # fmt: skip
+    model = DiffusersUnconditional(str(CARDS / "shapes-uncond-a"))
     sch = model.schedule
     grid = torch.tensor(info["grid"], dtype=torch.float64)
     as_t = lambda v: None if v is None else torch.tensor(v, dtype=torch.float64)  # noqa: E731
     net, off = as_t(info["network_times"]), as_t(info.get("solver_offsets"))
     x_T = torch.randn((2, *model.sample_shape), generator=torch.Generator().manual_seed(3)) * float(sch.sigma(grid[0]))
     with torch.no_grad():
-        x = ld3.solve(model, x_T, grid, info["solver"], net, solver_offsets=off)
-        x0 = compose.eps_to_x0(model.eps(x, grid[-1]), x, grid[-1], sch)
+        x0 = ld3.solve(model, x_T, grid, info["solver"], net, solver_offsets=off)
     assert out.images.shape == x0.shape
     torch.testing.assert_close(out.images.float(), x0.float(), atol=2e-4, rtol=1e-4)
     # and a different grid gives a different image: the comparison can fail
     other = pipe(method="ode", solver=info["solver"], schedule="ays_sdxl", num_inference_steps=info["nfe"],
-                 batch_size=2, output_type="latent", generator=torch.Generator().manual_seed(3))  # fmt: skip
+                 batch_size=2, output_type="latent", generator=torch.Generator().manual_seed(3),
+                 clip_sample=False)  # fmt: skip
     assert (other.images.float() - x0).abs().max() > 1e-2
 
 

@@ -1,0 +1,193 @@
+"""Every user-facing option of the sampler, named and checked once (one message per mistake).
+
+`compose.sample`, `compose.sample_smc`, `compose.ld3`, `ComposePipeline` and the batch / Space jobs all validate
+through these functions, so an option has one spelling, one range and one error message everywhere. Each check
+raises `ValueError` naming the argument and the fix, before any network is called. This module is the bottom of
+the `compose` dependency order: it imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+METHODS = ("sde", "ode")
+# First-order steps: "euler" in the time t of the shared schedule (VP Euler / Euler-Maruyama), "ddim" in the
+# variance-exploding variable s = sigma / alpha (DDIM with eta = 0, EulerDiscreteScheduler; under method="sde" the
+# Euler-Maruyama step in s, SuperDiff's reference update). Multistep ODE solvers: "dpm2m", "unipc".
+SOLVER_ORDER = {"euler": 1, "ddim": 1, "dpm2m": 2, "unipc": 3}
+SOLVERS = tuple(SOLVER_ORDER)
+SDE_SOLVERS = ("euler", "ddim")
+DIVERGENCES = ("hutchinson", "hutchinson_fd", "exact")
+OPERATORS = ("or", "and", "average", "product", "product_smc")
+GRIDS = ("uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl")
+SMC_FINALS = ("resample", "weights")
+LANGEVIN_AFTER = ("resample", "every")
+MAX_STEPS = 10_000  # a grid longer than this is a typo (1e9 steps would allocate gigabytes before the first step)
+
+
+def is_int(value: Any) -> bool:
+    """True for Python / numpy integers (not bools, not floats that happen to be whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(value: Any, name: str, lo: int, hi: int | None = None, what: str = "") -> int:
+    """`value` as an int in [lo, hi]; ValueError naming `name` otherwise."""
+    if not is_int(value):
+        raise ValueError(f"{name} must be an integer{what}; got {value!r}.")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        rng = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={v} is out of range; give an integer {rng}{what}.")
+    return v
+
+
+def check_float(value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
+                what: str = "") -> float:  # fmt: skip
+    """`value` as a finite float in [lo, hi] ((lo, hi] with open_lo); ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    ):
+        raise ValueError(f"{name} must be a number{what}; got {value!r}.")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite{what}; got {value!r}.")
+    below = lo is not None and (v <= lo if open_lo else v < lo)
+    if below or (hi is not None and v > hi):
+        left = "(" if open_lo else "["
+        rng = f"in {left}{lo}, {hi}]" if hi is not None else (f"> {lo}" if open_lo else f">= {lo}")
+        raise ValueError(f"{name}={v} is out of range; give a number {rng}{what}.")
+    return v
+
+
+def check_method(method: Any) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f"method={method!r} is not known; use 'sde' (Euler-Maruyama, Ito density estimator) or 'ode' "
+            "(probability-flow ODE, divergence estimate)."
+        )
+    return method
+
+
+def check_solver(solver: Any, method: str) -> str:
+    """`solver` must be known and fit `method` (the multistep solvers are ODE-only)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+    if method == "sde" and solver not in SDE_SOLVERS:
+        raise ValueError(
+            f"solver={solver!r} is an ODE solver; use method='ode' with it, or solver='euler' / 'ddim' with 'sde'."
+        )
+    return solver
+
+
+def check_divergence(divergence: Any, allowed: tuple = DIVERGENCES) -> str:
+    if divergence not in allowed:
+        raise ValueError(f"divergence={divergence!r} is not known; use one of {allowed}.")
+    return divergence
+
+
+def check_probes(probes: Any, name: str = "probes") -> int:
+    return check_int(probes, name, 1, 1024, " (Hutchinson probes per step)")
+
+
+def check_fd_eps(fd_eps: Any) -> float:
+    what = " (the finite-difference step of 'hutchinson_fd' relative to sigma_t; 1e-3 is usual)"
+    return check_float(fd_eps, "fd_eps", 0.0, 1.0, open_lo=True, what=what)
+
+
+def check_steps(steps: Any, name: str = "num_inference_steps", hi: int = MAX_STEPS) -> int:
+    return check_int(steps, name, 1, hi, " (network evaluations per image)")
+
+
+def check_operator(operator: Any) -> str:
+    """A named operator (case-insensitive) -> its canonical lower-case name."""
+    if not isinstance(operator, str) or operator.lower() not in OPERATORS:
+        raise ValueError(
+            f"operator={operator!r} is not known; use one of {OPERATORS}, or a callable that builds a compose "
+            "expression from the terms, e.g. lambda a, b, c: compose.OR(compose.AND(a, b), c)."
+        )
+    return operator.lower()
+
+
+def check_grid(timesteps: Any, name: str = "timesteps") -> torch.Tensor:
+    """A strictly decreasing grid as float64: the first time in (0, 1], the last in [0, 1) (0: the data).
+
+    A grid of N + 1 times is N steps and N network evaluations (at every time but the last). Ending at 0 makes the
+    last step land on the data: x0_hat of the last evaluation (DDIM's step to sigma = 0).
+    """
+    try:
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a sequence of numbers; got {timesteps!r} ({err}).") from None
+    if ts.numel() < 2:
+        raise ValueError(f"{name} needs at least two times (a start and an end); got {ts.numel()}.")
+    if ts.numel() - 1 > MAX_STEPS:
+        raise ValueError(f"{name} has {ts.numel() - 1} steps; at most {MAX_STEPS} are allowed.")
+    if not bool(torch.all(torch.isfinite(ts))) or not bool(torch.all(ts[1:] < ts[:-1])):
+        raise ValueError(
+            f"{name} must be strictly decreasing and finite (noise at t = 1 to data at t = 0); got "
+            f"{ts.tolist()[:8]}..."
+        )
+    if not (0.0 <= float(ts[-1]) and 0.0 < float(ts[0]) <= 1.0):
+        raise ValueError(
+            f"{name} must lie in [0, 1] with a positive first time; got [{float(ts[-1])}, {float(ts[0])}]."
+        )
+    return ts
+
+
+def check_smc_options(num_particles: Any, ess_threshold: Any, resample_window: Any, method: str = "sde") -> tuple:
+    """Particle options (`compose.sample_smc`, operator="product_smc"); returns the window (t_lo, t_hi)."""
+    if method != "sde":
+        raise ValueError(
+            f"method={method!r} cannot be used with a particle product: the Feynman-Kac weights need the SDE. Use "
+            "method='sde', or an ODE operator (compose.AND / compose.Product) without particles."
+        )
+    if not is_int(num_particles) or num_particles < 2:
+        raise ValueError(
+            f"num_particles must be an integer >= 2 (with one particle nothing is reweighted); got {num_particles!r}. "
+            "Use compose.Product (operator='product') for a single trajectory."
+        )
+    check_int(num_particles, "num_particles", 2, 4096)
+    if isinstance(ess_threshold, bool) or not (isinstance(ess_threshold, (int, float)) and 0 < ess_threshold <= 1):
+        raise ValueError(
+            f"ess_threshold must lie in (0, 1] (a fraction of num_particles; 0.5 is usual, 1 resamples every step); "
+            f"got {ess_threshold!r}."
+        )
+    try:
+        lo, hi = (float(v) for v in resample_window)
+    except (TypeError, ValueError):
+        raise ValueError(f"resample_window must be a pair (t_lo, t_hi); got {resample_window!r}.") from None
+    if not 0 <= lo < hi <= 1:
+        raise ValueError(f"resample_window=(t_lo, t_hi) must satisfy 0 <= t_lo < t_hi <= 1; got {resample_window!r}.")
+    return lo, hi
+
+
+def check_langevin_options(langevin_steps: Any, langevin_step: Any, langevin_after: Any) -> None:
+    """Rejuvenation options of the particle sampler."""
+    if not is_int(langevin_steps) or langevin_steps < 0:
+        raise ValueError(
+            f"langevin_steps must be an integer >= 0 (Langevin moves per rejuvenation; 0 turns them off); got "
+            f"{langevin_steps!r}."
+        )
+    check_int(langevin_steps, "langevin_steps", 0, 64)
+    if isinstance(langevin_step, bool) or not isinstance(langevin_step, (int, float)) or not 0 < langevin_step <= 1:
+        raise ValueError(
+            f"langevin_step must lie in (0, 1] (the move's step in units of sigma_t^2 / A; 0.1-0.5 is usual, larger "
+            f"steps are rejected more often); got {langevin_step!r}."
+        )
+    if langevin_after not in LANGEVIN_AFTER:
+        raise ValueError(f"langevin_after={langevin_after!r} is not known; use one of {LANGEVIN_AFTER}.")
+
+
+def check_x0_clip(clip_sample: Any, clip_sample_range: Any, thresholding: Any, dynamic_thresholding_ratio: Any,
+                  sample_max_value: Any) -> None:  # fmt: skip
+    """The x0 clipping options (diffusers' scheduler semantics, see `compose.solvers.X0Clip`)."""
+    for name, v in (("clip_sample", clip_sample), ("thresholding", thresholding)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False; got {v!r}.")
+    check_float(clip_sample_range, "clip_sample_range", 0.0, None, open_lo=True)
+    check_float(dynamic_thresholding_ratio, "dynamic_thresholding_ratio", 0.0, 1.0, open_lo=True)
+    check_float(sample_max_value, "sample_max_value", 0.0, None, open_lo=True)

@@ -1,0 +1,276 @@
+"""Model families as adapters: what one kind of checkpoint adds to the shared sampler (house style 6).
+
+`compose` owns the mathematics and the one sampling loop; a family only answers, for its checkpoints:
+  - `encode(model, prompt, device, zero)`: the conditioning of one prompt (batch of one), computed once per call;
+  - `forward(model, x, timesteps, conds, n)`: ONE batched network call over rows made of chunks of n rows, chunk c
+    conditioned by conds[c] (the terms that share the network, the unconditional branch, the probe points);
+  - `timestep(schedule, t)`: the network's timestep input at time t of its own schedule.
+Everything else (grouping the rows by network, converting each prediction type to eps_hat on the shared schedule,
+divergences, the step, the densities) is shared: `NetworkGroups` and `compose.sampler.run`.
+
+`UNetFamily` serves Stable Diffusion 1.x / 2.x and SDXL UNets (`UNet2DConditionModel`) and pixel-space
+`UNet2DModel`s. Further families (flow-matching transformers, LoRA experts) are further classes with the same
+three methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import compose
+from compose.schedule import NoiseSchedule
+
+COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+@dataclass(eq=False)
+class ComposeModel:
+    """One checkpoint of a composition: its network, scheduler (read, never stepped) and text / latent components."""
+
+    name: str
+    unet: Any
+    scheduler: Any
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_scheduler(self.scheduler)
+
+    @property
+    def prediction_type(self) -> str:
+        if "FlowMatch" in type(self.scheduler).__name__:  # its config has no prediction_type: it is the velocity
+            return "flow"
+        return compose.normalize_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def is_text(self) -> bool:
+        return self.text_encoder is not None or self.text_encoder_2 is not None
+
+    @property
+    def is_xl(self) -> bool:
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def network(self) -> Any:
+        return self.unet
+
+    @property
+    def family(self) -> UNetFamily:
+        return UNET
+
+    def components(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in COMPONENTS}
+
+
+class UNetFamily:
+    """SD 1.x / 2.x and SDXL (`UNet2DConditionModel`, cross-attention on CLIP states; SDXL adds pooled text embeds
+    and size ids) and pixel-space `UNet2DModel`s (no conditioning)."""
+
+    @torch.no_grad()
+    def encode(self, model: ComposeModel, prompt: str | None, device: Any, zero: bool = False) -> dict[str, Any]:
+        """Conditioning of one prompt: {"encoder_hidden_states": (1, S, D)} (+ "text_embeds" (1, P) for SDXL)."""
+        encoders = [(model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)]
+        encoders = [(tok, enc) for tok, enc in encoders if enc is not None]
+        hidden, pooled = [], None
+        for tok, enc in encoders:
+            if tok is None:
+                raise ValueError(f"checkpoint {model.name!r} has a text encoder but no tokenizer; pass tokenizer=.")
+            ids = tok(
+                prompt or "", padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)  # fmt: skip
+            if model.is_xl:
+                out = enc(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]  # the projected pooled output of the (last) encoder
+            else:
+                hidden.append(enc(ids)[0])
+        cond = {"encoder_hidden_states": torch.cat(hidden, dim=-1)}
+        if model.is_xl:
+            if pooled is None or pooled.ndim != 2:
+                raise ValueError(f"checkpoint {model.name!r} (SDXL-style) needs text_encoder_2 with a projection.")
+            cond["text_embeds"] = pooled
+        if zero:  # SDXL's force_zeros_for_empty_prompt for the unconditional branch
+            cond = {k: torch.zeros_like(v) for k, v in cond.items()}
+        return cond
+
+    def timestep(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+        return schedule.timestep(t)
+
+    def forward(self, model: ComposeModel, x: torch.Tensor, timesteps: torch.Tensor, conds: list, n: int,
+                extra: dict | None = None) -> torch.Tensor:  # fmt: skip
+        """The network's raw output for rows x (C n, ...) at timesteps (C n,); chunk c uses conds[c] (or None)."""
+        unet = model.unet
+        kw: dict[str, Any] = {}
+        ehs = [c["encoder_hidden_states"].expand(n, -1, -1) for c in conds if c is not None]
+        if ehs:
+            kw["encoder_hidden_states"] = torch.cat(ehs).to(unet.dtype)
+        pooled = [c["text_embeds"].expand(n, -1) for c in conds if c is not None and "text_embeds" in c]
+        if pooled:
+            time_ids = (extra or {})["time_ids"]
+            kw["added_cond_kwargs"] = {
+                "text_embeds": torch.cat(pooled).to(unet.dtype),
+                "time_ids": time_ids.to(device=x.device, dtype=unet.dtype).expand(x.shape[0], -1),
+            }
+        return unet(x.to(unet.dtype), timesteps, **kw, return_dict=False)[0].to(torch.float32)
+
+
+UNET = UNetFamily()
+
+
+class _UncondMarker(str):
+    """The prompt of the unconditional branch (a distinct object, so no user prompt is mistaken for it)."""
+
+
+UNCOND = _UncondMarker("")
+
+
+class Leaf:
+    """A leaf of the compose expression: one term (checkpoint, prompt); the core only needs `schedule` and `name`."""
+
+    def __init__(self, schedule: NoiseSchedule, name: str, model: ComposeModel | None, prompt: str | None):
+        self.schedule = schedule
+        self.name = name
+        self.model = model
+        self.prompt = prompt
+        self.model_schedule = model.schedule if model is not None else None
+
+    @property
+    def unconditional(self) -> bool:
+        return self.prompt is UNCOND
+
+    def __repr__(self) -> str:
+        return f"<term {self.name}>"
+
+
+class NetworkGroups:
+    """The rows of every step, grouped by network: one batched call per distinct network.
+
+    core: the expression's leaves in the core's order; their predictions are returned in that order. terms: the term
+    leaves in the order the rows are batched. extra: the per-checkpoint unconditional rows, averaged into the
+    expression's one unconditional leaf (index `u_index` of core; its `model` is None). conds: id(leaf) ->
+    conditioning; call_extra: keyword arguments every network call of the family gets (SDXL's time ids).
+    """
+
+    def __init__(self, core: list[Leaf], terms: list[Leaf], extra: list[Leaf], conds: dict, u_index: int | None,
+                 call_extra: dict | None = None) -> None:  # fmt: skip
+        self.leaves = [*core, *extra]
+        self.num_core = len(core)
+        self.u_index = u_index
+        self.call_extra = call_extra
+        self.groups: list[dict] = []
+        for leaf in terms + extra:
+            g = next((g for g in self.groups if g["net"] is leaf.model.network), None)
+            if g is None:
+                g = {"net": leaf.model.network, "model": leaf.model, "parts": []}
+                self.groups.append(g)
+            g["parts"].append(leaf)
+        for g in self.groups:
+            g["conds"] = [conds.get(id(leaf)) for leaf in g["parts"]]
+
+    def predict(self, x: torch.Tensor, t: Any, schedule: NoiseSchedule, *, zeta: torch.Tensor | None = None,
+                divergence: str | None = None, fd_e: float = 0.0) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        """eps_hat (L, n, ...) of the core's leaves at (x, t) and, with probes zeta (K, n, ...), div_x eps_hat (L, n).
+
+        One network call per group (per probe for forward-mode JVPs). The unconditional leaf is the mean over its
+        rows; its divergence is left at 0 since no operator reads its log q.
+        """
+        L, n = len(self.leaves), x.shape[0]
+        index = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+        eps = torch.zeros((L, *x.shape), dtype=torch.float32, device=x.device)
+        counts = torch.zeros(L, dtype=torch.float32)
+        div = torch.zeros(L, n, dtype=torch.float64, device=x.device) if zeta is not None else None
+        t64 = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+        K = 0 if zeta is None else zeta.shape[0]
+        for g in self.groups:
+            model, family = g["model"], g["model"].family
+            xs, tins, chunks, conds = [], [], [], []
+            for leaf, cond in zip(g["parts"], g["conds"], strict=True):
+                sch = leaf.model_schedule
+                t_m = sch.t_from_log_snr(schedule.log_snr(t64)) if sch != schedule else t64
+                scale = float((sch.log_alpha(t_m) - schedule.log_alpha(t64)).exp())
+                probe = divergence == "hutchinson_fd" and not leaf.unconditional and zeta is not None
+                copies = [x] + ([x + fd_e * z for z in zeta] if probe else [])
+                for j, xc in enumerate(copies):
+                    xs.append(xc * scale)
+                    chunks.append((index[id(leaf)], j, leaf, t_m, scale))
+                    tins.append(family.timestep(sch, t_m))
+                    conds.append(cond)
+            X = torch.cat(xs)
+            T = torch.cat([tt.reshape(1).expand(n) for tt in tins]).to(device=x.device, dtype=torch.float32)
+
+            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks) -> torch.Tensor:
+                pred = family.forward(model, Xin, T, conds, n, self.call_extra)
+                out = []
+                for c, (_, _, leaf, t_m, _) in enumerate(chunks):
+                    rows = slice(c * n, (c + 1) * n)
+                    out.append(
+                        compose.to_eps(pred[rows], Xin[rows], t_m, leaf.model_schedule, leaf.model.prediction_type)
+                    )
+                return torch.cat(out)
+
+            if divergence == "hutchinson" and zeta is not None:
+                E = None
+                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), forward_ad_ready(g["net"]):
+                    for k in range(K):
+                        tangent = torch.cat(
+                            [torch.zeros_like(x) if lf.unconditional else zeta[k] * s for (_, _, lf, _, s) in chunks]
+                        )
+                        out, jv = torch.func.jvp(fn, (X,), (tangent,))
+                        E = out if E is None else E
+                        for c, (li, _, lf, _, _) in enumerate(chunks):
+                            if not lf.unconditional:
+                                jvc = jv[c * n : (c + 1) * n]
+                                div[li] += (zeta[k] * jvc).reshape(n, -1).sum(-1).to(torch.float64) / K
+            else:
+                E = fn(X)
+            for c, (li, j, _, _, _) in enumerate(chunks):
+                Ec = E[c * n : (c + 1) * n]
+                if j == 0:
+                    eps[li] += Ec
+                    counts[li] += 1
+                    base = Ec
+                else:
+                    diff = (zeta[j - 1] * (Ec - base)).reshape(n, -1).sum(-1)
+                    div[li] += diff.to(torch.float64) / (fd_e * K)
+        eps = eps / counts.clamp_min(1).to(eps.device).reshape(L, *([1] * x.ndim))
+        M = self.num_core
+        eps_l, div_l = eps[:M].clone(), None if div is None else div[:M].clone()
+        if self.u_index is not None:
+            eps_l[self.u_index] = eps[M:].mean(0)
+            if div_l is not None:
+                div_l[self.u_index] = 0.0
+        return eps_l, div_l
+
+
+@contextlib.contextmanager
+def forward_ad_ready(module: torch.nn.Module):
+    """Make `module` safe for forward-mode AD (`torch.func.jvp`) while the context is open.
+
+    torch's forward-AD rule for group_norm views its tangent, which fails ("view size is not compatible ...") when
+    the tangent arrives non-contiguous, as it does in diffusers' attention blocks of UNet2DModel for batches > 1.
+    A pre-hook hands every GroupNorm a contiguous copy (primal and tangent); the hooks are removed on exit.
+    """
+
+    def contiguous_input(_mod, args):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
+
+    hooks = [
+        m.register_forward_pre_hook(contiguous_input) for m in module.modules() if isinstance(m, torch.nn.GroupNorm)
+    ]
+    try:
+        yield module
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+__all__ = ["COMPONENTS", "ComposeModel", "Leaf", "NetworkGroups", "UNCOND", "UNetFamily", "forward_ad_ready"]
