@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compose  # noqa: E402
-from compose import ld3, thermo, toy  # noqa: E402
+from compose import ld3, thermo  # noqa: E402
 from examples.shapes.data import SHAPES, make_batch  # noqa: E402
 from examples.shapes.eval_unconditional import judge  # noqa: E402
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 import torch
 
@@ -17,7 +16,6 @@ from .engine import Composer
 from .ld3 import learn_schedule, load_schedule, save_schedule, transfer_schedule
 from .operators import AND, OR, Average
 from .options import GRIDS, SOLVERS
-from .schedule import NoiseSchedule
 from .toy import toy_models
 
 

@@ -533,7 +533,8 @@ def test_time_grids(folders):
     torch.testing.assert_close(out.timesteps[:3], t, atol=1e-6, rtol=0)
     torch.testing.assert_close(out.timesteps, torch.cat([t, torch.zeros(1, dtype=torch.float64)]), atol=1e-6, rtol=0)
     uniform = pipe(num_inference_steps=3, grid="uniform", **kw)
-    want = torch.cat([torch.linspace(sch.t_max, sch.t_min, 3, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    zero = torch.zeros(1, dtype=torch.float64)
+    want = torch.cat([torch.linspace(sch.t_max, sch.t_min, 3, dtype=torch.float64), zero])
     torch.testing.assert_close(uniform.timesteps, want)
 
 
