@@ -298,9 +298,10 @@ def floor_report(setup: str, args, clf, log) -> list[dict]:
             g = torch.Generator().manual_seed(args.seed + 11)
             best = None
             for _ in range(args.random_grids):
-                u = torch.rand(nfe - 1, generator=g, dtype=torch.float64).sort(descending=True).values
+                # nfe evaluation times: t_max, nfe - 2 random ones, t_min; then the step to the data
+                u = torch.rand(nfe - 2, generator=g, dtype=torch.float64).sort(descending=True).values
                 inner = sch.t_min + (sch.t_max - sch.t_min) * u
-                grid = torch.cat([torch.tensor([sch.t_max]), inner, torch.tensor([sch.t_min])]).to(torch.float64)
+                grid = torch.cat([torch.tensor([sch.t_max]), inner, torch.tensor([sch.t_min, 0.0])]).to(torch.float64)
                 v = float(distances(solve(xs["select"], grid), ys["select"]).mean())
                 if best is None or v < best[0]:
                     best = (v, grid)

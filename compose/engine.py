@@ -114,15 +114,16 @@ class Composer:
         rho, sigma = rates.rho, rates.sigma
         L, n = eps.shape[0], eps.shape[1]
         d = eps[0, 0].numel()
-        work = torch.promote_types(eps.dtype, torch.float32)
-        E = eps.reshape(L, n, -1).to(work)
-        G = torch.einsum("and,bnd->nab", E, E).to(torch.float64)  # <eps_a, eps_b>
+        # float64 for the Gram matrix and the composition: products of float32 numbers are exact in float64, so the
+        # differences between nearly equal predictions (AND's B, eps_bar with large kappa) keep their digits.
+        E = eps.reshape(L, n, -1).to(torch.float64)
+        G = torch.einsum("and,bnd->nab", E, E)  # <eps_a, eps_b>
         self._check_finite(G, sigma)
         diag = torch.diagonal(G, dim1=-2, dim2=-1)
         if self.method == "sde" and not deterministic:
             if noise is None:
                 raise ValueError("noise is required for method='sde' (a standard normal tensor shaped like x).")
-            zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(work), E).to(torch.float64)
+            zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(torch.float64), E)
             Q = rho * G
             r = -math.sqrt(rho) * zE - 0.5 * rho * diag + d * rates.common
             if self.control_variate:
@@ -141,7 +142,7 @@ class Composer:
         else:
             c = torch.ones(n, 1, dtype=torch.float64, device=G.device)
         dlogq = torch.einsum("nab,nb->na", Q, c) + r
-        eps_bar = torch.einsum("nl,lnd->nd", c.to(work), E).reshape(eps.shape[1:]).to(eps.dtype)
+        eps_bar = torch.einsum("nl,lnd->nd", c.to(E.dtype), E).reshape(eps.shape[1:]).to(eps.dtype)
         return StepOutput(x=None, log_q=log_q + dlogq, coeffs=c, eps=eps_bar, kappa=ctx.kappa)
 
     def step(

@@ -91,7 +91,7 @@ class Expr:
         """The expression with the parameters that change its target (the operator key of schedule files).
 
         Parameters at their defaults are left out, so `OR(a, b)` reads the same as before they existed. Numerical
-        settings that leave the target alone (AND's ridge and clamp) are left out too.
+        settings that leave the target alone (AND's rcond and clamp) are left out too.
         """
         parts = [repr(c) if isinstance(c, Expr) else model_name(c) for c in self.children]
         parts += [f"{k}={v}" for k, v in self._key_params().items()]
@@ -249,28 +249,41 @@ class OR(Expr):
 class AND(Expr):
     """Equal densities: kappa such that every child's log-density moves by the same amount (SuperDiff Prop. 6).
 
-    Solves A kappa - lambda 1 = -b + l, 1^T kappa = 1 on the subspace 1^T kappa = 1 with a ridge (so coinciding
-    predictions give kappa = 1/M, never NaN); kappa may leave [0, 1] (an affine combination).
+    Solves A kappa - lambda 1 = -b + l, 1^T kappa = 1: on the subspace 1^T kappa = 1 this is B u = rhs with
+    B = V^T A V ((M-1) x (M-1), V an orthonormal basis of 1^T v = 0) and kappa = 1/M + V u. kappa may leave [0, 1]
+    (an affine combination).
+
+    Regularisation rule (docs/MATH.md section 5): B is measured against the predictions' squared norm,
+    B_n = B / mean_j |A_jj|; its singular values s_i are of order r_i^2 / 2 where r_i is the relative difference
+    of the predictions along direction i (|eps_1 - eps_2| / |eps| for two). The solve is the pseudo-inverse with an
+    absolute cut-off,
+        u = sum_{i: s_i >= rcond} v_i (w_i^T rhs_n) / s_i,
+    so every direction in which the predictions differ by r >~ sqrt(2 rcond) is solved exactly, and one in which they
+    do not (coinciding predictions; collinear ones, where one combination of kappa does not move eps_bar; float32
+    rounding) is left at its 1/M value: kappa = 1/M when all predictions coincide, the minimum-norm solution when
+    some directions are degenerate, never NaN or inf. The default rcond = 1e-10 solves every direction with
+    r >= 1.5e-5 exactly; the Gram matrix is formed in float64 from the predictions, so s is resolved to ~1e-15 even
+    for float32 networks. Exact means unbounded: when the predictions differ by little, equal densities can need
+    |kappa| in the hundreds (eps_bar stays finite: kappa multiplies their small difference); `clamp` bounds it.
 
     Args:
         bias: (M,) prescribed log-density offsets l. Sign convention: over the whole grid the step-wise targets
             add up to log q_i - log q_j = l_i - l_j (plus the difference at the start); a larger l_i favours
             samples more likely under model i. Spread evenly over the steps, so it does not depend on the step count.
-        ridge: relative Tikhonov regularisation of the solve (relative to the size of the predictions' Gram matrix);
-            it only matters when predictions differ by less than about sqrt(ridge) of their size.
+        rcond: the cut-off of the rule above (>= 0; 0 drops only exactly singular directions).
         clamp: optional (lo, hi): clamp each kappa to [lo, hi], then renormalise to sum 1. Requires lo < 1/M < hi.
     """
 
-    def __init__(self, *models: Any, bias: Any = None, ridge: float = 1e-6, clamp: tuple | None = None) -> None:
+    def __init__(self, *models: Any, bias: Any = None, rcond: float = 1e-10, clamp: tuple | None = None) -> None:
         super().__init__(*models, name="AND")
         k = len(self.children)
         _check_count(self.children, "AND", 2)
         self.bias = (
             torch.zeros(k, dtype=torch.float64) if bias is None else _weights(bias, k, "AND bias", positive=False)
         )
-        if not ridge >= 0:
-            raise ValueError(f"AND: ridge must be >= 0; got {ridge}.")
-        self.ridge = float(ridge)
+        if isinstance(rcond, bool) or not (isinstance(rcond, (int, float)) and math.isfinite(rcond) and rcond >= 0):
+            raise ValueError(f"AND: rcond must be a finite number >= 0 (the cut-off of the solve); got {rcond!r}.")
+        self.rcond = float(rcond)
         if clamp is not None:
             lo, hi = (float(v) for v in clamp)
             if not lo < 1.0 / k < hi:
@@ -299,12 +312,14 @@ class AND(Expr):
         kappa0 = torch.full((k,), 1.0 / k, dtype=A.dtype, device=A.device)
         B = V.T @ A @ V  # (n, K-1, K-1)
         rhs = torch.einsum("km,nk->nm", V, target - b - A @ kappa0)
-        # Scale-free ridge: measure B against the size of A's diagonal, the predictions' squared norms.
+        # Measure B against the predictions' squared norms (A's diagonal), then drop only the directions whose
+        # singular value falls below rcond (class docstring): a well-posed solve is left exact.
         ref = torch.diagonal(A, dim1=-2, dim2=-1).abs().mean(-1).clamp_min(torch.finfo(A.dtype).tiny)
         Bn, rn = B / ref[:, None, None], rhs / ref[:, None]
-        eye = torch.eye(k - 1, dtype=A.dtype, device=A.device)
-        Bt = Bn.transpose(-1, -2)
-        u = torch.linalg.solve(Bt @ Bn + self.ridge * eye, (Bt @ rn[..., None]))[..., 0]
+        W, sv, Vh = torch.linalg.svd(Bn)
+        keep = (sv >= self.rcond) & (sv > 0)
+        inv = torch.where(keep, 1.0 / torch.where(keep, sv, torch.ones_like(sv)), torch.zeros_like(sv))
+        u = torch.einsum("nji,ni,nik->nj", Vh.transpose(-1, -2), inv, torch.einsum("nki,nk->ni", W, rn)[..., None])
         kappa = kappa0 + u @ V.T
         if self.clamp is not None:
             kappa = kappa.clamp(*self.clamp)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .options import check_float
-from .predictions import bcast, eps_to_x0, to_eps
+from .predictions import bcast, eps_to_x0
 from .schedule import NoiseSchedule
 
 
@@ -218,9 +218,10 @@ class X0Clip:
     dynamic_thresholding_ratio: dynamic thresholding (Saharia et al. 2022, `thresholding: true`): per sample,
         s = the ratio-quantile of |x0| clamped to [1, sample_max_value], x0 -> clamp(x0, -s, s) / s. It takes
         precedence over clip_sample, as in diffusers.
-    The sampler moves x with eps' = (x - alpha clip(x0)) / sigma (DDIM's re-derived eps). The operators' weights are
-    solved for the unclipped step and every model's log q is then moved along the clipped step actually taken
-    (`compose.sampler`), so the tracked densities are those of the path the samples follow.
+    How a step uses the clipped x0_hat: `solver_step`. The operators' weights are solved for the unclipped step and
+    every model's log q is then moved along the clipped step actually taken (`compose.sampler`: the Ito and ODE
+    increments hold for any displacement, to first order), so the tracked densities are those of the path the
+    samples follow, not of the unclipped drift.
     """
 
     clip_sample_range: float | None = None
@@ -275,18 +276,22 @@ def solver_step(
 ) -> torch.Tensor:
     """The step `solver` takes from ts[k] to ts[k + 1] with the composed eps_bar at (x, ts[k]).
 
-    The step to the data (ts[k + 1] = 0) is x0_hat (clipped); first-order solvers step with the clipped x0's eps;
-    the multistep solvers step on the clipped x0_hat.
+    The step to the data (ts[k + 1] = 0) is x0_hat. With `clip`, x0_hat is clipped as diffusers' schedulers do:
+    a first-order step, which is linear in the decomposition x = alpha x0_hat + sigma eps_hat, takes the clipped
+    x0_hat and the unclipped eps_hat (DDIM's x' = alpha' clip(x0) + sigma' eps, use_clipped_model_output=False),
+    i.e. it starts from alpha clip(x0_hat) + sigma eps_hat; the multistep solvers take the clipped x0_hat as their
+    data prediction (as DPMSolverMultistep / UniPC do).
     """
     t_cur, t_next = ts[k], ts[k + 1]
-    if clip is not None or float(t_next.detach()) == 0.0 or solver in ("dpm2m", "unipc"):
+    final = float(t_next.detach()) == 0.0
+    if clip is not None or final or solver in ("dpm2m", "unipc"):
         x0 = eps_to_x0(eps_bar, x, t_cur, schedule)
-        x0 = clip(x0) if clip is not None else x0
-        if float(t_next.detach()) == 0.0:
-            return x0
+        x0_used = clip(x0) if clip is not None else x0
+        if final:
+            return x0_used
         if solver in ("dpm2m", "unipc"):
-            return multistep.step(k, x, x0, ts, schedule, offsets)
-        eps_bar = to_eps(x0, x, t_cur, schedule, "sample")
+            return multistep.step(k, x, x0_used, ts, schedule, offsets)
+        x = x + bcast(schedule.alpha(t_cur), x).to(x.dtype) * (x0_used - x0)
     return first_order(solver, x, eps_bar, t_cur, t_next, schedule, noise)
 
 

@@ -378,7 +378,7 @@ def test_one_runner_per_output_folder(tmp_path):
     assert B.run_batch(jobs_path, out, progress=False)["ok"] == 1
 
 
-SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe4.json"
+SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe5.json"
 
 
 def long_grid(source: Path, steps: int) -> list[float]:

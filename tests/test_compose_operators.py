@@ -95,11 +95,11 @@ def test_singular_and_system_gives_equal_weights():
 
 
 def test_and_bias_prescribes_density_offsets():
-    """The bias moves log q_1 - log q_2 by about l_1 - l_2 over the grid.
+    """The bias moves the tracked log q_1 - log q_2 by exactly l_1 - l_2 over the grid (every sample).
 
-    Not exactly: at the start (t ~ 1, alpha ~ 0.007) the two predictions differ by under 1% and equal increments
-    would need |kappa| ~ 1e4; the ridge damps those steps, so they carry less than their share of the bias.
-    """
+    At the start (t ~ 1, alpha ~ 0.007) the two predictions differ by under 1% and equal increments need |kappa| in
+    the hundreds to thousands; the solve leaves such a well-posed system alone (it used to damp it) and the samples
+    stay finite."""
     a, b = GaussianMixture([[-1.0, 0.0]], 0.5), GaussianMixture([[1.0, 0.0]], 0.5)
     x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     moved = {}
@@ -108,9 +108,10 @@ def test_and_bias_prescribes_density_offsets():
         res = sample(expr, x_T=x_T, steps=200, generator=torch.Generator().manual_seed(0))
         start = Composer(expr).initial_log_q(x_T, float(res.timesteps[0]))
         moved[bias] = (res.log_q[:, 0] - res.log_q[:, 1]) - (start[:, 0] - start[:, 1])
-    assert float(moved[None].abs().median()) < 0.05 and float(moved[None].abs().max()) < 0.5
-    assert 0.75 * 2.0 < float(moved[(1.0, -1.0)].median()) < 2.0
-    assert -3.0 < float(moved[(0.0, 3.0)].median()) < 0.75 * -3.0
+        assert bool(torch.isfinite(res.samples).all()) and float(res.kappa.abs().max()) > 100
+    torch.testing.assert_close(moved[None], torch.zeros(500, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(moved[(1.0, -1.0)], torch.full((500,), 2.0, dtype=torch.float64), atol=1e-8, rtol=0)
+    torch.testing.assert_close(moved[(0.0, 3.0)], torch.full((500,), -3.0, dtype=torch.float64), atol=1e-8, rtol=0)
 
 
 def _leaf_eps(seed=0, L=3, n=4, d=5):

@@ -20,7 +20,7 @@ from pipelines import jobs as J
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
-SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe4.json"
+SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe5.json"
 needs_models = pytest.mark.skipif(
     not all((CARDS / m / "model_index.json").is_file() for m in ("shapes-text", "shapes-uncond-a", "shapes-uncond-b")),
     reason="the shipped shapes models are missing (restore with `git checkout -- model_cards/`)",

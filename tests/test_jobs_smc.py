@@ -100,7 +100,7 @@ def test_space_form_passes_particles(monkeypatch):
         mod.App(J.Limits(max_particles=4, max_langevin_steps=2)).job(*fields, 3)
 
 
-SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe4.json"
+SCHEDULE = CARDS / "schedules-shapes-uncond" / "or-dpm2m-nfe5.json"
 
 
 @pytest.mark.skipif(not SCHEDULE.is_file(), reason="the shipped learned schedule is missing")
@@ -133,7 +133,7 @@ def test_schedule_file_rows_take_its_steps_and_are_checked(tmp_path):
         J.run_job(pipe, J.parse_job({**row, "operator": "and"}))
 
 
-UNIPC = CARDS / "schedules-shapes-uncond" / "or-unipc-nfe4.json"
+UNIPC = CARDS / "schedules-shapes-uncond" / "or-unipc-nfe5.json"
 
 
 @pytest.mark.skipif(not UNIPC.is_file(), reason="the shipped learned schedule is missing")

@@ -380,7 +380,7 @@ def test_a_schedule_transferred_to_a_composition_runs_there_unchanged(tmp_path, 
 
 def test_the_operator_key_of_schedule_files_holds_what_changes_the_target(tmp_path, two_mixtures):
     """OR weights / temperature, AND bias and Product weights enter the key; settings that sample the same target
-    (normalised OR weights, a constant AND bias, AND's clamp and ridge) do not. Checked against sampling: where the
+    (normalised OR weights, a constant AND bias, AND's clamp and rcond) do not. Checked against sampling: where the
     key is equal the samples are equal."""
     a, b = two_mixtures()
     key = lambda e: ld3.expression_keys(e)["operator"]  # noqa: E731
@@ -388,7 +388,7 @@ def test_the_operator_key_of_schedule_files_holds_what_changes_the_target(tmp_pa
     assert key(compose.OR(a, b, weights=[2, 2])) == "OR(A, B)"
     assert key(compose.OR(a, b, weights=[3, 1])) == "OR(A, B, weights=[0.75, 0.25])"
     assert key(compose.OR(a, b, temperature=2.0)) == "OR(A, B, temperature=2)"
-    assert key(compose.AND(a, b, bias=[2.0, 2.0], clamp=(0.0, 1.0), ridge=1e-3)) == "AND(A, B)"
+    assert key(compose.AND(a, b, bias=[2.0, 2.0], clamp=(0.0, 1.0), rcond=1e-3)) == "AND(A, B)"
     assert key(compose.AND(a, b, bias=[1.0, 0.0])) == "AND(A, B, bias=[0.5, -0.5])"
     assert key(compose.Product(a, b, weights=[1.0, -0.5])) == "Product(A, B, weights=[1, -0.5])"
     assert key(compose.OR(compose.AND(a, b, bias=[0, 1]), a)) == "OR(AND(A, B, bias=[-0.5, 0.5]), A)"

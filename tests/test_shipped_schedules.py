@@ -51,9 +51,9 @@ def test_every_shipped_file_is_complete_and_named_for_its_setup():
     assert {setup_of(p) for p in FILES} <= set(MODELS), [p.name for p in FILES]
     for path in FILES:
         info = ld3.load_schedule(path)
-        steps = int(path.stem.rsplit("nfe", 1)[1])  # the names count format 1's solver steps: nfe = steps + 1
-        assert info["nfe"] == steps + 1 and len(info["grid"]) == steps + 2 and info["solver"] == solver_of(path)
-        assert info["grid"][-1] == 0.0 and info["upgraded_from"]["nfe"] == steps
+        nfe = int(path.stem.rsplit("nfe", 1)[1])  # network evaluations (format 1 counted nfe - 1 solver steps)
+        assert info["nfe"] == nfe and len(info["grid"]) == nfe + 1 and info["solver"] == solver_of(path)
+        assert info["grid"][-1] == 0.0 and info["upgraded_from"]["nfe"] == nfe - 1
         assert info["solver"] in compose.SOLVERS
         assert info["model"] == ",".join(MODELS[setup_of(path)])
         net = info["network_times"]

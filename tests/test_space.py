@@ -170,11 +170,11 @@ def test_space_bundle_runs_from_its_own_folder(tmp_path):
     dest = mod.bundle(tmp_path / "space", ["shapes-uncond-a"])
     # the learned schedules of the bundled model come along, those that need model B do not
     sched = sorted(p.name for p in (dest / "model_cards" / "schedules-shapes-uncond").glob("*.json"))
-    assert sched and all(n.startswith("a-") for n in sched) and "a-unipc-nfe4.json" in sched
+    assert sched and all(n.startswith("a-") for n in sched) and "a-unipc-nfe5.json" in sched
     code = (
         "import app; from pipelines import jobs; print(jobs.__file__); print(jobs.shipped_models()); "
         "print(jobs.parse_job({'models': ['shapes-uncond-a'], 'prompts': [], "
-        "'schedule': 'model_cards/schedules-shapes-uncond/a-unipc-nfe4.json'}).solver)"
+        "'schedule': 'model_cards/schedules-shapes-uncond/a-unipc-nfe5.json'}).solver)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     res = subprocess.run([sys.executable, "-c", code], cwd=dest, env=env, capture_output=True, text=True, timeout=120)
@@ -223,11 +223,11 @@ def test_schedule_is_a_choice_and_refusals_look_alike(app_mod, tmp_path):
     app = app_mod.App(LIMITS)
     offered = list(app.schedules)
     assert offered[:5] == ["uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl"]
-    learned = "schedules-shapes-uncond/or-unipc-nfe4.json"
+    learned = "schedules-shapes-uncond/or-unipc-nfe5.json"
     assert learned in offered and all(not os.path.isabs(label) for label in offered)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    shipped_path = str(CARDS / "schedules-shapes-uncond" / "or-unipc-nfe4.json")
+    shipped_path = str(CARDS / "schedules-shapes-uncond" / "or-unipc-nfe5.json")
     hostile = [str(broken), str(tmp_path / "missing.json"), str(tmp_path), shipped_path, "/etc/passwd", "karras2",
                "../" + learned]  # fmt: skip
     messages = set()
