@@ -223,12 +223,23 @@ def method_kw(method: str, divergence: str, solver: str, probes: int) -> tuple[d
     return dict(method="ode", divergence=divergence, solver=solver, probes=probes), f"ODE, {divergence}, {solver}"
 
 
+AND_CLAMP01 = "and, clamp (0, 1)"  # a JSON-safe name for the operator `and_clamped` builds
+
+
+def and_clamped(a, b):
+    """AND with its weights clamped to [0, 1] (`compose.AND(clamp=...)`), as the pipeline's operator callable."""
+    import compose
+
+    return compose.AND(a, b, clamp=(0.0, 1.0))
+
+
 def and_rows(text=True, experts=True, particles=4, divergence="hutchinson_fd", solver="euler", probes=1) -> list[dict]:
     """The AND rows: for each pipeline and operator, an SDE and an ODE row (or the refusal of one)."""
     ops = [
         ("average of scores", dict(operator="average")),
         ("product (Composable Diffusion)", dict(operator="product")),
         ("SuperDiff AND", dict(operator="and")),
+        ("SuperDiff AND, kappa clamped to [0, 1]", dict(operator=AND_CLAMP01)),
         ("product_smc", dict(operator="product_smc", num_particles=particles)),
     ]
     rows = []
@@ -412,7 +423,11 @@ def run_row(row: dict, steps: int, pipes: dict, judges: tuple, args) -> tuple[di
     pipe = pipes[row["pipe"]]
     pairs = pairs_of(args)
     parts, tiles, kmax, smc = [], [], 0.0, []
-    common = dict(num_inference_steps=steps, output_type="pt", **row["kw"])
+    gaps, kappas, bad = [], [], {"nonfinite": 0, "saturated": 0}
+    kw = dict(row["kw"])
+    if kw.get("operator") == AND_CLAMP01:
+        kw["operator"] = and_clamped
+    common = dict(num_inference_steps=steps, output_type="pt", **kw)
     if row["part"] == "and":
         calls = []
         for p, (colour, shape) in enumerate(pairs):
@@ -427,6 +442,13 @@ def run_row(row: dict, steps: int, pipes: dict, judges: tuple, args) -> tuple[di
         for seed, n, kw in calls:
             out = pipe(generator=torch.Generator().manual_seed(seed), batch_size=n, **kw, **common)
             images = out.images.float().cpu()
+            bad["nonfinite"] += int((~torch.isfinite(images).flatten(1).all(1)).sum())
+            # saturated: over 90% of an image's values at 0 or 1 (what extreme weights would produce)
+            bad["saturated"] += int((((images <= 0) | (images >= 1)).flatten(1).float().mean(1) > 0.9).sum())
+            if out.log_q.shape[-1] == 2:
+                gaps.append((out.log_q[:, 0] - out.log_q[:, 1]).abs())
+            if out.kappa.shape[-1] == 2 and row["part"] == "and":
+                kappas.append(out.kappa[..., 0])
             parts.append(judge_images(images, *judges))
             tiles.append(images[: args.grid_per_pair] if row["part"] == "and" else images)
             kmax = max(kmax, float(out.kappa.abs().max()))
@@ -441,7 +463,15 @@ def run_row(row: dict, steps: int, pipes: dict, judges: tuple, args) -> tuple[di
         sec_per_image=sec / n_img,
         max_abs_kappa=kmax,
         verdicts=concat_verdicts(parts),
+        **bad,
     )
+    if gaps:  # the terms' final tracked log q gap: 0 is what AND promises
+        rec["log_q_gap_median"] = float(torch.cat(gaps).median())
+    if kappas:  # the first term's weight at every step over the images: (5%, 50%, 95%) and the extremes
+        k = torch.cat(kappas, 1)
+        q = torch.quantile(k, torch.tensor([0.05, 0.5, 0.95], dtype=k.dtype), dim=1)
+        rec["kappa_steps"] = {"min": k.amin(1).tolist(), "p05": q[0].tolist(), "median": q[1].tolist(),
+                              "p95": q[2].tolist(), "max": k.amax(1).tolist()}  # fmt: skip
     if smc:
         w = sum(n for n, _, _ in smc)
         rec["smc"] = dict(
@@ -623,16 +653,18 @@ def markdown(result: dict) -> str:
             "G = geometric judge",
             "",
             "| steps | models | method | NFE/img | s/img | both C | both G | colour C | colour G | shape C | shape G "
-            "| G none | agree colour | agree shape | agree both |",
-            "|---:|---|---|---:|---:|" + "---:|" * 10,
+            "| G none | agree colour | agree shape | agree both | log q gap | max abs kappa |",
+            "|---:|---|---|---:|---:|" + "---:|" * 12,
         ]
         for r in result["and"]:
             c, g, a = r["classifier"], r["geometry"], r["agree"]
             cells = [c["both"], g["both"], c["colour"], g["colour"], c["shape"], g["shape"], g["none"]]
             cells += [a["colour"], a["shape"], a["both"]]
+            gap = f"{r['log_q_gap_median']:.2f}" if "log_q_gap_median" in r else "-"
+            kap = f"{r['max_abs_kappa']:.2f}" if "log_q_gap_median" in r else "-"
             lines.append(
                 f"| {r['steps']} | {r['models']} | {r['method']} | {r['nfe_per_image']:.0f} | "
-                f"{r['sec_per_image']:.2f} | " + " | ".join(fmt(x) for x in cells) + " |"
+                f"{r['sec_per_image']:.2f} | " + " | ".join(fmt(x) for x in cells) + f" | {gap} | {kap} |"
             )
         for j, name in (("classifier", "classifier"), ("geometry", "geometric judge")):
             lines += [
@@ -670,6 +702,18 @@ def markdown(result: dict) -> str:
     for r in result.get("refused", []):
         lines.append(
             f"Refused by the pipeline, not run: {r['steps']} steps, {r['models']}, {r['method']}: {r['reason']}"
+        )
+    for r in result["and"]:
+        ks = r.get("kappa_steps")
+        if not ks or r.get("max_abs_kappa", 1.0) == 1.0 and min(ks["min"]) == max(ks["max"]):
+            continue  # fixed weights (average, product): nothing to report
+        n = len(ks["median"])
+        at = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})
+        spread = ", ".join(f"step {i}: {ks['p05'][i]:.2f} / {ks['median'][i]:.2f} / {ks['p95'][i]:.2f}" for i in at)
+        lines.append(
+            f"{r['key']}: kappa of the first term (5% / median / 95% over images) {spread}; extremes "
+            f"{min(ks['min']):.2f} to {max(ks['max']):.2f}; non-finite images {r.get('nonfinite', 0)}, saturated "
+            f"{r.get('saturated', 0)}"
         )
     smc = [r for r in result["and"] if "smc" in r]
     for r in smc:
