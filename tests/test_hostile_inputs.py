@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines import batch as B
 from pipelines import jobs as J
@@ -243,3 +244,135 @@ def test_bad_space_request_is_refused_quickly_through_the_server(space, label, f
 def test_the_server_still_answers_after_the_hostile_requests(space):
     gallery, _plot, summary = space.predict(*form(images=2), api_name="/generate")
     assert len(gallery) == 2 and "a circle" in summary
+
+
+# ---------------------------------------------------------------------- the pipeline's own arguments
+CALLS = [  # (label, checkpoint, keyword arguments, message): refused before any network call
+    ("steps 1e9", "shapes-uncond-a", dict(num_inference_steps=1e9), "num_inference_steps must be an integer"),
+    ("steps 1e6", "shapes-uncond-a", dict(num_inference_steps=10**6), "num_inference_steps=1000000 is out of range"),
+    ("height 30", "shapes-uncond-a", dict(height=30), ("height must be a positive multiple of", "got 30")),
+    ("height 0", "shapes-uncond-a", dict(height=0), ("height must be a positive multiple of", "got 0")),
+    ("width -8", "shapes-uncond-a", dict(width=-8), "width must be a positive multiple of"),
+    ("width 1e6", "shapes-uncond-a", dict(width=10**6), "width must be a positive multiple of"),
+    ("fd_eps 0", "shapes-uncond-a", dict(method="ode", fd_eps=0.0), "fd_eps=0.0 is out of range"),
+    ("fd_eps -1", "shapes-uncond-a", dict(method="ode", fd_eps=-1.0), "fd_eps=-1.0 is out of range"),
+    ("probes 0", "shapes-uncond-a", dict(method="ode", probes=0), "probes=0 is out of range"),
+    ("guidance -2", "shapes-text", dict(prompt="a circle", guidance_scale=-2.0),
+     "guidance_scale=-2.0 is out of range"),
+    ("guidance nan", "shapes-text", dict(prompt="a circle", guidance_scale=float("nan")),
+     "guidance_scale must be finite"),
+    ("temperature with and", "shapes-text", dict(prompt=["a", "b"], operator="and", temperature=2.0),
+     "temperature=2.0 is used by operator='or' only"),
+    ("temperature 0", "shapes-text", dict(prompt=["a", "b"], operator="or", temperature=0.0),
+     "temperature=0.0 is out of range"),
+    ("images 1e6", "shapes-uncond-a", dict(num_images_per_prompt=10**6), "num_images_per_prompt=1000000 is out of"),
+    ("latents nan", "shapes-uncond-a", dict(latents=torch.full((1, 3, 24, 24), float("nan"))),
+     "latents must be finite"),
+    ("sigmas nan", "shapes-uncond-a", dict(sigmas=[10.0, float("nan")]), "sigmas must be a non-empty list of finite"),
+    ("timesteps out of range", "shapes-uncond-a", dict(timesteps=[5000, 10]), "timesteps lie outside"),
+    ("ode solver with sde", "shapes-uncond-a", dict(solver="dpm2m"), "is an ODE solver"),
+    ("unknown schedule", "shapes-uncond-a", dict(schedule="spiral"), "schedule='spiral' is not known"),
+    ("clip range 0", "shapes-uncond-a", dict(clip_sample=True, clip_sample_range=0.0), "clip_sample_range=0.0"),
+    ("nan network times", "shapes-uncond-a", dict(method="ode", solver="dpm2m", schedule="NAN_NET"),
+     "network_times must be finite times"),
+    ("network times above 1", "shapes-uncond-a", dict(method="ode", solver="dpm2m", schedule="BIG_NET"),
+     "network_times must be finite times"),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from pipelines import ComposePipeline
+
+    out = {}
+    for name in ("shapes-uncond-a", "shapes-text"):
+        pipe = ComposePipeline.from_pretrained(str(CARDS / name))
+        pipe.set_progress_bar_config(disable=True)
+        out[name] = pipe
+    return out
+
+
+@needs_models
+@pytest.mark.parametrize("label, name, kwargs, message", CALLS, ids=[c[0] for c in CALLS])
+def test_bad_pipeline_argument_is_refused_before_any_network_call(loaded, tmp_path, label, name, kwargs, message):
+    pipe = loaded[name]
+    kwargs = dict(kwargs)
+    if kwargs.get("schedule") in ("NAN_NET", "BIG_NET"):
+        src = CARDS / "schedules-shapes-uncond" / "a-dpm2m-nfe5.json"
+        info = json.loads(src.read_text())
+        bad = float("nan") if kwargs["schedule"] == "NAN_NET" else 1.5
+        info["network_times"] = [bad] * info["nfe"]
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(info))
+        kwargs["schedule"] = str(path)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ValueError) as err:
+            pipe(**kwargs, output_type="latent")
+    finally:
+        hook.remove()
+    assert says(str(err.value), message), str(err.value)
+    assert not calls and time.perf_counter() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------- model folders
+def _saved_pair(tmp_path: Path, models_entry) -> Path:
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    (folder / "compose_models.json").write_text(json.dumps({"models": models_entry}))
+    return folder
+
+
+@needs_models
+@pytest.mark.parametrize(
+    "label, entries, message",
+    [
+        ("itself", ["."], "points outside"),
+        ("absolute", ["/etc"], "is an absolute path"),
+        ("parent", ["../.."], "points outside"),
+        ("home", ["~"], "is an absolute path"),
+        ("missing", ["nothing_here"], "is not a folder inside"),
+        ("not a list", "model_0", "'models' must be a non-empty list"),
+        ("empty", [], "'models' must be a non-empty list"),
+    ],
+)
+def test_compose_models_json_entries_are_confined_to_the_folder(tmp_path, label, entries, message):
+    from pipelines import ComposePipeline
+
+    folder = _saved_pair(tmp_path, entries)
+    with pytest.raises(ValueError, match=message):
+        ComposePipeline.from_pretrained(str(folder))
+
+
+@needs_models
+def test_compose_models_json_cycles_are_refused(tmp_path):
+    from pipelines import ComposePipeline
+
+    a, b = tmp_path / "a", tmp_path / "a" / "b"
+    b.mkdir(parents=True)
+    (a / "compose_models.json").write_text(json.dumps({"models": ["b"]}))
+    (b / "compose_models.json").write_text(json.dumps({"models": ["../b"]}))  # b lists itself again
+    with pytest.raises(ValueError, match="points outside|cycle"):
+        ComposePipeline.from_pretrained(str(a))
+    # a symbolic link back to the folder is a cycle, not a loop until RecursionError
+    (b / "compose_models.json").write_text(json.dumps({"models": ["up"]}))
+    os.symlink(a, b / "up")
+    with pytest.raises(ValueError, match="points outside|cycle"):
+        ComposePipeline.from_pretrained(str(a))
+
+
+@needs_models
+def test_a_mistyped_local_folder_says_no_such_folder(monkeypatch):
+    """Issue 24.2: no hub advice ("not fully cached ... local_files_only") for a path that does not exist."""
+    from pipelines import ComposePipeline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError) as err:
+        ComposePipeline.from_pretrained("model_cards/shapes-uncond-c")
+    text = str(err.value)
+    assert "no such folder" in text and "model_cards/shapes-uncond-a" in text and "cached" not in text
+    with pytest.raises(ValueError, match="no such folder"):
+        ComposePipeline.from_pretrained(["model_cards/shapes-uncond-a", "./nowhere/at-all"])
