@@ -1,4 +1,4 @@
-"""Each model's log-density increment along one step of the shared trajectory (MATH.md sections 3-4).
+"""Each model's log-density increment along one step of the shared trajectory (docs/MATH.md sections 3-4).
 
 The caller evaluates the leaf predictions (one batched network call in the pipelines) and hands them over as
 eps (L, n, ...); `Composer.weigh` returns the operators' leaf coefficients and every leaf's log q after the step.

@@ -1,4 +1,4 @@
-"""Learned step schedules (LD3, Tong et al., arXiv 2405.15506; MATH.md section 6).
+"""Learned step schedules (LD3, Tong et al., arXiv 2405.15506; docs/MATH.md section 6).
 
 An N-evaluation grid for one (model or composed expression, solver, NFE, guidance) is learned by distilling a
 many-step teacher into the N-step student. The grid is t_max = t_0 > ... > t_{N-1} = t_min > t_N = 0: N network

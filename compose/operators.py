@@ -1,4 +1,4 @@
-"""Composition operators as small expression trees over models (MATH.md section 5).
+"""Composition operators as small expression trees over models (docs/MATH.md section 5).
 
 Every node reduces, at one (x, t), to coefficients c (n, L) over the L leaf predictions: the composed prediction
 is eps_bar = sum_l c_l eps_l. Each leaf's log-density increment over the step is affine in c,
@@ -380,7 +380,7 @@ class Product(Expr):
 
 
 class Guided(Expr):
-    """Classifier-free guidance around a composed prediction (MATH.md section 3):
+    """Classifier-free guidance around a composed prediction (docs/MATH.md section 3):
 
         eps = eps_u + scale * (eps_cond - S eps_u),   S = sum of the condition's leaf coefficients
 

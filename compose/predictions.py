@@ -1,4 +1,4 @@
-"""Prediction adapters (MATH.md section 2): every prediction type becomes eps_hat, and nothing downstream branches.
+"""Prediction adapters (docs/MATH.md section 2): every prediction type becomes eps_hat, and nothing downstream branches.
 
 Shapes: `x` and predictions are (n, ...); `t` is a float, a 0-d tensor or a (n,) tensor of times.
 """

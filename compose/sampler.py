@@ -8,7 +8,7 @@ A step from t_k to t_{k+1}:
   3. `Composer.weigh`: the operators' coefficients and every leaf's log q along the first-order step;
   4. the solver's step (`compose.solvers.solver_step`; x0 clipping; the step to the data is x0_hat); where it differs
      from the first-order step (multistep solvers, clipping) every leaf's log q is moved along the step actually
-     taken, dlogq_i += <s_i, x_next - x_first_order> (first order, MATH.md section 4);
+     taken, dlogq_i += <s_i, x_next - x_first_order> (first order, docs/MATH.md section 4);
   5. hooks (particle weights, resampling and Langevin moves of `compose.smc`) and the caller's callback.
 Nothing is hidden: the state, log q and the multistep history live in the loop, and `run` returns them in a `Trace`.
 

@@ -1,4 +1,4 @@
-"""One noise schedule, one time convention: t in [0, 1], data at t = 0, noise at t = 1 (MATH.md section 1).
+"""One noise schedule, one time convention: t in [0, 1], data at t = 0, noise at t = 1 (docs/MATH.md section 1).
 
 x_t = alpha_t x_0 + sigma_t eps. Every quantity the samplers need (alpha, sigma, their t-derivatives, log-SNR and its
 inverse, the forward-SDE drift f and diffusion g^2, and the network's timestep input) is answered here; every
@@ -167,7 +167,7 @@ class NoiseSchedule:
 
     # ------------------------------------------------------------------ SDE coefficients and log-SNR
     def f(self, t: Tensorish) -> torch.Tensor:
-        """Drift coefficient of the forward SDE dx = f x dt + g dW (MATH.md section 1)."""
+        """Drift coefficient of the forward SDE dx = f x dt + g dW (docs/MATH.md section 1)."""
         return self.d_log_alpha(t)
 
     def g2(self, t: Tensorish) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Schedule files: a learned grid stored as JSON with the set-up it belongs to (MATH.md section 6).
+"""Schedule files: a learned grid stored as JSON with the set-up it belongs to (docs/MATH.md section 6).
 
 A file holds the keys of `REQUIRED_KEYS`; `load_schedule` checks the grid and, given `expect`, that the file was
 learned for the same model, operator, solver, NFE, guidance and noise schedule (`CHECKED_KEYS`).

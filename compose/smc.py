@@ -1,4 +1,4 @@
-"""Products of experts sampled with particles and Feynman-Kac weights (MATH.md section 8; Skreta et al., ICML 2025,
+"""Products of experts sampled with particles and Feynman-Kac weights (docs/MATH.md section 8; Skreta et al., ICML 2025,
 arXiv 2503.02819).
 
 `PoE(a, b, exponents=[a_1, a_2])` targets the product p ~ prod_i q_i^{a_i} ("likely under every model"), which no
@@ -159,7 +159,7 @@ def _flatten(node: Any, e: float) -> list[tuple[Any, float]]:
 def log_weight_increment(
     eps_factors: torch.Tensor, exponents: torch.Tensor, h: float, g2_over_sigma2: float
 ) -> torch.Tensor:
-    """Feynman-Kac log-weight increment of one step for the product prod_j q_j^{a_j} (MATH.md section 8), float64.
+    """Feynman-Kac log-weight increment of one step for the product prod_j q_j^{a_j} (docs/MATH.md section 8), float64.
 
         dl = (h g^2 / 2) (||s_bar||^2 - sum_j a_j ||s_j||^2)
            = (h g^2 / (2 sigma^2)) (||e_bar||^2 - sum_j a_j ||e_j||^2)     (eps units, e_bar = sum_j a_j e_j)
@@ -561,7 +561,7 @@ def sample_smc(
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
 ) -> SMCResult:
-    """Sample the product of a `PoE` with n groups of K particles (MATH.md section 8).
+    """Sample the product of a `PoE` with n groups of K particles (docs/MATH.md section 8).
 
     Args:
         expr: a `PoE`.

@@ -1,4 +1,4 @@
-"""The steps that move the shared state, given the composed prediction (MATH.md sections 3 and 6).
+"""The steps that move the shared state, given the composed prediction (docs/MATH.md sections 3 and 6).
 
 A step goes from t_cur to t_next of the shared schedule. Two first-order steps, for the SDE and the ODE:
   - "euler": Euler (-Maruyama) in t,

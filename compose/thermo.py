@@ -1,5 +1,5 @@
 """Schedule diagnostics from the thermodynamic speed-accuracy relations (Ikeda, Uda, Okanohara, Ito, PRX 2025,
-arXiv 2407.04495; MATH.md section 7).
+arXiv 2407.04495; docs/MATH.md section 7).
 
 - `kinetic_action`: the model-free per-dimension action A = integral (alpha'^2 + sigma'^2) dt of a noise schedule
   (conditional OT 2, cosine pi^2 / 4, VP-linear ~3.65 on [1e-3, 1]).
@@ -68,7 +68,7 @@ def gaussian_dissipation(
 def forward_velocity(model: Any, x: torch.Tensor, t: Any, schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """nu_t(x) = (sigma'/sigma) x - alpha (sigma'/sigma - alpha'/alpha) x0_hat(x, t), shape like x (n, ...).
 
-    t: a float or (n,) times. The velocity of the forward marginal flow (MATH.md section 7).
+    t: a float or (n,) times. The velocity of the forward marginal flow (docs/MATH.md section 7).
     """
     sch = schedule or model.schedule
     t = torch.as_tensor(t, dtype=torch.float64)

@@ -98,7 +98,7 @@ def product_of_mixtures(*mixtures: GaussianMixture, exponents=None) -> GaussianM
     Every term of the expanded product is one Gaussian (one component of each factor, raised to its exponent), so
     the product is again a mixture; with non-integer exponents this is the product of the per-component powers,
     which equals prod_i q_i^{a_i} only when each factor has one component. The target of products of experts
-    (MATH.md section 8).
+    (docs/MATH.md section 8).
     """
     a = [1.0] * len(mixtures) if exponents is None else [float(e) for e in exponents]
     if len(a) != len(mixtures) or any(e <= 0 for e in a):

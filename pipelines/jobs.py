@@ -33,8 +33,7 @@ if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to p
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
-METHODS = ("sde", "ode")
-DIVERGENCES = ("hutchinson", "hutchinson_fd")
+DIVERGENCES = ("hutchinson", "hutchinson_fd")  # the pipeline's (compose.options.DIVERGENCES less "exact")
 FIELDS = (
     "id",
     "models",
@@ -298,12 +297,8 @@ def _schedule_file(schedule: str, limits: Limits) -> dict[str, Any]:
 def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     """Check one raw request against `limits` (default `Limits()`); raise ValueError naming the field and the fix.
 
-    Only ValueError comes out, whatever the input (tests/test_hostile_inputs.py holds a table of bad rows)."""
-    from compose import GRIDS, SOLVERS
-    from compose.grids import is_schedule_file
-
-    from .compose_pipeline import OPERATORS
-
+    Only ValueError comes out, whatever the input (tests/test_hostile_inputs.py holds a table of bad rows). The
+    option names (operators, methods, solvers, divergences, grids) are `compose.options`', as the pipeline's."""
     limits = limits or Limits()
     if not isinstance(raw, dict):
         raise ValueError(f"a job must be a JSON object (one per line); got {type(raw).__name__}.")
@@ -311,6 +306,44 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     if unknown:
         raise ValueError(f"unknown field(s) {show(unknown, 120)}; the fields are {list(FIELDS)}.")
     job_id = _job_id(raw, limits)
+    models, prompts, terms = _models_and_prompts(raw, limits)
+    operator, weights, temperature = _operator(raw, terms, limits)
+    schedule, learned = _schedule(raw, limits)
+    method, divergence, solver = _sampler(raw, schedule, learned)
+    num_particles, langevin_steps = _particles(raw, operator, limits)
+    guidance = _float(raw, "guidance", None)
+    if guidance is not None and not 1.0 <= guidance <= 50.0:
+        raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
+    negative = raw.get("negative_prompt") or None
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
+    if negative is not None:
+        check_prompt_length("negative_prompt", negative, limits)
+    return Job(
+        models=models,
+        prompts=prompts,
+        operator=operator,
+        weights=weights,
+        temperature=temperature,
+        seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
+        steps=_int(raw, "steps", int(learned["nfe"]) if learned is not None else 50, 1, limits.max_steps),
+        schedule=schedule,
+        guidance=guidance,
+        negative_prompt=negative,
+        method=method,
+        divergence=divergence,
+        solver=solver,
+        num_particles=num_particles,
+        langevin_steps=langevin_steps,
+        images=_int(raw, "images", 1, 1, limits.max_images),
+        height=_int(raw, "height", None, 8, limits.max_side),
+        width=_int(raw, "width", None, 8, limits.max_side),
+        id=job_id,
+    )
+
+
+def _models_and_prompts(raw: dict, limits: Limits) -> tuple[list[str], list[str], int]:
+    """The models, the prompts and the number of terms they make, bounded."""
     models = _as_list(raw.get("models"), "models")
     if not all(isinstance(m, str) for m in models):
         raise ValueError(f"models must be names, folders or hub ids (text); got {show(models)}.")
@@ -346,11 +379,18 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     for i, p in enumerate(prompts):
         check_prompt_length(f"prompts: prompt {i + 1}", p, limits)
     terms = count_terms(len(models), len(prompts))
-    if len(models) > limits.max_terms or terms > limits.max_terms:
+    if terms > limits.max_terms:
         raise ValueError(
             f"too many terms: {terms} (from {len(models)} models and {len(prompts)} prompts); the limit is "
             f"{limits.max_terms}. Give fewer prompts or models."
         )
+    return models, prompts, terms
+
+
+def _operator(raw: dict, terms: int, limits: Limits) -> tuple[str | None, list[float] | None, float]:
+    """The operator (a name of `compose.options.OPERATORS`), its weights and temperature."""
+    from compose.options import OPERATORS
+
     operator = raw.get("operator")
     if operator in ("", None, "none"):
         operator = None
@@ -379,38 +419,50 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
             f"temperature={temperature:g} is out of range; give a number above 0 and at most {limits.max_weight:g} "
             "(1 samples the mixture)."
         )
+    return operator, weights, temperature
+
+
+def _schedule(raw: dict, limits: Limits) -> tuple[str, dict | None]:
+    """The grid name or schedule file, and the file's keys (None for a named grid)."""
+    from compose.grids import is_schedule_file
+    from compose.options import GRIDS
+
     schedule = raw.get("schedule") or "log_snr"
     if not isinstance(schedule, str):
         raise ValueError(
             f"schedule must be a grid name ({list(GRIDS)}) or the path of a learned-schedule JSON; got "
             f"{type(schedule).__name__}."
         )
-    default_steps = 50  # a schedule file brings its own
-    learned = None  # a schedule file's keys: its NFE, and the ODE solver it was learned for
     if is_schedule_file(schedule):
         if len(schedule) > 4096 or "\0" in schedule:
             raise ValueError(f"schedule={show(schedule)} is not a usable path; give a grid name or a JSON path.")
-        learned = _schedule_file(schedule, limits)
-        default_steps = int(learned["nfe"])
-    elif schedule not in GRIDS:
+        return schedule, _schedule_file(schedule, limits)
+    if schedule not in GRIDS:
         raise ValueError(
             f"schedule={show(schedule)} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
         )
+    return schedule, None
+
+
+def _sampler(raw: dict, schedule: str, learned: dict | None) -> tuple[str, str | None, str | None]:
+    """method, divergence and solver; a schedule file brings its ODE method and solver as defaults."""
+    from compose.options import METHODS, SOLVERS
+
     method = _choice(raw, "method", METHODS, "ode" if learned is not None else "sde")
     divergence = _choice(raw, "divergence", DIVERGENCES, None, " (method 'ode')")
-    solver = _choice(
-        raw,
-        "solver",
-        SOLVERS,
-        learned["solver"] if learned is not None else None,
-        " ('dpm2m' and 'unipc' need method 'ode')",
-    )
+    default = learned["solver"] if learned is not None else None
+    solver = _choice(raw, "solver", SOLVERS, default, " ('dpm2m' and 'unipc' need method 'ode')")
     if learned is not None and (method != "ode" or solver != learned["solver"]):
         raise ValueError(
             f"schedule: the file {schedule} was learned for method 'ode' with solver {learned['solver']!r}; this job "
             f"asks for method {method!r}, solver {solver!r}. Leave method and solver out (the file's are used) or "
             "set them to the file's."
         )
+    return method, divergence, solver
+
+
+def _particles(raw: dict, operator: str | None, limits: Limits) -> tuple[int | None, int | None]:
+    """num_particles and langevin_steps, which only operator 'product_smc' takes."""
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
     if num_particles is not None and operator != "product_smc":
         raise ValueError(
@@ -423,35 +475,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
             f"langevin_steps (Langevin moves of the particles) needs operator 'product_smc' with num_particles; got "
             f"operator={operator!r}, num_particles=None. Drop langevin_steps or give both."
         )
-    guidance = _float(raw, "guidance", None)
-    if guidance is not None and not 1.0 <= guidance <= 50.0:
-        raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
-    negative = raw.get("negative_prompt") or None
-    if negative is not None and not isinstance(negative, str):
-        raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
-    if negative is not None:
-        check_prompt_length("negative_prompt", negative, limits)
-    return Job(
-        models=models,
-        prompts=prompts,
-        operator=operator,
-        weights=weights,
-        temperature=temperature,
-        seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
-        steps=_int(raw, "steps", default_steps, 1, limits.max_steps),
-        schedule=schedule,
-        guidance=guidance,
-        negative_prompt=negative,
-        method=method,
-        divergence=divergence,
-        solver=solver,
-        num_particles=num_particles,
-        langevin_steps=langevin_steps,
-        images=_int(raw, "images", 1, 1, limits.max_images),
-        height=_int(raw, "height", None, 8, limits.max_side),
-        width=_int(raw, "width", None, 8, limits.max_side),
-        id=job_id,
-    )
+    return num_particles, langevin_steps
 
 
 # ---------------------------------------------------------------------- models

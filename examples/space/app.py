@@ -41,8 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from compose import GRIDS  # noqa: E402
+from compose.options import OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
-from pipelines.compose_pipeline import OPERATORS  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
     J.SHIPPED_DIRS = (HERE / "model_cards", *J.SHIPPED_DIRS)
