@@ -3,10 +3,10 @@
 Conventions (docs/MATH.md): t in [0, 1] with data at t = 0; x_t = alpha_t x_0 + sigma_t eps;
 score = -eps_hat / sigma_t.
 
-Modules, in dependency order (each imports only those before it):
+Modules, in dependency order (each imports only those before it; tests/test_structure.py checks it):
   options -> schedule -> predictions -> models -> operators -> solvers -> engine -> schedule_files -> grids
-  -> sampler (the one sampling loop) -> smc -> sampling -> ld3 -> learn_schedule (command line);
-  thermo and toy stand apart (schedule diagnostics, exact Gaussian-mixture models).
+  -> sampler (the one sampling loop) -> smc -> sampling -> ld3 -> toy (exact Gaussian mixtures)
+  -> learn_schedule (command line) -> thermo (schedule diagnostics).
 """
 
 from . import ld3, thermo, toy

@@ -191,6 +191,94 @@ class LD3Result:
     solver_offsets: torch.Tensor | None = None
 
 
+def _learned(ts: torch.Tensor, net: torch.Tensor | None, off: torch.Tensor | None) -> dict[str, Any]:
+    """The learned parameters as schedule-file keys (plain floats)."""
+    out: dict[str, Any] = {"grid": [float(v) for v in ts], "network_times": None}
+    if net is not None:
+        out["network_times"] = [float(v) for v in net]
+    if off is not None:
+        out["solver_offsets"] = [[float(v) for v in row] for row in off]
+    return out
+
+
+def _distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(n,) L2 distance of every sample to its reference."""
+    return (out - ref).reshape(out.shape[0], -1).norm(dim=1)
+
+
+def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters, lr, batch_size) -> tuple:
+    """ValueError for bad `learn_schedule` arguments; returns (init name, (grid, network times, offsets) or None)."""
+    check_solver(solver, "ode")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, SOLVER_ORDER[solver]):
+        raise ValueError(
+            f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
+            f"nfe >= {max(2, SOLVER_ORDER[solver])} (network evaluations, the last one before the step to the data)."
+        )
+    if solver_offsets and solver not in ("dpm2m", "unipc"):
+        raise ValueError(f"solver_offsets=True needs solver 'dpm2m' or 'unipc' (multistep); got solver={solver!r}.")
+    start = None
+    if isinstance(init, dict):
+        if "grid" not in init:
+            raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
+        start = (torch.as_tensor(init["grid"], dtype=torch.float64), init.get("network_times"),
+                 init.get("solver_offsets"))  # fmt: skip
+        init = str(init.get("path", "schedule"))
+    elif init not in GRIDS and init != "best":
+        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
+    if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
+        raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
+    if not (iters >= 0 and lr > 0 and batch_size >= 1):
+        raise ValueError(f"need iters >= 0, lr > 0, batch_size >= 1; got {iters}, {lr}, {batch_size}.")
+    return init, start
+
+
+class _StudentParams:
+    """What LD3 learns: the grid's xi, the network times' s and the solver offsets o (the last two optional)."""
+
+    def __init__(self, sch: NoiseSchedule, nfe: int, solver: str, ts0: torch.Tensor, time_shift: bool,
+                 solver_offsets: bool, start: tuple | None) -> None:  # fmt: skip
+        self.sch, self.time_shift, self.use_offsets = sch, time_shift, solver_offsets
+        t_max, t_min = sch.t_max, sch.t_min
+        if (ts0.shape != (nfe + 1,) or abs(float(ts0[0]) - t_max) > 1e-6 or abs(float(ts0[-2]) - t_min) > 1e-6
+                or float(ts0[-1]) != 0.0):  # fmt: skip
+            raise ValueError(
+                f"init: the start grid must have nfe + 1 = {nfe + 1} times from t_max = {t_max} through t_min = "
+                f"{t_min} (this schedule's ends) to 0; got {ts0.numel()} times from {float(ts0[0])} to "
+                f"{float(ts0[-1])}."
+            )
+        self.xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
+        s0 = torch.zeros(nfe, dtype=torch.float64)
+        if start is not None and start[1] is not None and time_shift:
+            s0 = params_from_network_times(self._grid(self.xi.detach()), start[1])
+        self.s = s0.clone().requires_grad_(True)
+        self.mask = solver_offset_mask(solver, nfe)
+        o0 = torch.zeros(nfe, 3, dtype=torch.float64)
+        if start is not None and start[2] is not None and solver_offsets:
+            check_solver_offsets(start[2], solver, nfe, "init: the schedule's solver_offsets")
+            o0 = torch.as_tensor(start[2], dtype=torch.float64).clone()
+        self.o = o0.clone().requires_grad_(True)
+
+    def _grid(self, xi: torch.Tensor) -> torch.Tensor:
+        return grid_from_params(self.sch, xi, self.sch.t_max, self.sch.t_min)
+
+    def trainable(self) -> list[torch.Tensor]:
+        return ([self.xi, self.s] if self.time_shift else [self.xi]) + ([self.o] if self.use_offsets else [])
+
+    def current(self) -> tuple:
+        """(grid, network times or None, solver offsets or None) of the current parameters."""
+        ts = self._grid(self.xi)
+        net = network_times_from_params(ts, self.s) if self.time_shift else None
+        return ts, net, (self.o * self.mask if self.use_offsets else None)
+
+    def state(self) -> tuple:
+        return tuple(v.detach().clone() for v in (self.xi, self.s, self.o))
+
+    def load(self, state: tuple) -> None:
+        with torch.no_grad():
+            for v, saved in zip((self.xi, self.s, self.o), state, strict=True):
+                v.copy_(saved)
+
+
 def learn_schedule(
     expr: Any,
     nfe: int,
@@ -243,111 +331,52 @@ def learn_schedule(
         pass or JVP per model, like `compose.sample`'s `probes`). teacher_probes: the same for the default teacher
         (default `probes`); more probes make the reference less dependent on its probe draw.
     """
-    check_solver(solver, "ode")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, SOLVER_ORDER[solver]):
-        raise ValueError(
-            f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
-            f"nfe >= {max(2, SOLVER_ORDER[solver])} (network evaluations, the last one before the step to the data)."
-        )
-    start_ts = start_net = start_off = None
-    if solver_offsets and solver not in ("dpm2m", "unipc"):
-        raise ValueError(f"solver_offsets=True needs solver 'dpm2m' or 'unipc' (multistep); got solver={solver!r}.")
-    if isinstance(init, dict):
-        if "grid" not in init:
-            raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
-        start_ts = torch.as_tensor(init["grid"], dtype=torch.float64)
-        start_net = init.get("network_times")
-        start_off = init.get("solver_offsets")
-        init = str(init.get("path", "schedule"))
-    elif init not in GRIDS and init != "best":
-        raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
+    init, start_sched = _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters, lr, batch_size)
     check_probes(probes)
     teacher_probes = probes if teacher_probes is None else teacher_probes
     check_probes(teacher_probes, "teacher_probes")
-    if x_train.shape[1:] != x_val.shape[1:] or x_train.shape[0] < 1 or x_val.shape[0] < 1:
-        raise ValueError("x_train and x_val must be non-empty batches of the same sample shape.")
-    if not (iters >= 0 and lr > 0 and batch_size >= 1):
-        raise ValueError(f"need iters >= 0, lr > 0, batch_size >= 1; got {iters}, {lr}, {batch_size}.")
     sch = Composer(expr, method="ode").schedule
-    t_max, t_min = sch.t_max, sch.t_min
-    d = x_train[0].numel()
-    r = 1e-3 * d / nfe**2 if ball is None else float(ball)
+    r = 1e-3 * x_train[0].numel() / nfe**2 if ball is None else float(ball)
     if r < 0:
         raise ValueError(f"ball must be >= 0; got {ball}.")
-    sigma_T = float(sch.sigma(t_max))
+    sigma_T = float(sch.sigma(sch.t_max))
     start = time.time()
-
     if teacher is None:
         t_teacher = make_grid(sch, teacher_steps, "log_snr")
 
         def teacher(x):  # noqa: F811 - the default teacher
-            with torch.no_grad():
-                return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind, probes=teacher_probes)
+            return solve(expr, x, t_teacher, "dpm2m", divergence_kind=divergence_kind, probes=teacher_probes)
 
     with torch.no_grad():
         y_train, y_val = teacher(x_train), teacher(x_val)
-    t_teach = time.time() - start
     if progress:
-        log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {t_teach:.1f} s")
+        log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {time.time() - start:.1f} s")
 
     def student(x, ts, net=None, off=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
-        return solve(
-            expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen, probes=probes,
-            solver_offsets=off,
-        )  # fmt: skip
+        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen,
+                     probes=probes, solver_offsets=off)  # fmt: skip
 
     def val_distance(ts, net=None, off=None) -> float:
         with torch.no_grad():
             out = student(x_val, ts, net, off, torch.Generator().manual_seed(probe_seed))
-            return float((out - y_val).reshape(x_val.shape[0], -1).norm(dim=1).mean())
+            return float(_distances(out, y_val).mean())
 
     named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
     if init == "best":
         init = min(GRIDS, key=lambda k: named[k])
-    ts0 = make_grid(sch, nfe, init) if start_ts is None else start_ts
-    if (ts0.shape != (nfe + 1,) or abs(float(ts0[0]) - t_max) > 1e-6 or abs(float(ts0[-2]) - t_min) > 1e-6
-            or float(ts0[-1]) != 0.0):  # fmt: skip
-        raise ValueError(
-            f"init: the start grid must have nfe + 1 = {nfe + 1} times from t_max = {t_max} through t_min = {t_min} "
-            f"(this schedule's ends) to 0; got {ts0.numel()} times from {float(ts0[0])} to {float(ts0[-1])}."
-        )
-    xi = params_from_grid(sch, ts0).clone().requires_grad_(True)
-    s0 = torch.zeros(nfe, dtype=torch.float64)
-    if start_net is not None and time_shift:
-        s0 = params_from_network_times(grid_from_params(sch, xi.detach(), t_max, t_min), start_net)
-    s = s0.clone().requires_grad_(True)
-    mask = solver_offset_mask(solver, nfe)
-    o0 = torch.zeros(nfe, 3, dtype=torch.float64)
-    if start_off is not None and solver_offsets:
-        check_solver_offsets(start_off, solver, nfe, "init: the schedule's solver_offsets")
-        o0 = torch.as_tensor(start_off, dtype=torch.float64).clone()
-    o = o0.clone().requires_grad_(True)
+    params = _StudentParams(sch, nfe, solver, make_grid(sch, nfe, init) if start_sched is None else start_sched[0],
+                            time_shift, solver_offsets, start_sched)  # fmt: skip
     delta = torch.zeros_like(x_train, requires_grad=True)
-    params = ([xi, s] if time_shift else [xi]) + ([o] if solver_offsets else [])
-    opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])
-
-    def current():
-        ts = grid_from_params(sch, xi, t_max, t_min)
-        return ts, (network_times_from_params(ts, s) if time_shift else None), (o * mask if solver_offsets else None)
-
-    def val_loss() -> float:
-        with torch.no_grad():
-            return val_distance(*current())
-
-    best = val_loss()
-    init_loss = best
-    best_state = (xi.detach().clone(), s.detach().clone(), o.detach().clone())
-    losses = []
-    n = x_train.shape[0]
+    opt = torch.optim.Adam([{"params": params.trainable(), "lr": lr},
+                            {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])  # fmt: skip
+    best = init_loss = val_distance(*params.current())
+    best_state, losses, n = params.state(), [], x_train.shape[0]
     if progress:
         log(f"ld3: nfe {nfe}, solver {solver}, init {init}: validation distance {init_loss:.5f}")
     for it in range(iters):
         idx = torch.randperm(n, generator=generator)[:batch_size]
-        ts, net, off = current()
-        x_start = x_train[idx] + delta[idx]
-        out = student(x_start, ts, net, off)
-        loss = (out - y_train[idx]).reshape(len(idx), -1).norm(dim=1).mean()
+        loss = _distances(student(x_train[idx] + delta[idx], *params.current()), y_train[idx]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -356,16 +385,14 @@ def learn_schedule(
             delta.mul_(bcast((r * sigma_T / norm).clamp(max=1.0), delta))
         losses.append(float(loss.detach()))
         if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
-            v = val_loss()
+            v = val_distance(*params.current())
             if v < best:
-                best, best_state = v, (xi.detach().clone(), s.detach().clone(), o.detach().clone())
+                best, best_state = v, params.state()
             if progress:
                 log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
+    params.load(best_state)
     with torch.no_grad():
-        xi.copy_(best_state[0])
-        s.copy_(best_state[1])
-        o.copy_(best_state[2])
-        ts, net, off = current()
+        ts, net, off = params.current()
     seconds = time.time() - start
     hutchinson = _tracks_density(expr) and _divergence_kind(divergence_kind, x_val) != "exact"
     info = {
@@ -374,9 +401,7 @@ def learn_schedule(
         "solver": solver,
         "nfe": nfe,
         "schedule": repr(sch),
-        "grid": [float(v) for v in ts],
-        "network_times": None if net is None else [float(v) for v in net],
-        **({"solver_offsets": [[float(v) for v in row] for row in off]} if off is not None else {}),
+        **_learned(ts, net, off),
         "train_size": int(x_train.shape[0]),
         "val_size": int(x_val.shape[0]),
         "teacher": f"dpm2m, {teacher_steps} log_snr steps" if teacher_steps else "custom",

@@ -19,7 +19,8 @@ from .options import GRIDS, SOLVERS
 from .toy import toy_models
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
     p = argparse.ArgumentParser(description="Learn an N-step schedule (LD3) and write it as a JSON schedule file.")
     p.add_argument(
         "--model",
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         "--out (grid, network times, solver and NFE unchanged; compose.ld3.transfer_schedule)",
     )
     p.add_argument("--out", required=True, help="the JSON schedule file to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.nfe is None and a.transfer is None:
         p.error("--nfe is required (the number of steps of the grid to learn).")
