@@ -18,7 +18,7 @@ evaluations, the last step lands on the data (x0_hat), as every grid of `compose
 Gradients flow through the student's steps and every model call. For OR and AND the per-step coefficients come
 from the tracked densities (`compose.Composer`); by default (`weight_grad=True`) the gradient also flows through
 those densities (the divergences included) into the weights, which is what makes OR learnable at NFE 4 on the 2-D
-mixtures (test distance 0.20 vs 0.48 with the weights held constant); `weight_grad=False` treats them as constants
+mixtures (README, learned schedules); `weight_grad=False` treats them as constants
 (a straight-through approximation, cheaper: no backward through the divergences).
 
 A schedule is stored as JSON (`compose.schedule_files`: `save_schedule` / `load_schedule`); loading checks the grid

@@ -30,13 +30,11 @@ resampling it pulls the copies of one particle apart again. The move is Metropol
   sqrt(2 tau d)). Each leaf's tracked log q moves by the same trapezoid rule on its own score.
 Without the test (unadjusted Langevin) the invariant law would be off by O(tau): for N(m, v I) its variance is
 v / (1 - tau / (2 v)), 33% too wide at tau = v / 2; with it the only bias left is the trapezoid error above (zero on
-Gaussian targets). Measured on mixtures: 40 moves from exact samples of a two-component p_t at t = 0.3 shift the
-larger mode's share by -0.019 at langevin_step 0.5 (-0.044 at 1, none visible at 0.25), and the particle product of
-PoE(q_ab, q_c) with shares 0.25 / 0.75 ends at 0.74 (0.5) vs 0.75 (0.25); smaller steps mix between modes more slowly
-(the two-mode toy of bench_smc: mode TV 0.013 at 0.5 vs 0.022 at 0.25, 1024 particles). Cost: one network evaluation
-of every leaf per move and particle; the prediction at the proposal is kept for the next step whichever way the test
-goes, and the one at the start of the moves is the one the next step would have made, so L moves after every step
-cost (1 + L) steps + 1 evaluations per particle.
+Gaussian targets; the trapezoid bias grows with langevin_step and smaller steps mix between modes more slowly (the
+README's products-of-experts section measures both). Cost: one network evaluation of every leaf per move and
+particle; the prediction at the proposal is kept for the next step whichever way the test goes, and the one at the
+start of the moves is the one the next step would have made, so L moves after each of the N - 1 reweighted steps
+cost N + L (N - 1) evaluations per particle for an N-step grid.
 """
 
 from __future__ import annotations
