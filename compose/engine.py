@@ -23,7 +23,9 @@ unchanged; only the absolute log q gains. `control_variate=False` gives the pape
 
 The step to the data (t_next = 0) is deterministic whatever the method: its increment is the ODE one with rho = 2;
 under method="sde" no divergence is available, so its divergence term is left out (approximate, as the Ito estimator
-is for any deterministic step; docs/MATH.md section 4).
+is for any deterministic step; docs/MATH.md section 4). The step from alpha = 0 (t = 1 of a flow path) has an
+infinite rate; every model's marginal there is N(0, sigma^2 I) and its eps_hat is x / sigma, so the step changes
+every log q by the same amount: it is left out (Q = 0, r = 0: OR keeps its weights, AND gives 1/M).
 """
 
 from __future__ import annotations
@@ -112,6 +114,10 @@ class Composer:
         """
         log_q = log_q.to(torch.float64)
         rho, sigma = rates.rho, rates.sigma
+        if math.isinf(rho):  # from alpha = 0: every model's eps_hat is x / sigma, the step moves every log q alike
+            rho, common_step = 0.0, True
+        else:
+            common_step = False
         L, n = eps.shape[0], eps.shape[1]
         d = eps[0, 0].numel()
         # float64 for the Gram matrix and the composition: products of float32 numbers are exact in float64, so the
@@ -120,7 +126,9 @@ class Composer:
         G = torch.einsum("and,bnd->nab", E, E)  # <eps_a, eps_b>
         self._check_finite(G, sigma)
         diag = torch.diagonal(G, dim1=-2, dim2=-1)
-        if self.method == "sde" and not deterministic:
+        if common_step:
+            Q, r = torch.zeros_like(G), torch.zeros_like(diag)
+        elif self.method == "sde" and not deterministic:
             if noise is None:
                 raise ValueError("noise is required for method='sde' (a standard normal tensor shaped like x).")
             zE = torch.einsum("nd,lnd->nl", noise.reshape(n, -1).to(torch.float64), E)

@@ -97,6 +97,8 @@ def noise_levels(
     if kind == "uniform":
         return torch.linspace(t_max, t_min, steps + 1, dtype=torch.float64)
     lo, hi = _log_ve_sigma(schedule, t_min), _log_ve_sigma(schedule, t_max)  # log s_min, log s_max
+    if not math.isfinite(hi):  # t_max = 1 of a flow path (alpha = 0): place the levels from log-SNR -20 down,
+        hi = _log_ve_sigma(schedule, float(schedule.t_from_log_snr(-20.0)))  # the first one stays at t_max
     if kind == "log_snr":
         log_s = torch.linspace(hi, lo, steps + 1, dtype=torch.float64)
     elif kind == "karras":

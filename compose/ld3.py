@@ -36,7 +36,7 @@ import torch
 
 from .engine import Composer, leaf_divergences
 from .grids import make_grid
-from .models import model_eps
+from .models import model_eps, model_x0
 from .operators import AND, OR, Expr
 from .options import GRIDS, SOLVER_ORDER, check_probes, check_solver
 from .predictions import bcast
@@ -113,13 +113,14 @@ def solve(
 
     def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
         eps = torch.stack([model_eps(m, x_, t) for m in leaves])
+        x0 = [torch.stack([model_x0(m, x_, t) for m in leaves])] if float(sch.alpha(t.detach())) == 0.0 else []
         if not tracks:
-            return eps, None
+            return eps, None, *x0
         xd, t_d = (x_ if weight_grad else x_.detach()), t.detach()
         with _math_attention():
             div = leaf_divergences(leaves, xd, t_d, eps if weight_grad else eps.detach(), kind, zeta,
                                    1e-3 * float(sch.sigma(t_d)), detach=not weight_grad)  # fmt: skip
-        return eps, div
+        return eps, div, *x0
 
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
     hutch = probes if tracks and kind != "exact" else None

@@ -3,6 +3,8 @@
 A model (a leaf of an expression) is any object with
   - `schedule`: a NoiseSchedule,
   - `eps(x, t)` -> eps_hat (n, ...), or `score(x, t)` -> grad log q_t (n, ...),
+  - optionally `x0(x, t)` -> its data prediction x0_hat (n, ...), needed only at alpha = 0 (t = 1 of a flow path),
+    where it cannot be had from eps_hat,
   - optionally `log_prob(x, t)` -> exact log q_t(x) (n,), used to start density tracking exactly,
   - optionally `sample_shape`, the shape of one sample (used when `compose.sample` draws x_T itself).
 """
@@ -26,6 +28,20 @@ def model_eps(model: Any, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
     raise ValueError(f"model {model!r} has neither eps(x, t) nor score(x, t); give it one of them.")
 
 
+def model_x0(model: Any, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
+    """x0_hat of a model: its `x0` where it has one, else (x - sigma eps_hat) / alpha (ValueError at alpha = 0)."""
+    if hasattr(model, "x0"):
+        return model.x0(x, t)
+    alpha = model.schedule.alpha(torch.as_tensor(t, dtype=torch.float64))
+    if bool((alpha == 0).any()):
+        raise ValueError(
+            f"model {model_name(model)} has no x0(x, t) (data prediction), needed at alpha = 0 (t = 1 of a flow "
+            "path); give it one, or start the grid below t = 1."
+        )
+    sigma = model.schedule.sigma(torch.as_tensor(t, dtype=torch.float64))
+    return (x - bcast(sigma, x) * model_eps(model, x, t)) / bcast(alpha, x)
+
+
 def model_name(model: Any) -> str:
     return str(getattr(model, "name", None) or type(model).__name__)
 
@@ -47,6 +63,8 @@ class OnSchedule:
             self.sample_shape = model.sample_shape
         if hasattr(model, "log_prob"):
             self.log_prob = self._log_prob
+        if hasattr(model, "x0"):  # x0 is the same data in both parametrisations (equal SNR, rescaled state)
+            self.x0 = lambda x, t: self.model.x0(*self._convert(x, t)[:2])
 
     def _convert(self, x: torch.Tensor, t: Tensorish):
         t = torch.as_tensor(t, dtype=torch.float64)

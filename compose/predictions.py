@@ -1,4 +1,4 @@
-"""Prediction adapters (docs/MATH.md section 2): every prediction type becomes eps_hat, and nothing downstream branches.
+"""Prediction adapters (docs/MATH.md section 2): every prediction type becomes eps_hat; nothing downstream branches.
 
 Shapes: `x` and predictions are (n, ...); `t` is a float, a 0-d tensor or a (n,) tensor of times.
 """
@@ -63,6 +63,20 @@ def from_eps(eps: torch.Tensor, x: torch.Tensor, t: Tensorish, schedule: NoiseSc
     if kind == "v_prediction":
         return alpha * eps - sigma * x0
     return d_alpha * x0 + d_sigma * eps
+
+
+def to_x0(pred: torch.Tensor, x: torch.Tensor, t: Tensorish, schedule: NoiseSchedule, prediction_type: str):
+    """x0_hat from a network output, computed from the output itself: finite at alpha = 0 (t = 1 of a flow path) for
+    sample, v_prediction and flow outputs, where x0 = (x - sigma eps) / alpha would be 0 / 0."""
+    kind = normalize_prediction_type(prediction_type)
+    alpha, sigma, d_alpha, d_sigma = _coefs(schedule, t, x)
+    if kind == "epsilon":
+        return (x - sigma * pred) / alpha
+    if kind == "sample":
+        return pred
+    if kind == "v_prediction":  # x0 = (alpha x - sigma v) / (alpha^2 + sigma^2)
+        return (alpha * x - sigma * pred) / (alpha**2 + sigma**2)
+    return (d_sigma * x - sigma * pred) / (alpha * d_sigma - d_alpha * sigma)  # flow velocity
 
 
 def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, t: Tensorish, schedule: NoiseSchedule) -> torch.Tensor:

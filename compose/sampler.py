@@ -146,7 +146,8 @@ def run(
     Args:
         composer: the compiled expression, its schedule and method ("sde" / "ode").
         predict: predict(x, t, zeta) -> (eps (L, n, ...), div (L, n) or None) at (x, t), t a float64 0-d tensor;
-            zeta: the step's probes (K, n, ...) or None. Leaves in `composer.leaves` order.
+            zeta: the step's probes (K, n, ...) or None. Leaves in `composer.leaves` order. It may add a third
+            element, the data predictions x0 (L, n, ...): required at alpha = 0 (t = 1 of a flow path).
         x: (n, ...) state at ts[0]; ts: (N + 1,) float64 grid (`compose.options.check_grid`), may carry gradients.
         log_q: (n, L) float64 leaf log q at (x, ts[0]).
         solver: "euler", "ddim" (SDE and ODE), "dpm2m" or "unipc" (ODE).
@@ -175,11 +176,12 @@ def run(
     for k in range(n_steps):
         t_cur, t_next = float(ts[k].detach()), float(ts[k + 1].detach())
         final = is_final(t_next)
-        noise = draws.noise(x) if method == "sde" and not final else None
+        from_noise = float(sch.alpha(t_cur)) == 0.0  # t = 1 of a flow path: a deterministic step (docs/MATH.md 3)
+        noise = draws.noise(x) if method == "sde" and not (final or from_noise) else None
         hooks.draw(k, draws, final)
         zeta = draws.probes(probes, x) if method == "ode" and probes else None
         t_in = ts[k] if network_times is None else network_times[k]
-        eps, div = hooks.predict(predict, x, t_in, zeta)
+        eps, div, *x0_leaves = hooks.predict(predict, x, t_in, zeta)
         if method == "ode" and div is None:
             div = torch.zeros(eps.shape[0], eps.shape[1], dtype=torch.float64, device=eps.device)
         rates = step_rates(first_kind, sch, t_cur, t_next)
@@ -187,10 +189,11 @@ def run(
         out = composer.weigh(eps_w, log_q, rates, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span,
                              deterministic=final)  # fmt: skip
         eps_bar = out.eps if weight_grad or not eps.requires_grad else _combine(out.coeffs, eps)
+        x0_bar = _composed_x0(out.coeffs, x0_leaves, t_cur) if from_noise else None
         x_next = solver_step(solver, k, x, eps_bar.to(x.dtype), ts, sch, noise=noise, multistep=multistep,
-                             offsets=offsets, clip=clip)  # fmt: skip
+                             offsets=offsets, clip=clip, x0_bar=x0_bar)  # fmt: skip
         new_log_q = out.log_q
-        if multistep is not None or clip is not None:  # log q along the step actually taken
+        if (multistep is not None or clip is not None) and not from_noise:  # log q along the step actually taken
             base = first_order(first_kind, x_w, out.eps.to(x.dtype), ts[k], ts[k + 1], sch, noise)
             s = -eps_w.reshape(eps.shape[0], eps.shape[1], -1).to(torch.float64) / rates.sigma
             dx = (x_next if weight_grad else x_next.detach()) - base
@@ -219,6 +222,21 @@ def run(
         timesteps=ts,
         node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
     )
+
+
+def _composed_x0(coeffs: torch.Tensor, x0_leaves: list, t: float) -> torch.Tensor | None:
+    """sum_l coeffs_l x0_l where alpha(t) = 0: the composed data prediction, for coefficients that sum to 1 (CFG, OR,
+    AND, average); for others (an unguided product) x0_bar = sum c x0 + (1 - sum c) x / alpha is infinite there."""
+    if not x0_leaves or x0_leaves[0] is None:
+        return None
+    S = coeffs.sum(-1)
+    if not bool(torch.allclose(S, torch.ones_like(S), atol=1e-6)):
+        raise ValueError(
+            f"at t = {t:.6g} (alpha = 0, pure noise) a composition whose weights do not sum to 1 (here "
+            f"{float(S[0]):.4g}: a product or PoE without guidance) has no finite x0_hat; use guidance, another "
+            "operator, or a grid that starts below t = 1."
+        )
+    return _combine(coeffs, x0_leaves[0])
 
 
 def _combine(coeffs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

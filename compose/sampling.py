@@ -10,7 +10,7 @@ import torch
 
 from .engine import Composer, leaf_divergences
 from .grids import resolve_grid
-from .models import model_eps, on_schedule
+from .models import model_eps, model_x0, on_schedule
 from .options import SOLVER_ORDER, check_divergence, check_fd_eps, check_grid, check_method, check_probes, check_solver
 from .sampler import TorchDraws, run
 from .schedule import NoiseSchedule
@@ -154,9 +154,12 @@ def sample(
 
     def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
         eps = torch.stack([model_eps(m, x_, t) for m in leaves])
-        if method != "ode":
-            return eps, None
-        return eps, leaf_divergences(leaves, x_, t, eps, divergence, zeta, fd_eps * float(sch.sigma(t)))
+        div = None
+        if method == "ode":
+            div = leaf_divergences(leaves, x_, t, eps, divergence, zeta, fd_eps * float(sch.sigma(t)))
+        if float(sch.alpha(t)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
+            return eps, div, torch.stack([model_x0(m, x_, t) for m in leaves])
+        return eps, div
 
     cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
     tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,

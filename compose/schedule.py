@@ -106,12 +106,14 @@ class NoiseSchedule:
 
         DDPM / DDIM / Euler / DPM-Solver / UniPC / PNDM / LMS configs with beta_schedule "linear", "scaled_linear",
         "squaredcos_cap_v2" or trained_betas become "discrete" schedules (rescale_betas_zero_snr honoured);
-        FlowMatchEuler configs become "ot" (its `shift` is a property of the time grid, not of the path).
+        FlowMatchEuler configs become "ot" starting at t = 1 (diffusers' first sigma; alpha = 0 there, the samplers
+        take that step with the models' data predictions, docs/MATH.md section 3); its `shift` is a property of the
+        time grid, not of the path (`compose.grids.flow_sigmas`).
         """
         config, class_name = _config_of(scheduler_or_config)
         n = int(config.get("num_train_timesteps", 1000))
         if "FlowMatch" in class_name or config.get("prediction_type") == "flow":
-            return cls.ot(num_train_timesteps=n)
+            return cls.ot(num_train_timesteps=n, t_max=1.0)
         ac = getattr(scheduler_or_config, "alphas_cumprod", None)
         if ac is None:
             ac = alphas_cumprod_from_config(config)

@@ -1,5 +1,5 @@
-"""Products of experts sampled with particles and Feynman-Kac weights (docs/MATH.md section 8; Skreta et al., ICML 2025,
-arXiv 2503.02819).
+"""Products of experts sampled with particles and Feynman-Kac weights (docs/MATH.md section 8; Skreta et al.,
+ICML 2025, arXiv 2503.02819).
 
 `PoE(a, b, exponents=[a_1, a_2])` targets the product p ~ prod_i q_i^{a_i} ("likely under every model"), which no
 single trajectory reaches: SuperDiff's AND makes the densities equal and the plain sum of scores (`Product`) is
@@ -48,7 +48,7 @@ import torch
 
 from .engine import Composer
 from .grids import resolve_grid
-from .models import model_eps, model_name
+from .models import model_eps, model_name, model_x0
 from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
 from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
 from .sampler import Draws, Hooks, StepInfo, TorchDraws, run
@@ -470,7 +470,7 @@ class ParticleHooks(Hooks):
 
     def after_step(self, k: int, step: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
         self.evaluations += 1
-        if step.final:
+        if step.final or math.isinf(step.rho):  # the steps to the data and from pure noise are not reweighted
             return step.x, step.log_q
         dl = factor_increment(self.poe, step.eps, step.log_q_prev, step.rho)
         st = reweight_and_resample(step.x, step.log_q, self.log_w, dl, self.u, step.t_next,
@@ -620,8 +620,11 @@ def sample_smc(
         x = x_T.reshape(n * K, *x_T.shape[2:])
     leaves = composer.leaves
 
-    def predict(x_: torch.Tensor, t_: torch.Tensor, zeta: Any = None) -> tuple[torch.Tensor, None]:
-        return torch.stack([model_eps(m, x_, t_) for m in leaves]), None
+    def predict(x_: torch.Tensor, t_: torch.Tensor, zeta: Any = None) -> tuple:
+        eps = torch.stack([model_eps(m, x_, t_) for m in leaves])
+        if float(sch.alpha(t_)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
+            return eps, None, torch.stack([model_x0(m, x_, t_) for m in leaves])
+        return eps, None
 
     hooks = ParticleHooks(expr, sch, n, K, ess_threshold=ess_threshold, resample_window=window,
                           langevin_steps=langevin_steps, langevin_step=langevin_step, langevin_after=langevin_after,

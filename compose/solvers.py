@@ -26,6 +26,7 @@ composed x0_hat with diffusers' semantics.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +54,13 @@ class StepRates:
 
 
 def step_rates(kind: str, schedule: NoiseSchedule, t_cur: float, t_next: float) -> StepRates:
-    """`StepRates` of the first-order step `kind` ("euler" or "ddim") from t_cur to t_next (0: to the data)."""
+    """`StepRates` of the first-order step `kind` ("euler" or "ddim") from t_cur to t_next (0: to the data).
+
+    From alpha = 0 (t = 1 of a flow path) rho is infinite: every model's marginal there is N(0, sigma^2 I), so every
+    eps_hat is x / sigma and the step moves every log q alike (`Composer.weigh` drops that common step)."""
     sigma, alpha = float(schedule.sigma(t_cur)), float(schedule.alpha(t_cur))
+    if alpha == 0.0:
+        return StepRates(math.inf, sigma, alpha, 0.0)
     if t_next == 0.0 or kind == "ddim":
         s_cur = sigma / alpha
         s_next = 0.0 if t_next == 0.0 else float(schedule.sigma(t_next) / schedule.alpha(t_next))
@@ -273,8 +279,13 @@ def solver_step(
     multistep: Multistep | None = None,
     offsets: torch.Tensor | None = None,
     clip: X0Clip | None = None,
+    x0_bar: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The step `solver` takes from ts[k] to ts[k + 1] with the composed eps_bar at (x, ts[k]).
+
+    x0_bar: the composed data prediction, required where alpha(ts[k]) = 0 (t = 1 of a flow path), where it cannot be
+    had from eps_bar; the step from there is x' = alpha' x0_bar + sigma' eps_bar (DDIM's, also for the SDE and the
+    multistep solvers' first step), docs/MATH.md section 3.
 
     The step to the data (ts[k + 1] = 0) is x0_hat. With `clip`, x0_hat is clipped as diffusers' schedulers do:
     a first-order step, which is linear in the decomposition x = alpha x0_hat + sigma eps_hat, takes the clipped
@@ -284,13 +295,22 @@ def solver_step(
     """
     t_cur, t_next = ts[k], ts[k + 1]
     final = float(t_next.detach()) == 0.0
-    if clip is not None or final or solver in ("dpm2m", "unipc"):
-        x0 = eps_to_x0(eps_bar, x, t_cur, schedule)
+    alpha_zero = float(schedule.alpha(t_cur.detach())) == 0.0
+    if alpha_zero and x0_bar is None:
+        raise ValueError(
+            f"the grid starts at t = {float(t_cur):.6g}, where alpha = 0 and x0_hat cannot be had from eps_hat; the "
+            "models must give their data predictions there (flow-matching families do), or start the grid below it."
+        )
+    if clip is not None or final or alpha_zero or solver in ("dpm2m", "unipc"):
+        x0 = x0_bar if alpha_zero else eps_to_x0(eps_bar, x, t_cur, schedule)
         x0_used = clip(x0) if clip is not None else x0
         if final:
             return x0_used
         if solver in ("dpm2m", "unipc"):
             return multistep.step(k, x, x0_used, ts, schedule, offsets)
+        if alpha_zero:
+            c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731
+            return c(schedule.alpha(t_next)) * x0_used + c(schedule.sigma(t_next)) * eps_bar
         x = x + bcast(schedule.alpha(t_cur), x).to(x.dtype) * (x0_used - x0)
     return first_order(solver, x, eps_bar, t_cur, t_next, schedule, noise)
 

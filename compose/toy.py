@@ -77,6 +77,17 @@ class GaussianMixture:
         r = torch.softmax(log_comp, dim=1)
         return -(r[..., None] * diff / var[..., None]).sum(1)
 
+    def x0(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
+        """Exact x0_hat = E[x_0 | x_t] (finite at alpha = 0, where it is the data mean), shape (n, d)."""
+        log_comp, diff, var = self._component_terms(x, t)
+        r = torch.softmax(log_comp, dim=1)
+        t = torch.as_tensor(t, dtype=torch.float64)
+        alpha = bcast(self.schedule.alpha(t), x)
+        s2 = self.stds.to(x) ** 2
+        gain = alpha * s2 / var  # (n, K): alpha s_k^2 / (alpha^2 s_k^2 + sigma^2)
+        post = self.means.to(x)[None] + gain[..., None] * diff  # E[x0 | x, k] = mu_k + gain (x - alpha mu_k)
+        return (r[..., None] * post).sum(1)
+
     def eps(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:
         """Exact eps_hat = -sigma_t score."""
         sigma = bcast(self.schedule.sigma(torch.as_tensor(t, dtype=torch.float64)), x)

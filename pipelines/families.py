@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 import compose
+from compose.predictions import to_x0
 from compose.schedule import NoiseSchedule
 
 COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -136,11 +137,13 @@ UNCOND = _UncondMarker("")
 class Leaf:
     """A leaf of the compose expression: one term (checkpoint, prompt); the core only needs `schedule` and `name`."""
 
-    def __init__(self, schedule: NoiseSchedule, name: str, model: ComposeModel | None, prompt: str | None):
+    def __init__(self, schedule: NoiseSchedule, name: str, model: ComposeModel | None, prompt: str | None,
+                 adapter: Any = None):  # fmt: skip
         self.schedule = schedule
         self.name = name
         self.model = model
         self.prompt = prompt
+        self.adapter = adapter  # its LoRA on the model's network (pipelines.lora; None: the network as it is)
         self.model_schedule = model.schedule if model is not None else None
 
     @property
@@ -157,20 +160,25 @@ class NetworkGroups:
     core: the expression's leaves in the core's order; their predictions are returned in that order. terms: the term
     leaves in the order the rows are batched. extra: the per-checkpoint unconditional rows, averaged into the
     expression's one unconditional leaf (index `u_index` of core; its `model` is None). conds: id(leaf) ->
-    conditioning; call_extra: keyword arguments every network call of the family gets (SDXL's time ids).
+    conditioning; call_extra: keyword arguments every network call of the family gets (SDXL's time ids). routing
+    (`pipelines.lora.Routing`, or None): the LoRA adapter of every row (`Leaf.adapter`) is set for each call by
+    `routing.context`, so the terms of one base network stay in one call whatever their LoRA (`routing.split`: one
+    call per network and adapter instead).
     """
 
     def __init__(self, core: list[Leaf], terms: list[Leaf], extra: list[Leaf], conds: dict, u_index: int | None,
-                 call_extra: dict | None = None) -> None:  # fmt: skip
+                 call_extra: dict | None = None, routing: Any = None) -> None:  # fmt: skip
         self.leaves = [*core, *extra]
         self.num_core = len(core)
         self.u_index = u_index
         self.call_extra = call_extra
+        self.routing = routing
         self.groups: list[dict] = []
         for leaf in terms + extra:
-            g = next((g for g in self.groups if g["net"] is leaf.model.network), None)
+            key = leaf.adapter if routing is not None and routing.split else None
+            g = next((g for g in self.groups if g["net"] is leaf.model.network and g["key"] == key), None)
             if g is None:
-                g = {"net": leaf.model.network, "model": leaf.model, "parts": []}
+                g = {"net": leaf.model.network, "model": leaf.model, "parts": [], "key": key}
                 self.groups.append(g)
             g["parts"].append(leaf)
         for g in self.groups:
@@ -181,14 +189,20 @@ class NetworkGroups:
         """eps_hat (L, n, ...) of the core's leaves at (x, t) and, with probes zeta (K, n, ...), div_x eps_hat (L, n).
 
         One network call per group (per probe for forward-mode JVPs). The unconditional leaf is the mean over its
-        rows; its divergence is left at 0 since no operator reads its log q.
+        rows; its divergence is left at 0 since no operator reads its log q. At alpha = 0 (t = 1 of a flow path) a
+        third element, the data predictions x0_hat (L, n, ...), which the step from there needs; no divergence is
+        computed there (the step moves every log q alike).
         """
         L, n = len(self.leaves), x.shape[0]
         index = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+        t64 = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+        need_x0 = float(schedule.alpha(t64)) == 0.0
+        if need_x0:
+            zeta = divergence = None
         eps = torch.zeros((L, *x.shape), dtype=torch.float32, device=x.device)
+        x0 = torch.zeros_like(eps) if need_x0 else None
         counts = torch.zeros(L, dtype=torch.float32)
         div = torch.zeros(L, n, dtype=torch.float64, device=x.device) if zeta is not None else None
-        t64 = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
         K = 0 if zeta is None else zeta.shape[0]
         for g in self.groups:
             model, family = g["model"], g["model"].family
@@ -207,14 +221,16 @@ class NetworkGroups:
             X = torch.cat(xs)
             T = torch.cat([tt.reshape(1).expand(n) for tt in tins]).to(device=x.device, dtype=torch.float32)
 
-            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks) -> torch.Tensor:
-                pred = family.forward(model, Xin, T, conds, n, self.call_extra)
+            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks,
+                   net=g["net"]) -> torch.Tensor:  # fmt: skip
+                with self._adapters(net, [c[2].adapter for c in chunks], n):
+                    pred = family.forward(model, Xin, T, conds, n, self.call_extra)
                 out = []
-                for c, (_, _, leaf, t_m, _) in enumerate(chunks):
-                    rows = slice(c * n, (c + 1) * n)
-                    out.append(
-                        compose.to_eps(pred[rows], Xin[rows], t_m, leaf.model_schedule, leaf.model.prediction_type)
-                    )
+                for c, (li, j, leaf, t_m, _) in enumerate(chunks):
+                    rows, kind = slice(c * n, (c + 1) * n), leaf.model.prediction_type
+                    out.append(compose.to_eps(pred[rows], Xin[rows], t_m, leaf.model_schedule, kind))
+                    if need_x0 and j == 0:  # x0 is the same data in every parametrisation (equal SNR)
+                        x0[li] += to_x0(pred[rows], Xin[rows], t_m, leaf.model_schedule, kind)
                 return torch.cat(out)
 
             if divergence == "hutchinson" and zeta is not None:
@@ -241,14 +257,27 @@ class NetworkGroups:
                 else:
                     diff = (zeta[j - 1] * (Ec - base)).reshape(n, -1).sum(-1)
                     div[li] += diff.to(torch.float64) / (fd_e * K)
-        eps = eps / counts.clamp_min(1).to(eps.device).reshape(L, *([1] * x.ndim))
+        scale = counts.clamp_min(1).to(eps.device).reshape(L, *([1] * x.ndim))
+        eps = eps / scale
         M = self.num_core
         eps_l, div_l = eps[:M].clone(), None if div is None else div[:M].clone()
         if self.u_index is not None:
             eps_l[self.u_index] = eps[M:].mean(0)
             if div_l is not None:
                 div_l[self.u_index] = 0.0
-        return eps_l, div_l
+        if not need_x0:
+            return eps_l, div_l
+        x0 = x0 / scale
+        x0_l = x0[:M].clone()
+        if self.u_index is not None:
+            x0_l[self.u_index] = x0[M:].mean(0)
+        return eps_l, div_l, x0_l
+
+    def _adapters(self, net: Any, specs: list, n: int):
+        """The LoRA adapter state of one call (chunk c of n rows under specs[c]); nothing without routing."""
+        if self.routing is None:
+            return contextlib.nullcontext()
+        return self.routing.context(net, specs, n)
 
 
 @contextlib.contextmanager
