@@ -1,5 +1,6 @@
-"""Assemble a Hugging Face Space folder: app, README (front matter), requirements, the packages, shipped models and
-the learned schedules of the bundled models (so `model_cards/schedules-.../*.json` paths work in the Space).
+"""Assemble a Hugging Face Space folder: app, README (front matter), requirements, the packages, shipped models, the
+LoRAs of the bundled models and the learned schedules of the bundled models (so `model_cards/schedules-.../*.json`
+paths work in the Space).
 
     python examples/space/bundle.py DIR [--models shapes-text shapes-uncond-a ...]
 """
@@ -35,6 +36,9 @@ def bundle(dest: str | Path, models: list[str] | None = None) -> Path:
         shutil.copytree(ROOT / pkg, dest / pkg, ignore=SKIP)
     for m in models:
         shutil.copytree(cards / m, dest / "model_cards" / m, ignore=SKIP)
+    for folder in sorted(cards.iterdir()):  # shipped LoRAs whose base model is bundled (the Space's LoRA list)
+        if (folder / "pytorch_lora_weights.safetensors").is_file() and _lora_base(folder) in models:
+            shutil.copytree(folder, dest / "model_cards" / folder.name, ignore=SKIP)
     for folder in sorted(cards.glob("schedules-*")):  # learned schedules: files whose models are all bundled
         files = [f for f in sorted(folder.glob("*.json")) if set(_schedule_models(f)) <= set(models)]
         if files:
@@ -43,6 +47,16 @@ def bundle(dest: str | Path, models: list[str] | None = None) -> Path:
                 if f.is_file():
                     shutil.copy2(f, dest / "model_cards" / folder.name / f.name)
     return dest
+
+
+def _lora_base(folder: Path) -> str | None:
+    """The shipped model a LoRA was trained on (the folder name of train_info.json's `base`)."""
+    import json
+
+    try:
+        return Path(json.loads((folder / "train_info.json").read_text())["base"]).name
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _schedule_models(path: Path) -> list[str]:
