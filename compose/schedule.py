@@ -156,6 +156,11 @@ class NoiseSchedule:
         return (-torch.expm1(2.0 * self.log_alpha(t))).clamp_min(0).sqrt()
 
     def d_alpha(self, t: Tensorish) -> torch.Tensor:
+        t = _as_t(t)
+        if self.kind == "ot":  # alpha = 1 - t: also at t = 1, where alpha * d log(alpha) would be 0 * inf
+            return -torch.ones_like(t)
+        if self.kind == "cosine":
+            return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
         return self.alpha(t) * self.d_log_alpha(t)
 
     def d_sigma(self, t: Tensorish) -> torch.Tensor:

@@ -50,7 +50,8 @@ from compose.schedule_files import expression_keys
 from compose.smc import ParticleHooks
 from compose.solvers import X0Clip
 
-from .families import COMPONENTS, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
+from . import lora as lora_experts
+from .families import COMPONENTS, FLUX, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
 from .loading import (
     MODELS_FILE,
     check_latent_spaces,
@@ -127,15 +128,32 @@ class ComposePipeline(DiffusionPipeline):
     (`save_pretrained` / `from_pretrained` round trip as usual); further checkpoints live in `self.models`.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
-    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
+    # every component has a default (a checkpoint has a unet OR a transformer); listing them here is what makes
+    # diffusers' from_pretrained load them as components rather than pass their model_index entries through
+    _optional_components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                            "transformer", "text_encoder_3", "tokenizer_3"]  # fmt: skip
     _callback_tensor_inputs = ["latents", "log_q"]
 
-    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None) -> None:  # fmt: skip
+    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, transformer=None, text_encoder_3=None, tokenizer_3=None,
+                 max_sequence_length: int | None = None) -> None:  # fmt: skip
+        """A UNet checkpoint (SD 1.x / 2.x, SDXL, pixel UNet2D) or a flow-matching transformer (SD3 / SD3.5, Flux) with
+        its scheduler and text / latent components (a folder's other components, e.g. a safety checker or an
+        IP-Adapter image encoder, are not loaded).
+        max_sequence_length: the checkpoint's T5 prompt length (saved in model_index.json; a call's own value
+        overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512)."""
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)  # fmt: skip
+        # a component saved as absent comes back from model_index.json as [null, null]
+        comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in dict(
+            unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3).items()}  # fmt: skip
+        unet, transformer = comps["unet"], comps["transformer"]
+        if (unet is None) == (transformer is None):
+            raise ValueError("give one network: unet= (a UNet checkpoint) or transformer= (SD3 / Flux), not both.")
+        self.register_modules(**comps)
+        self.register_to_config(max_sequence_length=max_sequence_length)
         self._extra_models: list[ComposeModel] = []
         self._first_name: str | None = None
 
@@ -157,7 +175,8 @@ class ComposePipeline(DiffusionPipeline):
     @property
     def size_multiple(self) -> int:
         """Heights and widths must be multiples of this: the VAE's factor times the UNet's downsampling."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        first = self.models[0]
+        return first.family.size_multiple(first, self.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ComposePipeline:
@@ -203,7 +222,11 @@ class ComposePipeline(DiffusionPipeline):
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save as a diffusers folder; several checkpoints go to model_0/, model_1/, ... plus compose_models.json."""
+        """Save as a diffusers folder; several checkpoints go to model_0/, model_1/, ... plus compose_models.json.
+        LoRA experts are not saved (their files stay where they are): the base networks are written without them."""
+        if lora_experts.registry(self):
+            with lora_experts.unloaded(self):
+                return self.save_pretrained(save_directory, **kwargs)
         if not self._extra_models:
             super().save_pretrained(save_directory, **kwargs)
             return
@@ -254,6 +277,28 @@ class ComposePipeline(DiffusionPipeline):
                     seen.add(id(comp))
                     out.append(comp)
         return out
+
+    # ------------------------------------------------------------------ LoRA experts (pipelines/lora.py)
+    def load_lora_experts(self, experts: dict[str, str | os.PathLike], model: str | int | None = None,
+                          weight_name: str | None = None) -> list[str]:  # fmt: skip
+        """Attach LoRA fine-tunes of one checkpoint as named experts, to be composed with `lora=` in a call.
+
+        experts: {name: source}, each source a folder holding `pytorch_lora_weights.safetensors` (or one .safetensors
+        file), a .safetensors file, or a hub id; diffusers' LoRA format (kohya layouts are converted), read through
+        diffusers / PEFT from safetensors only (pickles are refused). model: the checkpoint (name or index; default
+        the first) whose network the LoRAs were trained on. Denoiser LoRAs only: a file that also trains the text
+        encoder is refused. Loading the same name from the same source again does nothing. Returns the names.
+        """
+        return lora_experts.load_experts(self, experts, model=model, weight_name=weight_name)
+
+    @property
+    def lora_experts(self) -> dict[str, str]:
+        """The loaded LoRA experts: name -> source."""
+        return {name: e.source for name, e in lora_experts.registry(self).items()}
+
+    def unload_lora_experts(self, names: list[str] | None = None) -> None:
+        """Remove LoRA experts (default: all) from their networks."""
+        lora_experts.unload_experts(self, names)
 
     # ------------------------------------------------------------------ inputs
     def _terms(self, prompt: Any, models: list[ComposeModel]) -> list[tuple[ComposeModel, str | None]]:
@@ -336,7 +381,7 @@ class ComposePipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not known; use one of {OUTPUT_TYPES}.")
         f = self.size_multiple
-        native = self.unet.config.sample_size * self.vae_scale_factor
+        native = self.models[0].family.native_size(self.models[0], self.vae_scale_factor)
         top = max(4096, 8 * native)
         for name, v in (("height", height), ("width", width)):
             if v is None:
@@ -391,9 +436,11 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(f"{name}: {err}") from None
 
     # ------------------------------------------------------------------ decoding
-    def _decode(self, x0: torch.Tensor, output_type: str):
+    def _decode(self, x0: torch.Tensor, output_type: str, height: int | None = None, width: int | None = None):
         if output_type == "latent":
             return x0
+        first = self.models[0]
+        x0 = first.family.unpack(first, x0, height, width, self.vae_scale_factor)  # Flux: packed 2x2 -> (n, C, h, w)
         vae = getattr(self, "vae", None)
         if vae is not None:
             z = x0 / vae.config.scaling_factor
@@ -445,6 +492,14 @@ class ComposePipeline(DiffusionPipeline):
         langevin_steps: int = 0,
         langevin_step: float = 0.5,
         langevin_after: str = "every",
+        lora: str | list[str | None] | None = None,
+        lora_mode: str | None = None,
+        lora_uncond: str = "lora",
+        lora_switch_steps: int = 5,
+        lora_scale: float = 1.0,
+        lora_calls: str = "batched",
+        true_cfg_scale: float = 1.0,
+        max_sequence_length: int | None = None,
     ) -> ComposePipelineOutput | tuple:
         """Sample the composition of the terms (prompts x checkpoints).
 
@@ -457,7 +512,11 @@ class ComposePipeline(DiffusionPipeline):
             weights: per-term weights for "or" (mixture weights), "product" (signed) and "product_smc" (exponents).
             temperature: OR temperature (1 samples the mixture).
             guidance_scale: classifier-free guidance around the composed prediction; 1 or below disables the
-                unconditional branch. Default 7.5 when a checkpoint has a text encoder, else 1.
+                unconditional branch. Default 7.5 when a checkpoint has a text encoder, else 1. For Flux (guidance-
+                distilled) it is the embedded guidance of every term's rows (default 3.5; no unconditional pass).
+            true_cfg_scale: Flux only: classifier-free guidance with negative_prompt in the same batched call (as
+                FluxPipeline's true_cfg_scale); 1 (default) turns it off.
+            max_sequence_length: the T5 prompt length of SD3 (default 256) and Flux (default 512).
             negative_prompt: the unconditional branch's prompt.
             num_inference_steps, timesteps, sigmas: the time grid: `num_inference_steps` network evaluations
                 (default 50) on the grid named by `schedule`, or the first checkpoint's network `timesteps` (e.g.
@@ -497,36 +556,57 @@ class ComposePipeline(DiffusionPipeline):
                 moves that leave the current product target invariant (`compose.sample_smc`, resample-move), after
                 every step ("every") or after a resampling ("resample"); each move is one more batched network call
                 on the moved particles. 0 (default): none.
+            lora: the terms' LoRA experts (`load_lora_experts`): a name for every term, or a list pairing the i-th
+                term with the i-th name (None: the base network); one prompt on one checkpoint with a list of names
+                gives one term per name. Every term of one base network, whatever its LoRA, and the unconditional
+                rows go through it in ONE batched call per step, each row with its own LoRA (`pipelines.lora`).
+            lora_uncond: the unconditional rows under guidance: "lora" (default: each LoRA's own, with its adapter,
+                as diffusers and LoRA Composite do) or "base" (one row of the base network without LoRA).
+            lora_mode: None (compose the LoRA terms with `operator`), or a baseline, operator None: "merge" (one
+                network with the LoRAs merged, `weights` the merge weights, default 1; one prompt), "switch" (LoRA
+                Switch: one LoRA active at a time, the next every `lora_switch_steps` steps) or "composite" (LoRA
+                Composite: the average of each LoRA's guided prediction, mean_i [eps_u^i + w (eps_c^i - eps_u^i)]).
+            lora_scale: multiplies every LoRA's update (diffusers' cross_attention_kwargs scale).
+            lora_calls: "batched" (default: one call per base network) or "separate" (one call per network and LoRA,
+                as LoRA Composite is published; the same numbers up to rounding, for timing comparisons).
         """
         # 1. check inputs (everything, before any network call)
         models, first = self.models, self.models[0]
         terms = self._terms(prompt, models)
+        lora_plan = lora_experts.plan(self, terms, lora, mode=lora_mode, uncond=lora_uncond,
+                                      switch_steps=lora_switch_steps, scale=lora_scale, calls=lora_calls,
+                                      operator=operator, weights=weights)  # fmt: skip
+        terms, operator, weights = lora_plan.terms, lora_plan.operator, lora_plan.weights
         self.check_inputs(operator=operator, n_terms=len(terms), weights=weights, temperature=temperature,
                           guidance_scale=guidance_scale, method=method, solver=solver, divergence=divergence,
                           probes=probes, fd_eps=fd_eps, output_type=output_type, height=height, width=width,
                           num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
                           negative_prompt=negative_prompt,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
-        if guidance_scale is None:
-            guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
+        max_sequence_length = max_sequence_length or self.config.get("max_sequence_length")
+        # guidance_scale is the CFG scale from here on; Flux's distilled guidance is embedded instead (`_guidance`)
+        guidance_scale, embedded_guidance = self._guidance(first, terms, guidance_scale, true_cfg_scale)
         smc = isinstance(operator, str) and operator.lower() == "product_smc"
         P = self._particle_options(smc, operator, num_particles, ess_threshold, resample_window, method,
                                    langevin_steps, langevin_step, langevin_after)  # fmt: skip
-        schedule_name = self._schedule_name(grid, schedule)
+        schedule_name = self._schedule_name(grid, schedule, first.family)
         clip = X0Clip.from_config(first.scheduler.config, clip_sample=clip_sample,
                                   clip_sample_range=clip_sample_range, thresholding=thresholding)  # fmt: skip
         use_cfg = guidance_scale > 1.0
         n = self._num_images(num_images_per_prompt, batch_size, latents, P, generator)
-        height = first.unet.config.sample_size * self.vae_scale_factor if height is None else height
-        width = first.unet.config.sample_size * self.vae_scale_factor if width is None else width
+        family, f = first.family, self.vae_scale_factor
+        height = family.native_size(first, f) if height is None else height
+        width = family.native_size(first, f) if width is None else width
         device = self._execution_device
-        shape = (n * P, first.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = family.latent_shape(first, n * P, height, width, f)
         if latents is not None:
             self._check_latents(latents, shape, smc, P)
 
         # 2. terms -> leaves on the shared schedule, their conditioning (each prompt encoded once)
         sch = first.schedule
-        leaves, uncond, conds = self.encode_terms(terms, use_cfg, negative_prompt, len(models), device, guidance_scale)
+        leaves, uncond, conds = self.encode_terms(terms, use_cfg, negative_prompt, len(models), device, guidance_scale,
+                                                  max_sequence_length)  # fmt: skip
+        uncond = lora_plan.attach(leaves, uncond, conds)  # each term's LoRA; the unconditional rows per lora_uncond
         u_leaf = Leaf(sch, "uncond", None, UNCOND) if use_cfg else None
 
         # 3. the expression: operator over the terms, CFG around it (product_smc: the particles' PoE)
@@ -541,13 +621,17 @@ class ComposePipeline(DiffusionPipeline):
         composer = Composer(expr, schedule=sch, method=method)
         core = composer.leaves
         u_index = next(i for i, lf in enumerate(core) if lf is u_leaf) if u_leaf is not None else None
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
-        groups = NetworkGroups(core, leaves, uncond, conds, u_index, {"time_ids": time_ids})
+        extra = {"time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32),
+                 "guidance": embedded_guidance}  # fmt: skip
+        if hasattr(family, "img_ids"):
+            extra["img_ids"] = family.img_ids(height, width, f, device)
+        groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
+        groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
         term_index = [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
 
         # 4. the grid
         ts, t_net, offsets = self.prepare_grid(sch, expr, schedule_name, num_inference_steps, timesteps, sigmas,
-                                               method, solver, probes, smc)  # fmt: skip
+                                               method, solver, probes, smc, first, shape)  # fmt: skip
 
         # 5. initial latents and their log q
         if latents is None:
@@ -577,14 +661,15 @@ class ComposePipeline(DiffusionPipeline):
 
         # 7. decode (product_smc: one particle per image, drawn by its weights)
         pick = None if not smc else hooks.pick(draws.uniforms(n))
-        images = self._decode(tr.x if pick is None else tr.x[pick.to(tr.x.device)], output_type)
+        images = self._decode(tr.x if pick is None else tr.x[pick.to(tr.x.device)], output_type, height, width)
         self.maybe_free_model_hooks()
         out = self._output(images, tr, term_index, n, P, pick, hooks, single=len(leaves) == 1 and not smc)
         return out if return_dict else (out.images, out.kappa, out.log_q)
 
     # ------------------------------------------------------------------ the steps of __call__
     def encode_terms(self, terms, use_cfg: bool, negative_prompt: str | None, num_models: int, device,
-                     guidance_scale: float) -> tuple[list[Leaf], list[Leaf], dict]:  # fmt: skip
+                     guidance_scale: float, max_sequence_length: int | None = None
+                     ) -> tuple[list[Leaf], list[Leaf], dict]:  # fmt: skip
         """The term leaves, the per-checkpoint unconditional leaves (with CFG) and id(leaf) -> conditioning."""
         sch = terms[0][0].schedule
         leaves = [Leaf(sch, _term_name(m, p, num_models), m, p) for m, p in terms]
@@ -605,15 +690,20 @@ class ComposePipeline(DiffusionPipeline):
             text = negative_prompt if leaf.unconditional else leaf.prompt
             key = (id(m.text_encoder), id(m.text_encoder_2), text, zero)
             if key not in cache:
-                cache[key] = m.family.encode(m, text, device, zero=zero)
+                cache[key] = m.family.encode(m, text, device, zero=zero, max_sequence_length=max_sequence_length)
             conds[id(leaf)] = cache[key]
         return leaves, uncond, conds
 
     def prepare_grid(self, sch, expr, schedule_name, num_inference_steps, timesteps, sigmas, method, solver, probes,
-                     smc) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-        """(grid ending at 0, learned network times or None, learned solver offsets or None)."""
+                     smc, first, shape) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """(grid ending at 0, learned network times or None, learned solver offsets or None). "scheduler": a
+        flow-matching checkpoint's own sigmas (its shift / dynamic shift), as its diffusers pipeline samples."""
         t_net = offsets = None
-        if timesteps is None and sigmas is None:
+        if schedule_name == "scheduler" and timesteps is None and sigmas is None:
+            steps = 50 if num_inference_steps is None else num_inference_steps
+            ts = torch.cat([first.family.default_sigmas(first, steps, shape), torch.zeros(1, dtype=torch.float64)])
+            ts = O.check_grid(ts, "the scheduler's sigmas")
+        elif timesteps is None and sigmas is None:
             expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde", "schedule": repr(sch)}
             explicit = is_schedule_file(schedule_name)
             steps = 50 if num_inference_steps is None and not explicit else num_inference_steps
@@ -626,6 +716,8 @@ class ComposePipeline(DiffusionPipeline):
                     f"({len(ts) - 1} network evaluations); drop num_inference_steps or learn a schedule for that NFE."
                 )
         else:
+            if sigmas is not None and hasattr(first.family, "default_sigmas"):
+                sigmas = self._shifted_sigmas(first, sigmas, shape)
             ts = self._grid(sch, num_inference_steps, timesteps, sigmas)
         if len(ts) - 1 < O.SOLVER_ORDER[solver]:
             raise ValueError(f"solver={solver!r} needs at least {O.SOLVER_ORDER[solver]} steps; got {len(ts) - 1}.")
@@ -635,6 +727,24 @@ class ComposePipeline(DiffusionPipeline):
                 "use; give a named grid or a schedule file without a time shift."
             )
         return ts, t_net, offsets
+
+    @staticmethod
+    def _shifted_sigmas(first: ComposeModel, sigmas, shape) -> torch.Tensor:
+        """A flow-matching checkpoint's `sigmas=` through its scheduler's shift, once (as its diffusers pipeline)."""
+        try:
+            vals = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sigmas must be a list of numbers; got {sigmas!r}.") from None
+        if vals.numel() > O.MAX_STEPS + 1:
+            raise ValueError(f"sigmas has {vals.numel()} entries; the limit is {O.MAX_STEPS} steps.")
+        if vals.numel() > 1 and float(vals[-1]) == 0.0:
+            vals = vals[:-1]  # diffusers' trailing 0
+        if vals.numel() == 0 or not bool(torch.isfinite(vals).all()) or not bool(((vals > 0) & (vals <= 1)).all()):
+            raise ValueError(
+                f"sigmas of a flow-matching checkpoint must lie in (0, 1] (a trailing 0 is allowed); got "
+                f"{vals.tolist()[:8]}."
+            )
+        return first.family.default_sigmas(first, vals.numel(), shape, given=vals.numpy())
 
     def _step_callback(self, callback_on_step_end, tensor_inputs, sch):
         """diffusers' callback_on_step_end(pipe, step, timestep, tensors) -> dict, as the loop's callback."""
@@ -673,6 +783,22 @@ class ComposePipeline(DiffusionPipeline):
         return out
 
     @staticmethod
+    def _guidance(first: ComposeModel, terms, guidance_scale, true_cfg_scale) -> tuple[float, float | None]:
+        """(CFG scale, embedded guidance or None): Flux embeds guidance_scale and guides with true_cfg_scale."""
+        O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
+        if first.family is FLUX:
+            embedded = 3.5 if guidance_scale is None else float(guidance_scale)
+            return float(true_cfg_scale), embedded
+        if true_cfg_scale != 1.0:
+            raise ValueError(
+                f"true_cfg_scale={true_cfg_scale} is Flux's (its guidance_scale is embedded); for this checkpoint "
+                "classifier-free guidance is guidance_scale. Drop true_cfg_scale."
+            )
+        if guidance_scale is None:
+            guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
+        return float(guidance_scale), None
+
+    @staticmethod
     def _particle_options(smc, operator, num_particles, ess_threshold, resample_window, method, langevin_steps,
                           langevin_step, langevin_after) -> int:  # fmt: skip
         if smc:
@@ -689,12 +815,20 @@ class ComposePipeline(DiffusionPipeline):
         return 1
 
     @staticmethod
-    def _schedule_name(grid, schedule) -> str:
+    def _schedule_name(grid, schedule, family) -> str:
+        """The grid's name; flow-matching checkpoints default to "scheduler" (their scheduler's own sigmas)."""
         if grid is not None and schedule is not None and grid != schedule:
             raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
-        name = schedule or grid or "log_snr"
-        if not isinstance(name, (str, os.PathLike)) or (not is_schedule_file(name) and name not in O.GRIDS):
-            raise ValueError(f"schedule={name!r} is not known; use one of {O.GRIDS} or the path of a schedule file.")
+        flow = hasattr(family, "default_sigmas")
+        names = (*O.GRIDS, "scheduler") if flow else O.GRIDS
+        name = schedule or grid or ("scheduler" if flow else "log_snr")
+        if name == "scheduler" and not flow:
+            raise ValueError(
+                "schedule='scheduler' (a flow-matching checkpoint's own sigmas) applies to SD3 / Flux checkpoints; "
+                f"for a UNet checkpoint give one of {O.GRIDS}, the path of a schedule file, or timesteps=."
+            )
+        if not isinstance(name, (str, os.PathLike)) or (not is_schedule_file(name) and name not in names):
+            raise ValueError(f"schedule={name!r} is not known; use one of {names} or the path of a schedule file.")
         return name
 
     @staticmethod

@@ -25,7 +25,8 @@ import compose
 from compose.predictions import to_x0
 from compose.schedule import NoiseSchedule
 
-COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer",
+              "text_encoder_3", "tokenizer_3")  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -40,6 +41,9 @@ class ComposeModel:
     tokenizer: Any = None
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -57,15 +61,17 @@ class ComposeModel:
 
     @property
     def is_xl(self) -> bool:
-        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        return self.unet is not None and getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     @property
     def network(self) -> Any:
-        return self.unet
+        return self.unet if self.unet is not None else self.transformer
 
     @property
-    def family(self) -> UNetFamily:
-        return UNET
+    def family(self) -> Any:
+        """The adapter of this checkpoint's network: `UNetFamily`, `SD3Family` or `FluxFamily`."""
+        name = type(self.network).__name__
+        return {"SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX}.get(name, UNET)
 
     def components(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in COMPONENTS}
@@ -76,7 +82,8 @@ class UNetFamily:
     and size ids) and pixel-space `UNet2DModel`s (no conditioning)."""
 
     @torch.no_grad()
-    def encode(self, model: ComposeModel, prompt: str | None, device: Any, zero: bool = False) -> dict[str, Any]:
+    def encode(self, model: ComposeModel, prompt: str | None, device: Any, zero: bool = False,
+               max_sequence_length: int | None = None) -> dict[str, Any]:  # fmt: skip
         """Conditioning of one prompt: {"encoder_hidden_states": (1, S, D)} (+ "text_embeds" (1, P) for SDXL)."""
         encoders = [(model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)]
         encoders = [(tok, enc) for tok, enc in encoders if enc is not None]
@@ -106,6 +113,21 @@ class UNetFamily:
     def timestep(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
         return schedule.timestep(t)
 
+    # latent space: the state is the VAE latent (or the image) as the network takes it
+    def latent_shape(self, model: ComposeModel, n: int, height: int, width: int, f: int) -> tuple:
+        return (n, model.network.config.in_channels, height // f, width // f)
+
+    def size_multiple(self, model: ComposeModel, f: int) -> int:
+        """Heights and widths must be multiples of this: the VAE's factor times the UNet's downsampling."""
+        return f * 2 ** (len(model.network.config.block_out_channels) - 1)
+
+    def native_size(self, model: ComposeModel, f: int) -> int:
+        return model.network.config.sample_size * f
+
+    def unpack(self, model: ComposeModel, x: torch.Tensor, height: int, width: int, f: int) -> torch.Tensor:
+        """The state as the VAE decodes it (n, C, h, w)."""
+        return x
+
     def forward(self, model: ComposeModel, x: torch.Tensor, timesteps: torch.Tensor, conds: list, n: int,
                 extra: dict | None = None) -> torch.Tensor:  # fmt: skip
         """The network's raw output for rows x (C n, ...) at timesteps (C n,); chunk c uses conds[c] (or None)."""
@@ -125,6 +147,173 @@ class UNetFamily:
 
 
 UNET = UNetFamily()
+
+
+def _clip(tok: Any, enc: Any, prompt: str, device: Any, hidden: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate hidden states or None, pooled / projected output) of one CLIP encoder for one prompt."""
+    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(device)  # fmt: skip
+    out = enc(ids, output_hidden_states=hidden)
+    return (out.hidden_states[-2] if hidden else None), out[0] if hidden else out.pooler_output
+
+
+def _t5(tok: Any, enc: Any, prompt: str, device: Any, max_len: int, dim: int) -> torch.Tensor:
+    """T5 states (1, max_len, D) of one prompt; zeros of the joint width without a T5 encoder (SD3 allows that)."""
+    if enc is None:
+        return torch.zeros(1, max_len, dim, device=device)
+    ids = tok(prompt, padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+              return_tensors="pt").input_ids.to(device)  # fmt: skip
+    return enc(ids)[0]
+
+
+def sd3_context(h1: torch.Tensor, p1: torch.Tensor, h2: torch.Tensor, p2: torch.Tensor, t5: torch.Tensor,
+                dim: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """SD3's conditioning from its encoders' outputs (as StableDiffusion3Pipeline builds it): the two CLIP states
+    side by side, padded (or cut) to the joint width, then the T5 states; the two pooled outputs side by side."""
+    clip = torch.nn.functional.pad(torch.cat([h1, h2], -1), (0, dim - h1.shape[-1] - h2.shape[-1]))
+    return {"encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], -2),
+            "pooled_projections": torch.cat([p1, p2], -1)}  # fmt: skip
+
+
+class FlowFamily:
+    """What the flow-matching transformers share: the velocity on the rectified-flow path (`compose.to_eps`
+    "flow"), the network time 1000 t, and the scheduler's own grid (FlowMatchEuler's sigmas with its shift or
+    dynamic shifting, `default_sigmas`)."""
+
+    default_max_sequence_length = 256
+
+    def timestep(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+        return schedule.timestep(t)
+
+    def native_size(self, model: ComposeModel, f: int) -> int:
+        return int(getattr(model.network.config, "sample_size", 128)) * f
+
+    def image_seq_len(self, model: ComposeModel, shape: tuple) -> int:
+        raise NotImplementedError
+
+    def default_sigmas(self, model: ComposeModel, steps: int, shape: tuple, given: Any = None) -> torch.Tensor:
+        """The (steps,) sigmas (= t) the checkpoint's own pipeline samples at (shift / dynamic shift applied).
+
+        `given`: the user's `sigmas=` (without a trailing 0); they go through the scheduler's shift once, as in
+        diffusers' `set_timesteps(sigmas=...)`, so the same argument gives the same grid in both pipelines."""
+        import copy
+
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = copy.deepcopy(model.scheduler)
+        cfg = sched.config
+        kw: dict[str, Any] = {}
+        if cfg.get("use_dynamic_shifting", False):
+            kw["mu"] = calculate_shift(self.image_seq_len(model, shape), cfg.get("base_image_seq_len", 256),
+                                       cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                       cfg.get("max_shift", 1.15))  # fmt: skip
+        if given is not None:
+            kw["sigmas"] = np.asarray(given, dtype=np.float64)
+            sched.set_timesteps(**kw)
+        elif self.linear_sigmas:
+            kw["sigmas"] = np.linspace(1.0, 1.0 / steps, steps)
+            sched.set_timesteps(**kw)
+        else:
+            sched.set_timesteps(steps, **kw)
+        return torch.as_tensor(sched.sigmas[:-1], dtype=torch.float64)
+
+
+class SD3Family(FlowFamily):
+    """Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`): CLIP-L and CLIP-G penultimate states and pooled
+    projections, T5 states (zeros without `text_encoder_3`), latents (n, C, h, w) patched by the transformer."""
+
+    linear_sigmas = False  # SD3's pipeline lets the scheduler place its sigmas
+
+    @torch.no_grad()
+    def encode(self, model: ComposeModel, prompt: str | None, device: Any, zero: bool = False,
+               max_sequence_length: int | None = None) -> dict[str, Any]:  # fmt: skip
+        prompt = prompt or ""
+        h1, p1 = _clip(model.tokenizer, model.text_encoder, prompt, device, hidden=True)
+        h2, p2 = _clip(model.tokenizer_2, model.text_encoder_2, prompt, device, hidden=True)
+        dim = model.transformer.config.joint_attention_dim
+        t5 = _t5(model.tokenizer_3, model.text_encoder_3, prompt, device,
+                 max_sequence_length or self.default_max_sequence_length, dim)  # fmt: skip
+        return sd3_context(h1, p1, h2, p2, t5, dim)
+
+    def latent_shape(self, model: ComposeModel, n: int, height: int, width: int, f: int) -> tuple:
+        return (n, model.transformer.config.in_channels, height // f, width // f)
+
+    def size_multiple(self, model: ComposeModel, f: int) -> int:
+        return f * model.transformer.config.patch_size
+
+    def image_seq_len(self, model: ComposeModel, shape: tuple) -> int:
+        p = model.transformer.config.patch_size
+        return (shape[-2] // p) * (shape[-1] // p)
+
+    def unpack(self, model: ComposeModel, x: torch.Tensor, height: int, width: int, f: int) -> torch.Tensor:
+        return x
+
+    def forward(self, model: ComposeModel, x: torch.Tensor, timesteps: torch.Tensor, conds: list, n: int,
+                extra: dict | None = None) -> torch.Tensor:  # fmt: skip
+        net = model.transformer
+        ehs = torch.cat([c["encoder_hidden_states"].expand(n, -1, -1) for c in conds]).to(net.dtype)
+        pooled = torch.cat([c["pooled_projections"].expand(n, -1) for c in conds]).to(net.dtype)
+        out = net(hidden_states=x.to(net.dtype), timestep=timesteps, encoder_hidden_states=ehs,
+                  pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+        return out.to(torch.float32)
+
+
+class FluxFamily(FlowFamily):
+    """Flux.1 dev / schnell (`FluxTransformer2DModel`): CLIP pooled output, T5 states, packed 2x2 latents
+    (n, h w / 4, 4 C) with image / text position ids, and (dev) the guidance-distilled embedding: every term's rows
+    carry `guidance_scale` with no unconditional pass; true CFG with a negative prompt (`true_cfg_scale`) adds one."""
+
+    linear_sigmas = True  # FluxPipeline passes sigmas = linspace(1, 1 / N, N) and a dynamic shift
+    default_max_sequence_length = 512
+
+    @torch.no_grad()
+    def encode(self, model: ComposeModel, prompt: str | None, device: Any, zero: bool = False,
+               max_sequence_length: int | None = None) -> dict[str, Any]:  # fmt: skip
+        prompt = prompt or ""
+        _, pooled = _clip(model.tokenizer, model.text_encoder, prompt, device, hidden=False)
+        states = _t5(model.tokenizer_2, model.text_encoder_2, prompt, device,
+                     max_sequence_length or self.default_max_sequence_length, 0)  # fmt: skip
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
+    def latent_shape(self, model: ComposeModel, n: int, height: int, width: int, f: int) -> tuple:
+        h, w = 2 * (height // (2 * f)), 2 * (width // (2 * f))
+        return (n, (h // 2) * (w // 2), model.transformer.config.in_channels)
+
+    def size_multiple(self, model: ComposeModel, f: int) -> int:
+        return 2 * f
+
+    def image_seq_len(self, model: ComposeModel, shape: tuple) -> int:
+        return shape[1]
+
+    def unpack(self, model: ComposeModel, x: torch.Tensor, height: int, width: int, f: int) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(x, height, width, f)
+
+    def img_ids(self, height: int, width: int, f: int, device: Any) -> torch.Tensor:
+        from diffusers import FluxPipeline
+
+        h, w = 2 * (height // (2 * f)), 2 * (width // (2 * f))
+        return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.float32)
+
+    def forward(self, model: ComposeModel, x: torch.Tensor, timesteps: torch.Tensor, conds: list, n: int,
+                extra: dict | None = None) -> torch.Tensor:  # fmt: skip
+        net, extra = model.transformer, extra or {}
+        ehs = torch.cat([c["encoder_hidden_states"].expand(n, -1, -1) for c in conds]).to(net.dtype)
+        pooled = torch.cat([c["pooled_projections"].expand(n, -1) for c in conds]).to(net.dtype)
+        guidance = None
+        if net.config.guidance_embeds:
+            guidance = torch.full((x.shape[0],), float(extra.get("guidance", 3.5)), device=x.device)
+        txt_ids = torch.zeros(conds[0]["encoder_hidden_states"].shape[1], 3, device=x.device, dtype=net.dtype)
+        out = net(hidden_states=x.to(net.dtype), timestep=timesteps / 1000, guidance=guidance,
+                  pooled_projections=pooled, encoder_hidden_states=ehs, txt_ids=txt_ids,
+                  img_ids=extra["img_ids"].to(device=x.device, dtype=net.dtype), return_dict=False)[0]  # fmt: skip
+        return out.to(torch.float32)
+
+
+SD3 = SD3Family()
+FLUX = FluxFamily()
 
 
 class _UncondMarker(str):
@@ -209,8 +398,9 @@ class NetworkGroups:
             xs, tins, chunks, conds = [], [], [], []
             for leaf, cond in zip(g["parts"], g["conds"], strict=True):
                 sch = leaf.model_schedule
-                t_m = sch.t_from_log_snr(schedule.log_snr(t64)) if sch != schedule else t64
-                scale = float((sch.log_alpha(t_m) - schedule.log_alpha(t64)).exp())
+                same = sch == schedule
+                t_m = t64 if same else sch.t_from_log_snr(schedule.log_snr(t64))
+                scale = 1.0 if same else float((sch.log_alpha(t_m) - schedule.log_alpha(t64)).exp())
                 probe = divergence == "hutchinson_fd" and not leaf.unconditional and zeta is not None
                 copies = [x] + ([x + fd_e * z for z in zeta] if probe else [])
                 for j, xc in enumerate(copies):
@@ -221,10 +411,8 @@ class NetworkGroups:
             X = torch.cat(xs)
             T = torch.cat([tt.reshape(1).expand(n) for tt in tins]).to(device=x.device, dtype=torch.float32)
 
-            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks,
-                   net=g["net"]) -> torch.Tensor:  # fmt: skip
-                with self._adapters(net, [c[2].adapter for c in chunks], n):
-                    pred = family.forward(model, Xin, T, conds, n, self.call_extra)
+            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks) -> torch.Tensor:
+                pred = family.forward(model, Xin, T, conds, n, self.call_extra)
                 out = []
                 for c, (li, j, leaf, t_m, _) in enumerate(chunks):
                     rows, kind = slice(c * n, (c + 1) * n), leaf.model.prediction_type
@@ -233,21 +421,24 @@ class NetworkGroups:
                         x0[li] += to_x0(pred[rows], Xin[rows], t_m, leaf.model_schedule, kind)
                 return torch.cat(out)
 
-            if divergence == "hutchinson" and zeta is not None:
-                E = None
-                with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), forward_ad_ready(g["net"]):
-                    for k in range(K):
-                        tangent = torch.cat(
-                            [torch.zeros_like(x) if lf.unconditional else zeta[k] * s for (_, _, lf, _, s) in chunks]
-                        )
-                        out, jv = torch.func.jvp(fn, (X,), (tangent,))
-                        E = out if E is None else E
-                        for c, (li, _, lf, _, _) in enumerate(chunks):
-                            if not lf.unconditional:
-                                jvc = jv[c * n : (c + 1) * n]
-                                div[li] += (zeta[k] * jvc).reshape(n, -1).sum(-1).to(torch.float64) / K
-            else:
-                E = fn(X)
+            with self._adapters(g["net"], [c[2].adapter for c in chunks], n):  # set outside the JVP's transform
+                if divergence == "hutchinson" and zeta is not None:
+                    E = None
+                    math_attention = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+                    with math_attention, forward_ad_ready(g["net"]):
+                        for k in range(K):
+                            tangent = torch.cat(
+                                [torch.zeros_like(x) if lf.unconditional else zeta[k] * s for (_, _, lf, _, s) in
+                                 chunks]
+                            )  # fmt: skip
+                            out, jv = torch.func.jvp(fn, (X,), (tangent,))
+                            E = out if E is None else E
+                            for c, (li, _, lf, _, _) in enumerate(chunks):
+                                if not lf.unconditional:
+                                    jvc = jv[c * n : (c + 1) * n]
+                                    div[li] += (zeta[k] * jvc).reshape(n, -1).sum(-1).to(torch.float64) / K
+                else:
+                    E = fn(X)
             for c, (li, j, _, _, _) in enumerate(chunks):
                 Ec = E[c * n : (c + 1) * n]
                 if j == 0:
@@ -302,4 +493,5 @@ def forward_ad_ready(module: torch.nn.Module):
             h.remove()
 
 
-__all__ = ["COMPONENTS", "ComposeModel", "Leaf", "NetworkGroups", "UNCOND", "UNetFamily", "forward_ad_ready"]
+__all__ = ["COMPONENTS", "ComposeModel", "FluxFamily", "Leaf", "NetworkGroups", "SD3Family", "UNCOND", "UNetFamily",
+           "forward_ad_ready"]  # fmt: skip

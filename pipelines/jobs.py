@@ -4,7 +4,9 @@ A job is a flat record: the checkpoints, the prompts, the operator, weights, see
 number of images. `parse_job` checks a raw record (a JSONL / CSV row, or the Space's form) against `Limits` and
 raises `ValueError` naming the field and the fix; `pipeline_kwargs` is the ONE place where a job's fields become
 `ComposePipeline.__call__` keyword arguments (add a new pipeline option there and in `Job`); `run_job` runs one job
-on a loaded pipeline and returns the images, kappa and log-density traces and timings.
+on a loaded pipeline and returns the images, kappa and log-density traces and timings. A job's `lora` names shipped
+LoRAs (`model_cards/shapes-lora-*`) or folders with LoRA safetensors; `run_job` attaches them to the (cached)
+pipeline as LoRA experts (`load_job_loras`) under their folder names.
 
 Seeds: image i of a job uses its own generator seeded `seed + i` (initial noise, SDE noise, probes), so an image
 depends only on (job, i) and not on the number of processes; with another number of images per call it is the same
@@ -54,7 +56,15 @@ FIELDS = (
     "images",
     "height",
     "width",
+    "lora",
+    "lora_mode",
+    "lora_uncond",
+    "lora_switch_steps",
+    "lora_scale",
 )
+LORA_MODES = ("merge", "switch", "composite")  # pipelines.lora's (not imported here: no torch at parse time)
+LORA_UNCOND = ("lora", "base")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class Job:
     temperature: float = 1.0
     seed: int = 0
     steps: int = 50
-    schedule: str = "log_snr"
+    schedule: str | None = None  # None: the checkpoint's default (log_snr; "scheduler" for flow-matching models)
     guidance: float | None = None
     negative_prompt: str | None = None
     method: str = "sde"
@@ -105,6 +115,11 @@ class Job:
     height: int | None = None
     width: int | None = None
     id: str | None = None
+    lora: list[str | None] | None = None
+    lora_mode: str | None = None
+    lora_uncond: str | None = None
+    lora_switch_steps: int | None = None
+    lora_scale: float | None = None
 
     def params(self) -> dict[str, Any]:
         """Every parameter as plain JSON values (what the manifest and the PNG metadata record)."""
@@ -307,7 +322,9 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         raise ValueError(f"unknown field(s) {show(unknown, 120)}; the fields are {list(FIELDS)}.")
     job_id = _job_id(raw, limits)
     models, prompts, terms = _models_and_prompts(raw, limits)
-    operator, weights, temperature = _operator(raw, terms, limits)
+    lora, terms = _loras(raw, terms, limits)
+    lora_kw = _lora_options(raw, lora)
+    operator, weights, temperature = _operator(raw, terms, limits, lora_mode=lora_kw["lora_mode"])
     schedule, learned = _schedule(raw, limits)
     method, divergence, solver = _sampler(raw, schedule, learned)
     num_particles, langevin_steps = _particles(raw, operator, limits)
@@ -339,6 +356,8 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         height=_int(raw, "height", None, 8, limits.max_side),
         width=_int(raw, "width", None, 8, limits.max_side),
         id=job_id,
+        lora=lora,
+        **lora_kw,
     )
 
 
@@ -387,8 +406,10 @@ def _models_and_prompts(raw: dict, limits: Limits) -> tuple[list[str], list[str]
     return models, prompts, terms
 
 
-def _operator(raw: dict, terms: int, limits: Limits) -> tuple[str | None, list[float] | None, float]:
-    """The operator (a name of `compose.options.OPERATORS`), its weights and temperature."""
+def _operator(raw: dict, terms: int, limits: Limits, lora_mode: str | None = None
+              ) -> tuple[str | None, list[float] | None, float]:  # fmt: skip
+    """The operator (a name of `compose.options.OPERATORS`), its weights and temperature. With a lora_mode (a LoRA
+    baseline: the mode is the combination) the operator must be left out; weights are then the merge weights."""
     from compose.options import OPERATORS
 
     operator = raw.get("operator")
@@ -398,7 +419,9 @@ def _operator(raw: dict, terms: int, limits: Limits) -> tuple[str | None, list[f
         raise ValueError(f"operator={show(operator)} is not known; use one of {list(OPERATORS)}.")
     else:
         operator = operator.lower()
-    if operator is None and terms > 1:
+    if lora_mode is not None and operator is not None:
+        raise ValueError(f"lora_mode {lora_mode!r} is itself the combination of the LoRAs; drop operator.")
+    if operator is None and terms > 1 and lora_mode is None:
         raise ValueError(f"operator is missing but there are {terms} terms; choose one of {list(OPERATORS)}.")
     weights = raw.get("weights")
     if weights in (None, "", []):
@@ -422,24 +445,27 @@ def _operator(raw: dict, terms: int, limits: Limits) -> tuple[str | None, list[f
     return operator, weights, temperature
 
 
-def _schedule(raw: dict, limits: Limits) -> tuple[str, dict | None]:
-    """The grid name or schedule file, and the file's keys (None for a named grid)."""
+def _schedule(raw: dict, limits: Limits) -> tuple[str | None, dict | None]:
+    """The grid name or schedule file (None: the checkpoint's default), and the file's keys (None for a name)."""
     from compose.grids import is_schedule_file
     from compose.options import GRIDS
 
-    schedule = raw.get("schedule") or "log_snr"
+    names = (*GRIDS, "scheduler")  # "scheduler": a flow-matching checkpoint's own sigmas
+    schedule = raw.get("schedule")
+    if schedule is None:
+        return None, None
     if not isinstance(schedule, str):
         raise ValueError(
-            f"schedule must be a grid name ({list(GRIDS)}) or the path of a learned-schedule JSON; got "
+            f"schedule must be a grid name ({list(names)}) or the path of a learned-schedule JSON; got "
             f"{type(schedule).__name__}."
         )
     if is_schedule_file(schedule):
         if len(schedule) > 4096 or "\0" in schedule:
             raise ValueError(f"schedule={show(schedule)} is not a usable path; give a grid name or a JSON path.")
         return schedule, _schedule_file(schedule, limits)
-    if schedule not in GRIDS:
+    if schedule not in names:
         raise ValueError(
-            f"schedule={show(schedule)} is not known; use one of {list(GRIDS)} or the path of a learned-schedule JSON."
+            f"schedule={show(schedule)} is not known; use one of {list(names)} or the path of a learned-schedule JSON."
         )
     return schedule, None
 
@@ -478,7 +504,107 @@ def _particles(raw: dict, operator: str | None, limits: Limits) -> tuple[int | N
     return num_particles, langevin_steps
 
 
+def _loras(raw: dict, terms: int, limits: Limits) -> tuple[list[str | None] | None, int]:
+    """The LoRA of every term (shipped LoRA names or folders; "none" / "" for the base) and the number of terms they
+    make: one entry per term, or several LoRAs for a single term (one term each). Each is resolved here, so a name
+    that is not a shipped LoRA nor a folder with LoRA weights is refused before anything is loaded."""
+    value = raw.get("lora")
+    if value in (None, "", []):
+        return None, terms
+    if isinstance(value, str) and len(value) > 600 * limits.max_terms:
+        raise ValueError(f"lora is {len(value)} characters long; give at most {limits.max_terms} short names.")
+    items = _as_list(value, "lora")
+    if not all(v is None or isinstance(v, str) for v in items):
+        raise ValueError(f"lora must be LoRA names or folders (text, 'none' for the base); got {show(items)}.")
+    items = [None if v is None or v.strip().lower() in ("", "none") else v.strip() for v in items]
+    if len(items) > limits.max_terms:
+        raise ValueError(f"too many LoRAs: {len(items)}; the limit is {limits.max_terms}. Give fewer.")
+    for v in items:
+        if v is not None:
+            resolve_lora(v)
+    if terms == 1 and len(items) > 1:
+        terms = len(items)
+    elif len(items) != terms:
+        raise ValueError(
+            f"lora has {len(items)} entries for {terms} terms; give one per term ('none' for the base), or several "
+            "LoRAs with one prompt on one model (one term each)."
+        )
+    return items, terms
+
+
+def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
+    """lora_mode, lora_uncond, lora_switch_steps, lora_scale (None when not given)."""
+    mode = _choice(raw, "lora_mode", LORA_MODES, None, " (or leave it out to compose the LoRA terms with operator)")
+    uncond = _choice(raw, "lora_uncond", LORA_UNCOND, None)
+    steps = _int(raw, "lora_switch_steps", None, 1, 10_000)
+    scale = _float(raw, "lora_scale", None)
+    if scale is not None and not 0 <= scale <= 10:
+        raise ValueError(f"lora_scale={scale:g} is out of range; give a number from 0 to 10 (1: as trained).")
+    given = [k for k, v in (("lora_mode", mode), ("lora_uncond", uncond), ("lora_switch_steps", steps),
+                            ("lora_scale", scale)) if v is not None]  # fmt: skip
+    if lora is None and given:
+        raise ValueError(f"{given[0]} needs lora (the LoRA of every term); add lora or drop {given[0]}.")
+    if mode is not None and (len(lora) < 2 or any(v is None for v in lora)):
+        raise ValueError(f"lora_mode {mode!r} combines several LoRAs: give lora at least two LoRA names (no 'none').")
+    if steps is not None and mode != "switch":
+        raise ValueError(f"lora_switch_steps is used by lora_mode 'switch'; got lora_mode={mode!r}.")
+    if uncond is not None and mode is not None:
+        raise ValueError(
+            f"lora_uncond is for LoRA terms composed by an operator; lora_mode {mode!r} uses each LoRA's own."
+        )
+    return {"lora_mode": mode, "lora_uncond": uncond, "lora_switch_steps": steps, "lora_scale": scale}
+
+
 # ---------------------------------------------------------------------- models
+def shipped_loras() -> list[str]:
+    """Names of the shipped LoRAs (folders with pytorch_lora_weights.safetensors under model_cards/)."""
+    names = set()
+    for d in SHIPPED_DIRS:
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if (p / LORA_WEIGHTS).is_file())
+    return sorted(names)
+
+
+def resolve_lora(name: str) -> str:
+    """A shipped LoRA name -> its folder; otherwise a local folder holding a .safetensors file (the batch runner's
+    folders; the Space passes shipped names only). Anything else (a pickle, a missing path, a hub id) is refused."""
+    if not isinstance(name, str) or len(name) > 500 or "\0" in name:
+        raise ValueError(f"lora: {show(name)} is not a LoRA name or folder.")
+    for d in SHIPPED_DIRS:
+        if "/" not in name and name not in (".", "..") and (d / name / LORA_WEIGHTS).is_file():
+            return str(d / name)
+    p = Path(name).expanduser()
+    try:
+        ok = p.is_dir() and any(f.suffix == ".safetensors" for f in p.iterdir())
+    except OSError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"lora: {show(name, 200)} is not a shipped LoRA ({', '.join(shipped_loras()) or 'none'}) nor a folder "
+            "with LoRA weights (.safetensors); give one of those."
+        )
+    return str(p)
+
+
+def lora_adapter_name(entry: str | None) -> str | None:
+    """The adapter name a job's LoRA entry gets on the pipeline: the folder's name (letters, digits, . _ -)."""
+    if entry is None:
+        return None
+    import re
+
+    base = Path(entry.rstrip("/\\")).name or "lora"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip("._-")[:100] or "lora"
+
+
+def load_job_loras(pipe, job: Job) -> None:
+    """Attach the job's LoRAs to the pipeline (its first checkpoint), each under `lora_adapter_name`; loaded ones
+    are kept (a cached pipeline serves many jobs)."""
+    if not job.lora:
+        return
+    experts = {lora_adapter_name(v): resolve_lora(v) for v in job.lora if v is not None}
+    pipe.load_lora_experts(experts)
+
+
 def shipped_models() -> list[str]:
     """Names of the shipped diffusion models (folders with model_index.json under model_cards/)."""
     names = set()
@@ -570,6 +696,13 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         kw["num_particles"] = job.num_particles
     if job.langevin_steps is not None:
         kw["langevin_steps"] = job.langevin_steps
+    if job.lora is not None:
+        kw["lora"] = [lora_adapter_name(v) for v in job.lora]
+        if job.lora_mode is not None:  # the mode is the combination: no operator (parse_job refused one)
+            kw["lora_mode"] = job.lora_mode
+        for key in ("lora_uncond", "lora_switch_steps", "lora_scale"):
+            if getattr(job, key) is not None:
+                kw[key] = getattr(job, key)
     return kw
 
 
@@ -637,6 +770,7 @@ def run_job(pipe, job: Job, progress: Any = None, deadline: Deadline | None = No
     if deadline is not None:
         deadline.check()
 
+    load_job_loras(pipe, job)
     kw = pipeline_kwargs(job)
     t0 = time.perf_counter()
     try:
@@ -667,6 +801,17 @@ def run_job(pipe, job: Job, progress: Any = None, deadline: Deadline | None = No
 
 
 def _term_names(job: Job) -> list[str]:
+    names = _plain_term_names(job)
+    if not job.lora:
+        return names
+    loras = [lora_adapter_name(v) for v in job.lora]
+    if job.lora_mode == "merge":
+        return [f"{names[0]} [merge: {' + '.join(loras)}]"]
+    names = names * len(loras) if len(names) == 1 else names
+    return [n if a is None else f"{n} [{a}]" for n, a in zip(names, loras, strict=True)]
+
+
+def _plain_term_names(job: Job) -> list[str]:
     models = [os.path.basename(os.path.normpath(m)) for m in job.models]
     n = count_terms(len(job.models), len(job.prompts))
     if len(models) == 1:
@@ -690,7 +835,10 @@ __all__ = [
     "parse_job",
     "pipeline_kwargs",
     "resolve_model",
+    "resolve_lora",
     "run_job",
+    "shipped_loras",
+    "load_job_loras",
     "check_prompt_length",
     "check_prompt_tokens",
     "show",

@@ -144,8 +144,9 @@ def share_components(models: list[ComposeModel]) -> None:
 def latent_signature(m: ComposeModel) -> dict[str, Any]:
     sig: dict[str, Any] = {
         "space": "pixel (no vae)" if m.vae is None else "latent",
-        "unet.in_channels": m.unet.config.in_channels,
-        "unet.sample_size": m.unet.config.sample_size,
+        "network.in_channels": m.network.config.in_channels,
+        "network.sample_size": getattr(m.network.config, "sample_size", None),
+        "network family": type(m.family).__name__,
     }
     if m.vae is not None:
         c = m.vae.config

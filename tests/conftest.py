@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_per_test():
+    """Every test starts on one thread, whatever the previous one set (the demo and the batch runner set their own):
+    CPU kernels round differently for different thread counts, so a leaked setting would make results depend on the
+    order the tests run in."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def two_mixtures():
     """A = {(-2, 0), (2, 0)} and B = {(2, 0), (0, 3)}, std 0.5, VP-linear: they share the component at (2, 0)."""

@@ -190,7 +190,7 @@ def seed(s: int = 0) -> torch.Generator:
 
 
 class CallCounter:
-    """Counts UNet forward calls and their batch sizes."""
+    """Counts network forward calls (UNets, transformers) and their batch sizes."""
 
     def __init__(self, *unets) -> None:
         self.rows: list[int] = []
@@ -198,7 +198,7 @@ class CallCounter:
             u.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.rows.append(int(sample.shape[0]))
 
 

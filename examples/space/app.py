@@ -65,6 +65,7 @@ def space_limits() -> J.Limits:
 
 
 MAX_NAME = 100  # a model folder name in COMPOSE_MODELS_DIR
+LORA_COMPOSE = "compose (operator, one call)"  # the LoRA-mode choice that leaves the operator in charge
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -141,8 +142,14 @@ class App:
         size: float,
         particles: float = 4,
         moves: float = 0,
+        loras: list[str] | None = None,
+        lora_mode: str = LORA_COMPOSE,
     ) -> J.Job:
         """The form's fields -> a checked `Job` (ValueError naming the field on bad input).
+
+        loras: shipped LoRAs (choices of `J.shipped_loras`, never paths), trained on the first model: one term per
+        LoRA with the single prompt, or paired with the prompts line by line. lora_mode: LORA_COMPOSE (the operator
+        composes the LoRA terms in one network call per step) or a baseline of `J.LORA_MODES` (no operator).
 
         The cheap, size-bounding checks come first (a 20 MB prompt is refused before it is split into lines)."""
         lim = self.limits
@@ -166,27 +173,41 @@ class App:
             raise ValueError(f"shipped models: {J.show(bad[0])} is not one of {shipped}; tick those only.")
         names = models + [self._other_model(m.strip()) for m in other_models.splitlines() if m.strip()]
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
+        loras = list(loras or [])
+        offered = J.shipped_loras()
+        bad = [v for v in loras if not isinstance(v, str) or v not in offered]
+        if bad:
+            raise ValueError(f"LoRA experts: {J.show(bad[0])} is not one of {offered}; tick those only.")
+        if lora_mode != LORA_COMPOSE and lora_mode not in J.LORA_MODES:
+            raise ValueError(f"LoRA mode: {J.show(lora_mode)} is not offered; choose one from the list.")
+        lora_mode = None if lora_mode == LORA_COMPOSE or not loras else lora_mode
         if not isinstance(schedule, str) or schedule not in self.schedules:
             raise ValueError(
                 f"schedule: {J.show(schedule)} is not offered; choose a named grid or a shipped learned schedule from "
                 "the list."
             )
         terms = J.count_terms(len(names), len(lines))
+        if loras and terms == 1:
+            terms = len(loras)
         raw = {
             "models": names,
             "prompts": lines,
-            "operator": operator if terms > 1 else None,
+            "operator": operator if terms > 1 and lora_mode is None else None,
             "steps": steps,
             "schedule": self.schedules[schedule],
             "guidance": guidance,
             "seed": seed,
             "images": images,
         }
-        if schedule not in GRIDS:  # a learned schedule brings its steps (and its ODE solver)
+        if schedule not in GRIDS and schedule != "scheduler":  # a learned schedule brings its steps (and solver)
             raw.pop("steps")
         if size:
             raw["height"] = raw["width"] = size
-        if operator == "product_smc" and terms > 1:
+        if loras:
+            raw["lora"] = loras
+            if lora_mode is not None:
+                raw["lora_mode"] = lora_mode
+        if operator == "product_smc" and terms > 1 and lora_mode is None:
             raw["num_particles"] = particles
             if moves:  # Langevin rejuvenation moves per step (0: none; the field is left out of the job)
                 raw["langevin_steps"] = moves
@@ -209,7 +230,8 @@ class App:
             raise ValueError("prompts is empty; write one prompt per line (a model with a text encoder was chosen).")
         if job.prompts and not any(m.is_text for m in pipe.models):
             raise ValueError("prompts: the chosen models are unconditional (no text encoder); clear the prompts box.")
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        first = pipe.models[0]
+        native = first.family.native_size(first, pipe.vae_scale_factor)
         if job.height is None and native > self.limits.max_side:
             raise ValueError(
                 f"size: the model's native resolution {native} is over this Space's limit {self.limits.max_side}; "
@@ -251,6 +273,7 @@ def offered_schedules() -> dict[str, str]:
     """What the schedule box offers: the named grids (value = name) and the learned-schedule files shipped next to
     the models (label "schedules-.../x.json" -> its path). Nothing else is accepted."""
     out = {name: name for name in GRIDS}
+    out["scheduler"] = "scheduler"  # a flow-matching checkpoint's own sigmas (shift, dynamic shift); UNets refuse it
     for d in J.SHIPPED_DIRS:
         for f in sorted(Path(d).glob("schedules-*/*.json")):
             out.setdefault(f"{f.parent.name}/{f.name}", str(f))
@@ -291,7 +314,7 @@ def plot_traces(res: J.JobResult):
 def summary_markdown(res: J.JobResult, job: J.Job, schedule: str | None = None) -> str:
     """A table per term: mean / last kappa, final log q, images won; the run's timing."""
     s = res.summary()
-    op = job.operator or "none (one term)"
+    op = job.operator or (f"LoRA {job.lora_mode}" if job.lora_mode else "none (one term)")
     lines = [
         f"**{op}** over {len(res.terms)} term(s), {job.steps} steps ({schedule or job.schedule}), guidance "
         f"{job.guidance if job.guidance is not None else 'default'}, seeds {job.seed}..{job.seed + job.images - 1}: "
@@ -374,6 +397,20 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                     step=1,
                     label="Langevin moves per step (product_smc; each one more network call per particle)",
                 )
+                with gr.Row():
+                    loras = gr.CheckboxGroup(
+                        J.shipped_loras(),
+                        value=[],
+                        label="LoRA experts (on the first model; one term per LoRA, or paired with the prompts)",
+                        elem_id="loras",
+                    )
+                    lora_mode = gr.Dropdown(
+                        [LORA_COMPOSE, *J.LORA_MODES],
+                        value=LORA_COMPOSE,
+                        label="LoRA mode (merge / switch / composite: the baselines, operator unused)",
+                        allow_custom_value=False,
+                        elem_id="lora_mode",
+                    )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column():
                 out = gr.Gallery(label="images", columns=4, elem_id="out", height="auto")
@@ -381,7 +418,8 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         plot = gr.Plot(label="kappa and log q over the steps", elem_id="plot")
         run.click(
             app.generate,
-            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves],
+            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves,
+                    loras, lora_mode],  # fmt: skip
             outputs=[out, plot, summary],
             api_name="generate",
         )
