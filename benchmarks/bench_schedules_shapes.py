@@ -352,6 +352,42 @@ def transfer_report(setup: str, args, log) -> list[dict]:
     return rows
 
 
+def recheck_report(setup: str, args, log) -> list[dict]:
+    """Every shipped file of `setup` in --recheck, run by today's sampler on the test noises against today's teacher,
+    next to the distance recorded in the file and to every named grid with the same network evaluations (issue 19:
+    N steps are N evaluations; format-1 files counted solver steps and are read as format 2 on load)."""
+    data = prepare(setup, args, log, parts=("test",))
+    sch, solve, x_test, y_test = data["sch"], data["solve"], data["xs"]["test"], data["ys"]["test"]
+    rows = []
+    for path in sorted(Path(args.recheck).glob(f"{setup.lower()}-*-nfe*.json")):
+        learned = ld3.load_schedule(str(path))
+        solver, nfe = learned["solver"], int(learned["nfe"])
+        ts, net, off = compose.resolve_grid(sch, str(path), expect={"solver": solver, "nfe": nfe})
+        d = distances(solve(x_test, ts, net, solver=solver, off=off), y_test)
+        named = {k: float(distances(solve(x_test, compose.make_grid(sch, nfe, k), solver=solver), y_test).mean())
+                 for k in compose.GRIDS}  # fmt: skip
+        best = min(named, key=named.get)
+        row = {"setup": setup, "file": path.name, "solver": solver, "nfe": nfe, "probes": args.probes,
+               "recorded": learned.get("test_distance"), "distance": float(d.mean()),
+               "se": float(d.std() / len(d) ** 0.5), "best_named": best, "best_named_distance": named[best],
+               "named": named}  # fmt: skip
+        row["cut_pct"] = 100.0 * (1.0 - row["distance"] / named[best])
+        rows.append(row)
+        log(f"{path.name}: recorded {row['recorded']}, now {row['distance']:.3f} (best {best} {named[best]:.3f})")
+    return rows
+
+
+def recheck_markdown(rows: list[dict]) -> str:
+    out = ["| file | evaluations | recorded in the file | today | best named grid today | cut today |",
+           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        rec = f"{r['recorded']:.2f}" if isinstance(r["recorded"], (int, float)) else "-"
+        best = f"{r['best_named_distance']:.2f} ({r['best_named']})"
+        out.append(f"| `{r['file']}` | {r['nfe']} | {rec} | {r['distance']:.2f} ± {r['se']:.2f} | {best} | "
+                   f"{r['cut_pct']:.0f}% |")  # fmt: skip
+    return "\n".join(out)
+
+
 def transfer_markdown(rows: list[dict]) -> str:
     out = ["| set-up | NFE | probes | best named grid | A's learned file | cut | its median (largest) |",
            "|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
@@ -501,6 +537,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--random-grids", type=int, default=0, help="floor report: random grids searched per NFE")
     p.add_argument(
+        "--recheck",
+        default=None,
+        help="only: run the shipped schedule files in this folder (today's sampler and evaluation count) against the "
+        "teacher on the test noises, next to the distance recorded in each file and to the named grids",
+    )
+    p.add_argument(
         "--transfer-from",
         default=None,
         help="only: model A's schedule files a-<solver>-nfe<N>.json in this folder, used unchanged for the set-ups",
@@ -564,6 +606,15 @@ def main(argv=None) -> None:
             "grid step), shapes-uncond-a: cv = std / mean of the per-step displacement (max / min)\n"
         )
         print(step_markdown(data["steps"]))
+        return
+    if args.recheck:
+        rows = per_setup(lambda setup: recheck_report(setup, args, log), "recheck", args)
+        print(
+            f"Shipped schedule files re-run: distance to the teacher ({args.teacher_steps} log-SNR steps, "
+            f"DPM-Solver++(2M)) on {args.test} test noises, {args.probes} Hutchinson probe(s) per step for OR / AND; "
+            "evaluations = network evaluations per image (the files' nfe)\n"
+        )
+        print(recheck_markdown(rows))
         return
     if args.transfer_from:
         rows = per_setup(lambda setup: transfer_report(setup, args, log), "transfer", args)
