@@ -7,7 +7,9 @@ Rows (every image is one sample; figures are from the shipped shapes classifier)
      per caption);
   2. AND("a red shape", "a circle") on the same model (SuperDiff AND, classifier-free guidance around it);
   3. AND("a red shape" on shapes-text-colour, "a circle" on shapes-text-shape): two experts;
-  4. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars).
+  4. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars);
+  5. AND("a red shape", "a circle") on shapes-text-flow, a flow-matching SD3 transformer trained on the same captions
+     as shapes-text (FlowMatchEuler steps, the checkpoint's own scheduler).
 
 About 45 s on a quiet 2-core CPU; a busy machine can take several times that. Progress goes to stderr: each row's
 step, its time and an estimate of the time left (`--no-progress` to drop it); stdout carries the table only.
@@ -36,13 +38,15 @@ RESTORE = {  # the training command of each shipped model (its card and train_in
     "shapes-text-shape": "train_conditional.py --captions shape",
     "shapes-uncond-a": "train_unconditional.py --shapes circle square",
     "shapes-uncond-b": "train_unconditional.py --shapes triangle star",
+    "shapes-text-flow": "train_flow.py --captions attribute",
 }
 
 
 def model_dir(name: str) -> str:
     """The folder of a shipped model, or a clear error saying how to get it back."""
     folder = CARDS / name
-    if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
+    network = (folder / "unet").is_dir() or (folder / "transformer").is_dir()
+    if not (folder / "model_index.json").is_file() or not network:
         raise SystemExit(
             f"shipped model folder {folder} is missing or incomplete. Restore it with `git checkout -- {folder}` "
             + (
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     text = load(["shapes-text"])
     experts = load(["shapes-text-colour", "shapes-text-shape"])
     uncond = load(["shapes-uncond-a", "shapes-uncond-b"])
+    flow = load(["shapes-text-flow"])
     jobs = [  # label, pipeline, call, kind, network rows per image and step (for the time-left estimate)
         (
             'joint prompt "a red circle" (never seen)',
@@ -172,6 +177,13 @@ def main(argv: list[str] | None = None) -> None:
             4,
         ),
         ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or", 2),
+        (
+            'AND("a red shape", "a circle"), flow transformer',
+            flow,
+            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
+            "and",
+            3,
+        ),
     ]
     progress = Progress([job[4] for job in jobs], args.steps, enabled=not args.no_progress)
     if not args.no_progress:

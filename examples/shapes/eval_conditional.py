@@ -1,12 +1,16 @@
 """Sample from a trained text-conditional shapes model with classifier-free guidance and judge it with the classifier.
 
     python examples/shapes/eval_conditional.py model_cards/shapes-text --n 16 --steps 100 --cfg 4 --save
+    python examples/shapes/eval_conditional.py model_cards/shapes-text-flow --n 32 --steps 50 --cfg 4 --save
 
 For each prompt (default: the captions the model was trained on, read from ``train_info.json``: the four colour
-captions "a red shape", ... and/or the four shape captions "a circle", ...) it draws ``--n`` samples with a plain
-sampling loop of its own (``--sampler ddpm``: ancestral DDPM, the default; ``ddim``: DDIM with eta 0),
-``eps = eps_uncond + cfg * (eps_cond - eps_uncond)`` with the empty prompt "" as the unconditional branch,
-classifies them, and reports per prompt: the accuracy on the named attribute (classifier argmax), the fraction
+captions "a red shape", ... and/or the four shape captions "a circle", ...) it draws ``--n`` samples with
+classifier-free guidance, ``eps = eps_uncond + cfg * (eps_cond - eps_uncond)`` with the empty prompt "" as the
+unconditional branch. UNet folders (``unet/``) are sampled by a plain loop of its own (``--sampler ddpm``: ancestral
+DDPM, the default; ``ddim``: DDIM with eta 0). Flow-matching folders (``transformer/``, from ``train_flow.py``) are
+sampled by ``ComposePipeline`` with one prompt (``--sampler euler``, the only choice there): Euler on the
+checkpoint's own FlowMatchEuler sigmas, the probability-flow ODE as diffusers' StableDiffusion3Pipeline samples it.
+Then it classifies them, and reports per prompt: the accuracy on the named attribute (classifier argmax), the fraction
 "valid" (max-probability > 0.9 on both heads), valid AND correct, and the histogram of the attribute the prompt does
 not name. ``--save`` writes ``samples.png`` (one row of 8 per prompt) and
 ``eval.json`` into the model folder (or ``--out-dir``).
@@ -71,6 +75,39 @@ def sample_cfg(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def sample_flow(pipe, prompt: str, n: int, steps: int, cfg: float, seed: int, batch: int = 32) -> torch.Tensor:
+    """FlowMatchEuler sampling with classifier-free guidance through `ComposePipeline` (one prompt, the
+    checkpoint's own sigmas, ODE Euler: StableDiffusion3Pipeline's sampler); returns images in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)  # one generator per prompt, drawn batch after batch (as sample_cfg)
+    out = []
+    for i in range(0, n, batch):
+        m = min(batch, n - i)
+        res = pipe(prompt=prompt, guidance_scale=cfg, negative_prompt="", num_inference_steps=steps,
+                   schedule="scheduler", method="ode", solver="euler", batch_size=m, generator=g,
+                   output_type="pt")  # fmt: skip
+        out.append(res.images.float() * 2 - 1)  # [0, 1] -> [-1, 1], the classifier's range
+    return torch.cat(out)
+
+
+SAMPLERS = {"unet": ("ddpm", "ddim"), "flow": ("euler",)}
+
+
+def pick_sampler(kind: str, sampler: str | None) -> str:
+    """The sampler for a folder of this kind ("unet" or "flow"): the default (its first) when None."""
+    allowed = SAMPLERS[kind]
+    if sampler is None:
+        return allowed[0]
+    if sampler not in allowed:
+        what = (
+            "a flow-matching folder (transformer/) is sampled by its FlowMatchEuler scheduler"
+            if kind == "flow"
+            else "a DDPM folder (unet/) has no flow-matching scheduler"
+        )
+        raise ValueError(f"--sampler {sampler} does not apply here: {what}; use --sampler {' or '.join(allowed)}.")
+    return sampler
+
+
 def judge_prompt(images, prompt: str, classifier, threshold: float = 0.9) -> dict:
     shape, colour = parse_prompt(prompt)
     ps, pc = classifier.predict(images)
@@ -101,7 +138,12 @@ def main(argv=None):
     p.add_argument("--prompts", nargs="+", default=None, help="default: the model's training captions")
     p.add_argument("--n", type=int, default=32, help="samples per prompt")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument(
+        "--sampler",
+        choices=["ddpm", "ddim", "euler"],
+        default=None,
+        help="UNet folders: ddpm (default) or ddim; flow folders (transformer/): euler (default, only)",
+    )
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--classifier", default=str(DEFAULT_DIR))
@@ -112,14 +154,27 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     folder = Path(args.folder)
+    kind = "flow" if (folder / "transformer").is_dir() else "unet"
+    try:
+        sampler = pick_sampler(kind, args.sampler)
+    except ValueError as err:
+        p.error(str(err))
     info = json.loads((folder / "train_info.json").read_text())
     prompts = args.prompts or default_prompts(info["captions"])
-    comps = load_components(folder)
+    if kind == "flow":
+        from pipelines import ComposePipeline
+
+        pipe = ComposePipeline.from_pretrained(str(folder))
+        pipe.set_progress_bar_config(disable=True)
+        draw = lambda prompt, seed: sample_flow(pipe, prompt, args.n, args.steps, args.cfg, seed)  # noqa: E731
+    else:
+        comps = load_components(folder)
+        draw = lambda prompt, seed: sample_cfg(comps, prompt, args.n, args.steps, args.cfg, seed, sampler)  # noqa: E731
     clf = load_classifier(args.classifier)
     rows, grids = [], []
     t0 = time.time()
     for k, prompt in enumerate(prompts):
-        x = sample_cfg(comps, prompt, args.n, args.steps, args.cfg, args.seed + k, args.sampler)
+        x = draw(prompt, args.seed + k)
         r = judge_prompt(x, prompt, clf)
         rows.append(r)
         grids.append(x[:8])
@@ -137,7 +192,7 @@ def main(argv=None):
         "mean_valid_frac": mean("valid_frac"),
         "mean_valid_and_correct_frac": mean("valid_and_correct_frac"),
         "n_per_prompt": args.n,
-        "sampler": args.sampler,
+        "sampler": sampler,
         "steps": args.steps,
         "cfg": args.cfg,
         "seed": args.seed,

@@ -3,14 +3,16 @@
     python examples/shapes/write_model_card.py model_cards/shapes-classifier
     python examples/shapes/write_model_card.py model_cards/shapes-uncond-a --notes "Visual inspection: ..."
 
-Reads ``metrics.json`` (classifier) or ``train_info.json`` + ``eval.json`` (unconditional DDPM, or text-conditional
-model when ``train_info.json`` has ``captions``); nothing in the card is typed in by hand except ``--notes``.
+Reads ``metrics.json`` (classifier) or ``train_info.json`` + ``eval.json`` (unconditional DDPM, text-conditional
+model when ``train_info.json`` has ``captions``, text-conditional flow transformer from ``train_flow.py`` when it has
+``transformer_parameters``); nothing in the card is typed in by hand except ``--notes``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -233,6 +235,221 @@ _ROLE = {
 }
 
 
+def _prompt_rows(ev: dict) -> str:
+    return "\n".join(
+        f"| {r['prompt']} | {100 * r['accuracy']:.1f}% | {100 * r['valid_frac']:.1f}% | "
+        f"{100 * r['valid_and_correct_frac']:.1f}% | "
+        + (
+            ", ".join(f"{k} {v}" for k, v in r["shape_hist"].items())
+            if r["named_shape"] is None
+            else ", ".join(f"{k} {v}" for k, v in r["colour_hist"].items())
+        )
+        + " |"
+        for r in ev["prompts"]
+    )
+
+
+def _flow_grad_clip(ti: dict):
+    """The gradient-clipping norm: train_info.json's, else the recorded command parsed by train_flow.py."""
+    if "grad_clip" in ti:
+        return ti["grad_clip"]
+    from examples.shapes.train_flow import parse_args
+
+    return parse_args(shlex.split(ti["command"])[2:]).grad_clip
+
+
+def _counterpart(folder: Path) -> str:
+    """One sentence on the UNet counterpart `shapes-text`'s own measured figures, when its eval.json is there."""
+    path = folder.parent / "shapes-text" / "eval.json"
+    if not path.is_file():
+        return ""
+    ev = json.loads(path.read_text())
+    return (
+        f" For orientation only (a different network, sampler and sample count, so not a controlled comparison): the "
+        f"DDPM counterpart `shapes-text` measured accuracy {100 * ev['mean_accuracy']:.1f}%, valid "
+        f"{100 * ev['mean_valid_frac']:.1f}%, valid and correct {100 * ev['mean_valid_and_correct_frac']:.1f}% with "
+        f"{ev['n_per_prompt']} samples per prompt, {ev['sampler']} with {ev['steps']} steps and guidance {ev['cfg']}."
+    )
+
+
+def flow_card(folder: Path, notes: str) -> str:
+    ti = json.loads((folder / "train_info.json").read_text())
+    ev = json.loads((folder / "eval.json").read_text())
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    ctx_len = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"]
+    name = folder.name
+    mode = ti["captions"]
+    size, patch, hidden = ti["size"], ti["patch_size"], ti["heads"] * ti["head_dim"]
+    joint = 2 * ti["text_hidden"]
+    grad_clip = _flow_grad_clip(ti)
+    hp = {
+        k: ti[k]
+        for k in (
+            "captions", "caption_dropout", "size", "patch_size", "layers", "heads", "head_dim", "text_hidden",
+            "text_layers", "t5_tokens", "transformer_parameters", "text_encoder_parameters", "batch", "lr", "warmup",
+            "ema_decay",
+        )
+    }  # fmt: skip
+    hp["grad_clip"] = grad_clip
+    hp.update({k: ti[k] for k in ("seed", "threads", "steps", "images_seen")})
+    hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
+    eval_cmd = (
+        f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
+        f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
+    )
+    unfinished = (
+        ""
+        if ti.get("finished")
+        else "\n**Training did not finish** (`finished: false` in `train_info.json`): intermediate weights.\n"
+    )
+    return f"""---
+license: apache-2.0
+library_name: diffusers
+pipeline_tag: text-to-image
+tags:
+- diffusers
+- sd3
+- flow-matching
+- rectified-flow
+- text-to-image
+- pixel-space
+- classifier-free-guidance
+- synthetic-data
+- procedural-shapes
+- superdiff
+---
+
+# {name}
+
+A small text-conditional **rectified-flow** model in pixel space (no VAE), the flow-matching counterpart of
+`shapes-text`: a diffusers `SD3Transformer2DModel` ({ti["transformer_parameters"]:,} parameters; {size}x{size}x3
+images cut into {patch}x{patch} patches, so {(size // patch) ** 2} image tokens; {ti["layers"]} joint-attention
+layers, {ti["heads"]} heads of width {ti["head_dim"]} (hidden {hidden})) trained from scratch together with a tiny
+transformers `CLIPTextModelWithProjection` ({ti["text_encoder_parameters"]:,} parameters, {ti["text_layers"]} layers,
+hidden {ti["text_hidden"]}, context length {ctx_len}) and a `CLIPTokenizer` over our own
+{len(ti["vocabulary_words"])}-word vocabulary. Scheduler: `FlowMatchEulerDiscreteScheduler`, shift {sched["shift"]}.
+Captions: {_CAPTION_TEXT[mode]}. {100 * ti["caption_dropout"]:.0f}% of the captions are replaced by the empty prompt ""
+for classifier-free guidance.
+
+SD3 takes two CLIP encoders and a T5. Here **both CLIP slots hold the same encoder** (`text_encoder` and
+`text_encoder_2` are identical copies, as are the two tokenizers): its penultimate hidden states side by side give
+the {joint}-wide joint-attention context and its pooled projection twice the {joint}-wide pooled vector. There is
+**no T5**: its slot is {ti["t5_tokens"]} zero tokens, and `model_index.json` stores `max_sequence_length:
+{ti["t5_tokens"]}` so that `ComposePipeline` uses that length.
+{unfinished}
+```python
+import torch
+from pipelines import ComposePipeline
+
+pipe = ComposePipeline.from_pretrained("model_cards/{name}")  # family SD3; no VAE, no T5
+out = pipe(prompt="a red shape", guidance_scale={ev["cfg"]}, num_inference_steps={ev["steps"]}, method="ode",
+           solver="euler", batch_size=8, generator=torch.Generator().manual_seed(0), output_type="pt")
+out.images  # (8, 3, {size}, {size}) in [0, 1]
+```
+
+`method="ode", solver="euler"` on the default grid (`schedule="scheduler"`: the checkpoint's own FlowMatchEuler
+sigmas) is the sampling of diffusers' `StableDiffusion3Pipeline` on the same latents. Several prompts compose
+(`operator="and"`, `"or"`, ...) as for every checkpoint of this project. With the raw diffusers / transformers
+components:
+
+```python
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+folder = "model_cards/{name}"
+transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer")
+text_encoder = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder")  # = text_encoder_2
+tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+
+
+@torch.no_grad()
+def conditioning(prompts):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    out = text_encoder(ids, output_hidden_states=True)
+    h, pooled = out.hidden_states[-2], out.text_embeds  # (n, {ctx_len}, {ti["text_hidden"]}), (n, {ti["text_hidden"]})
+    t5 = torch.zeros(len(prompts), {ti["t5_tokens"]}, {joint})  # the empty T5 slot
+    return {{"encoder_hidden_states": torch.cat([torch.cat([h, h], -1), t5], 1),  # both CLIP slots, then T5
+            "pooled_projections": torch.cat([pooled, pooled], -1)}}
+
+
+n, cfg = 4, {ev["cfg"]}
+context = conditioning([""] * n + ["a red shape"] * n)
+x = torch.randn(n, 3, {size}, {size}, generator=torch.Generator().manual_seed(0))
+scheduler.set_timesteps({ev["steps"]})
+with torch.no_grad():
+    for t in scheduler.timesteps:  # 1000 t, from t = 1 (noise) towards 0 (data)
+        v_u, v_c = transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * n), **context).sample.chunk(2)
+        x = scheduler.step(v_u + cfg * (v_c - v_u), t, x).prev_sample  # the velocity eps - x0
+images = (x.clamp(-1, 1) + 1) / 2  # in [0, 1]; equal to the ComposePipeline call above on the same noise
+```
+
+Vocabulary (each word is ONE token; other words split into known pieces or the unknown token `<|endoftext|>`,
+as the CLIP tokenizer does, without error): {", ".join(ti["vocabulary_words"])}.
+
+## Training data
+
+{DATA_BLURB}
+
+All four shapes and all four colours; a fresh batch is rendered at every step, seeded by (seed, step) (which also
+draws the caption choice, the dropout, the noise and t), so the model saw {ti["images_seen"]:,} images.
+
+## Training procedure
+
+- Script: `examples/shapes/train_flow.py`; exact command:
+  `{ti["command"]}`
+- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; transformer and text encoder trained jointly with AdamW
+  (no weight decay), linear warm-up then constant learning rate, gradient clipping (norm {grad_clip}), EMA of both
+  (the saved weights are the EMA ones).
+- Loss: rectified flow. x_t = (1 - t) x0 + t eps with eps ~ N(0, I), the network (at time 1000 t) predicts the
+  velocity eps - x0, MSE; t logit-normal (t = sigmoid(u), u ~ N(0, 1)), as SD3.
+- Measured training time: {_minutes(ti["train_seconds"])} of wall-clock for {ti["steps"]} steps, on a 2-core machine
+  shared with other jobs (so the step rate varied); final loss (mean of last 100 steps): {ti["final_loss_avg100"]}.
+- Resumable: `--resume` continues from the state file under `outputs/shapes/{name}/` (not shipped).
+
+| hyper-parameter | value |
+|---|---|
+{hp_rows}
+
+## Evaluation (measured)
+
+`{eval_cmd}`:
+{ev["n_per_prompt"]} samples per prompt, Euler with {ev["steps"]} steps on the checkpoint's own FlowMatchEuler sigmas
+(the deterministic probability-flow ODE, through `ComposePipeline` with one prompt) and classifier-free guidance
+scale {ev["cfg"]} ("" as the unconditional branch), seed {ev["seed"]} (+ the prompt's index), judged by
+`model_cards/shapes-classifier`. Accuracy = classifier argmax equals the attribute the prompt names; "valid" =
+classifier max-probability > {ev["threshold"]} on both heads. Mean over prompts: accuracy
+**{100 * ev["mean_accuracy"]:.1f}%**, valid {100 * ev["mean_valid_frac"]:.1f}%, valid and correct
+{100 * ev["mean_valid_and_correct_frac"]:.1f}%; sampling {ev["seconds_per_image"]} s per image on CPU
+({ev["sample_seconds"]} s in all, on a shared machine).{_counterpart(folder)}
+
+| prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
+|---|---|---|---|---|
+{_prompt_rows(ev)}
+
+`samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
+
+## Intended use and limits
+
+A test fixture and teaching model for composing flow-matching (SD3-family) checkpoints at sampling time (e.g.
+SuperDiff AND of "a red shape" and "a circle" on this one model) where the truth of every sample can be checked
+with the shapes classifier, and for testing the SD3 code paths without downloading a real SD3. It is tiny and
+briefly trained on a toy world: expect imperfect edges, occasional malformed shapes or wrong attributes, and nothing
+at all outside that world. Prompts other than its training captions (including "a red circle", which it has never
+seen) are out of distribution. It is not a real SD3 (no VAE, no T5, one small CLIP twice). Not for any real-image
+use.
+
+## Restore
+
+If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
+the step count depend on the machine) with the exact command above, then evaluate and rewrite this card with
+`{eval_cmd}` and
+`python examples/shapes/write_model_card.py model_cards/{name}`.
+{notes}"""
+
+
 def cond_card(folder: Path, notes: str) -> str:
     ti = json.loads((folder / "train_info.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
@@ -247,17 +464,7 @@ def cond_card(folder: Path, notes: str) -> str:
         )
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-    rows = "\n".join(
-        f"| {r['prompt']} | {100 * r['accuracy']:.1f}% | {100 * r['valid_frac']:.1f}% | "
-        f"{100 * r['valid_and_correct_frac']:.1f}% | "
-        + (
-            ", ".join(f"{k} {v}" for k, v in r["shape_hist"].items())
-            if r["named_shape"] is None
-            else ", ".join(f"{k} {v}" for k, v in r["colour_hist"].items())
-        )
-        + " |"
-        for r in ev["prompts"]
-    )
+    rows = _prompt_rows(ev)
     eval_cmd = (
         f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
         f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
@@ -378,7 +585,9 @@ def main(argv=None):
     notes = f"\n## Notes\n\n{args.notes}\n" if args.notes else ""
     if (folder / "metrics.json").exists():
         text = classifier_card(folder, notes)
-    elif "captions" in json.loads((folder / "train_info.json").read_text()):
+    elif "transformer_parameters" in (info := json.loads((folder / "train_info.json").read_text())):
+        text = flow_card(folder, notes)
+    elif "captions" in info:
         text = cond_card(folder, notes)
     else:
         text = uncond_card(folder, notes)

@@ -1,0 +1,231 @@
+"""Train a small text-conditional SD3 transformer on procedural shapes with the rectified-flow loss (issue 21).
+
+    python examples/shapes/train_flow.py --out model_cards/shapes-text-flow --minutes 75
+
+The flow-matching counterpart of ``shapes-text`` (``train_conditional.py``): the same captions naming ONE attribute
+("a red shape" or "a circle", never both), the same tokenizer and a jointly trained CLIP text encoder, but the
+network is a diffusers ``SD3Transformer2DModel`` in pixel space (24 x 24 x 3, 2 x 2 patches, no VAE) trained on the
+rectified-flow path x_t = (1 - t) x_0 + t eps to predict the velocity eps - x_0 (t drawn logit-normal, as SD3), and
+the scheduler is ``FlowMatchEulerDiscreteScheduler`` (shift 1). SD3 takes two CLIP encoders and T5: here both CLIP
+slots hold the same encoder (its states side by side, its pooled projection twice) and there is no T5: its slot is
+``max_sequence_length`` (4) zero tokens, recorded in model_index.json so that ComposePipeline uses that length.
+
+The output folder loads with ``ComposePipeline.from_pretrained`` (family SD3); training is reproducible from the seed
+and resumable (``--resume``; state under outputs/shapes/<out name>/state.pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
+from examples.shapes.train_conditional import (  # noqa: E402
+    CAPTION_MODES,
+    WORDS,
+    build_text_encoder,
+    build_tokenizer,
+    tokenize,
+    training_captions,
+    write_tokenizer_files,
+)
+from pipelines.families import sd3_context  # noqa: E402
+
+T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
+
+
+def build_transformer(size: int, patch: int, layers: int, heads: int, head_dim: int, text_hidden: int):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=size,
+        patch_size=patch,
+        in_channels=3,
+        out_channels=3,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=2 * text_hidden,  # the two CLIP slots side by side
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * text_hidden,
+        pos_embed_max_size=size // patch,
+    )
+
+
+def conditioning(text_encoder, ids: torch.Tensor, joint_dim: int) -> dict[str, torch.Tensor]:
+    """SD3's conditioning (`pipelines.families.sd3_context`) with this encoder in both CLIP slots and no T5."""
+    out = text_encoder(ids, output_hidden_states=True)
+    h, pooled = out.hidden_states[-2], out[0]
+    t5 = torch.zeros(ids.shape[0], T5_TOKENS, joint_dim, dtype=h.dtype)
+    return sd3_context(h, pooled, h, pooled, t5, joint_dim)
+
+
+def save_folder(transformer, text_encoder, tokenizer, scheduler, out: Path, info: dict | None = None) -> None:
+    import diffusers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    for name in ("text_encoder", "text_encoder_2"):  # one encoder, both CLIP slots
+        text_encoder.save_pretrained(out / name, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer.save_pretrained(out / name)
+        write_tokenizer_files(out / name)
+    scheduler.save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "ComposePipeline",
+        "_diffusers_version": diffusers.__version__,
+        "max_sequence_length": T5_TOKENS,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if info is not None:
+        (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--captions", choices=CAPTION_MODES, default="attribute")
+    p.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
+    p.add_argument("--out", required=True, help="output folder, e.g. model_cards/shapes-text-flow")
+    p.add_argument("--size", type=int, default=24)
+    p.add_argument("--patch", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--text-hidden", type=int, default=64)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (total, including resumed time)")
+    p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every-minutes", type=float, default=5.0)
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    state_path = Path("outputs/shapes") / out.name / "state.pt"
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    tokenizer = build_tokenizer(state_path.parent / "tokenizer_files")
+    base = build_text_encoder(tokenizer, args.text_hidden, args.text_layers)
+    text_encoder = CLIPTextModelWithProjection(base.config)  # the same architecture, with its projection
+    transformer = build_transformer(args.size, args.patch, args.layers, args.heads, args.head_dim, args.text_hidden)
+    ema_tr = copy.deepcopy(transformer).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    params = [*transformer.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    n_tr = sum(p.numel() for p in transformer.parameters())
+    n_text = sum(p.numel() for p in text_encoder.parameters())
+    step, elapsed, loss_hist = 0, 0.0, []
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        for obj, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (ema_tr, "ema_transformer"),
+                         (ema_text, "ema_text"), (opt, "opt")):  # fmt: skip
+            obj.load_state_dict(st[key])
+        step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
+        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    budget = args.minutes * 60 if args.minutes else math.inf
+    joint = 2 * args.text_hidden
+    print(f"SD3 transformer {n_tr / 1e6:.2f}M + text encoder {n_text / 1e6:.3f}M params, captions {args.captions}, "
+          f"batch {args.batch}, lr {args.lr}, budget {args.minutes} min", flush=True)  # fmt: skip
+
+    def info(final: bool) -> dict:
+        return {"command": command, "captions": args.captions, "caption_dropout": args.drop, "size": args.size,
+                "patch_size": args.patch, "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
+                "text_hidden": args.text_hidden, "text_layers": args.text_layers, "t5_tokens": T5_TOKENS,
+                "vocabulary_words": list(WORDS), "transformer_parameters": n_tr, "text_encoder_parameters": n_text,
+                "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema, "seed": args.seed,
+                "threads": args.threads, "steps": step, "images_seen": step * args.batch,
+                "train_seconds": round(elapsed, 1), "loss": "rectified flow (velocity), t logit-normal",
+                "final_loss_avg100": round(sum(loss_hist[-100:]) / max(1, len(loss_hist[-100:])), 5),
+                "finished": final, "torch": torch.__version__}  # fmt: skip
+
+    def checkpoint(final=False):
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
+                 "ema_transformer": ema_tr.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
+                 "step": step, "elapsed": elapsed, "loss_hist": loss_hist}  # fmt: skip
+        torch.save(state, tmp)
+        os.replace(tmp, state_path)
+        save_folder(ema_tr, ema_text, tokenizer, scheduler, out, info(final))
+
+    transformer.train()
+    text_encoder.train()
+    pairs = [*zip(ema_tr.parameters(), transformer.parameters(), strict=True),
+             *zip(ema_text.parameters(), text_encoder.parameters(), strict=True)]  # fmt: skip
+    t_last_save, t_start = time.time(), time.time() - elapsed
+    window_t, window_steps = time.time(), 0
+    while step < args.steps and elapsed < budget:
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        x0, s_idx, c_idx = make_batch(args.batch, g, size=args.size, shapes=list(SHAPES), colours=list(COLOURS))
+        prompts = training_captions(s_idx, c_idx, args.captions, args.drop, g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal, as SD3
+        xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        cond = conditioning(text_encoder, tokenize(tokenizer, prompts), joint)
+        pred = transformer(hidden_states=xt, timestep=t * 1000, return_dict=False, **cond)[0]
+        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in pairs:
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        window_steps += 1
+        loss_hist.append(loss.item())
+        elapsed = time.time() - t_start
+        if step % args.log_every == 0:
+            rate = window_steps / (time.time() - window_t)
+            window_t, window_steps = time.time(), 0
+            left = min((args.steps - step) / rate, budget - elapsed)
+            avg = sum(loss_hist[-args.log_every :]) / len(loss_hist[-args.log_every :])
+            print(f"step {step} loss {avg:.4f} rate {rate:.2f} it/s elapsed {elapsed / 60:.1f} min "
+                  f"ETA {left / 60:.1f} min", flush=True)  # fmt: skip
+        if time.time() - t_last_save > args.save_every_minutes * 60:
+            checkpoint()
+            t_last_save = time.time()
+    checkpoint(final=True)
+    print(f"done: {step} steps in {elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
