@@ -67,6 +67,7 @@ OR_TILES = 32  # images of every OR row kept for the grid
 PIPE_NAMES = {
     "text": "shapes-text",
     "experts": "colour + shape experts",
+    "flow": "shapes-text-flow",
     "a": "shapes-uncond-a",
     "b": "shapes-uncond-b",
     "ab": "uncond-a + uncond-b",
@@ -233,7 +234,9 @@ def and_clamped(a, b):
     return compose.AND(a, b, clamp=(0.0, 1.0))
 
 
-def and_rows(text=True, experts=True, particles=4, divergence="hutchinson_fd", solver="euler", probes=1) -> list[dict]:
+def and_rows(
+    text=True, experts=True, flow=True, particles=4, divergence="hutchinson_fd", solver="euler", probes=1
+) -> list[dict]:
     """The AND rows: for each pipeline and operator, an SDE and an ODE row (or the refusal of one)."""
     ops = [
         ("average of scores", dict(operator="average")),
@@ -243,10 +246,10 @@ def and_rows(text=True, experts=True, particles=4, divergence="hutchinson_fd", s
         ("product_smc", dict(operator="product_smc", num_particles=particles)),
     ]
     rows = []
-    for pipe, on in (("text", text), ("experts", experts)):
+    for pipe, on in (("text", text), ("experts", experts), ("flow", flow)):
         if not on:
             continue
-        for name, kw in ([("joint prompt", dict())] if pipe == "text" else []) + ops:
+        for name, kw in ([("joint prompt", dict())] if pipe in ("text", "flow") else []) + ops:
             for method in ("sde", "ode"):
                 mkw, tag = method_kw(method, divergence, solver, probes)
                 if kw.get("operator") == "product_smc":
@@ -297,7 +300,7 @@ def build_rows(args) -> list[tuple[int, dict]]:
 def row_weight(row: dict, steps: int, args) -> float:
     """A priori UNet rows of a row (its images x steps x rows per image and step): only for the time estimate."""
     per = row["terms"] * (1 + args.probes if row["method"] == "ode" else 1)
-    per += {"text": 1, "experts": 2}.get(row["pipe"], 0)  # unconditional rows under guidance
+    per += {"text": 1, "experts": 2, "flow": 1}.get(row["pipe"], 0)  # unconditional rows under guidance
     if row["kw"] and row["kw"].get("operator") == "product_smc":
         per *= args.particles
     if row["pipe"] is None:
@@ -312,17 +315,18 @@ def pairs_of(args) -> list:
 
 # ---------------------------------------------------------------------------------------------------- network cost
 class UNetCounter(contextlib.AbstractContextManager):
-    """Counts forward calls and rows (batch entries) of every distinct UNet of a pipeline while the block runs."""
+    """Counts forward calls and rows (batch entries) of every distinct network (UNet or transformer) of a pipeline
+    while the block runs."""
 
     def __init__(self, pipe):
         models = getattr(pipe, "models", None) or [pipe]
-        self.unets = list({id(m.unet): m.unet for m in models}.values())
+        self.unets = list({id(m.network): m.network for m in models}.values())
         self.calls = 0
         self.rows = 0
         self._hooks = []
 
     def _hook(self, module, args, kwargs):
-        x = args[0] if args else kwargs["sample"]
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.calls += 1
         self.rows += int(x.shape[0])
 
@@ -353,8 +357,14 @@ def train_steps(folder: Path) -> int | None:
         return None
 
 
-MODEL_NAMES = dict(text=["shapes-text"], experts=["shapes-text-colour", "shapes-text-shape"], a=["shapes-uncond-a"],
-                   b=["shapes-uncond-b"], ab=["shapes-uncond-a", "shapes-uncond-b"])  # fmt: skip
+MODEL_NAMES = dict(
+    text=["shapes-text"],
+    experts=["shapes-text-colour", "shapes-text-shape"],
+    flow=["shapes-text-flow"],
+    a=["shapes-uncond-a"],
+    b=["shapes-uncond-b"],
+    ab=["shapes-uncond-a", "shapes-uncond-b"],
+)
 COMPARED = ("pairs", "images_per_pair", "or_images", "guidance_scale", "seed")  # a resumed run must match these
 
 

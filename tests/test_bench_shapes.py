@@ -92,10 +92,10 @@ def test_or_metrics_and_coin_flip():
 def test_rows_have_sde_and_ode_for_every_operator():
     rows = bench.and_rows(particles=3)
     names = ["joint prompt", "average of scores", "product (Composable Diffusion)", "SuperDiff AND", "product_smc"]
-    for pipe in ("text", "experts"):
+    for pipe in ("text", "experts", "flow"):
         for name in names:
             if pipe == "experts" and name == "joint prompt":
-                continue  # the joint prompt only on the one model that knows both words
+                continue  # the joint prompt only on the models that know both words
             got = {r["method"]: r for r in rows if r["pipe"] == pipe and r["label"].startswith(name + " (")}
             assert set(got) == {"sde", "ode"}, (pipe, name)
             assert got["sde"]["label"].endswith("(SDE)" if name != "product_smc" else "(SDE, 3 particles)")
@@ -128,8 +128,8 @@ def test_unet_counter_counts_calls_and_rows():
             return sample
 
     class Model:
-        def __init__(self, unet):
-            self.unet = unet
+        def __init__(self, network):
+            self.network = network
 
     class Pipe:
         def __init__(self, nets):
@@ -161,6 +161,11 @@ def test_nfe_counter_on_a_tiny_run():
                    output_type="pt")  # fmt: skip
     # the pipeline's own count: evaluations per particle x 2 particles x (2 terms + the unconditional row)
     assert c.rows / 2 == pytest.approx(float(out.evaluations.double().mean()) * 2 * 3)
+    flow = bench.load(["shapes-text-flow"])  # a transformer, called with hidden_states=
+    with bench.UNetCounter(flow) as c:
+        flow(prompt="a red shape", guidance_scale=4.0, generator=torch.Generator().manual_seed(0), batch_size=2,
+             num_inference_steps=3, output_type="pt")  # fmt: skip
+    assert (c.calls, c.rows) == (3, 3 * 2 * 2)  # 3 steps, one call each: 2 images x (prompt + unconditional)
 
 
 def test_resume_skips_rows_already_in_the_json(tmp_path, monkeypatch, capsys):
@@ -209,12 +214,14 @@ def test_two_step_run_on_shipped_models(tmp_path, capsys):
     assert "Per pair, the share that is both (geometric judge):" in printed
     assert "| steps | method | NFE/img | s/img | half A C | half A G |" in printed
     res = json.loads(out.read_text())
-    assert [r["method"] for r in res["and"]] == ["joint prompt (SDE)", "joint prompt (ODE, hutchinson_fd, euler)",
-                                                 "product_smc (SDE, 4 particles)"]  # fmt: skip
+    joint = ["joint prompt (SDE)", "joint prompt (ODE, hutchinson_fd, euler)"]
+    assert [r["method"] for r in res["and"]] == [*joint, "product_smc (SDE, 4 particles)", *joint]
+    assert [r["models"] for r in res["and"]] == ["shapes-text"] * 3 + ["shapes-text-flow"] * 2
     assert [r["method"] for r in res["refused"]] == ["product_smc (ODE, hutchinson_fd, euler, 4 particles)"]
     assert len(res["or"]) == 3
-    joint_sde, joint_ode, smc = res["and"]
+    joint_sde, joint_ode, smc, flow_sde, flow_ode = res["and"]
     assert joint_sde["nfe_per_image"] in (4, 6)  # (1 term + 1 unconditional) x (2 steps, + 1 final in old pipelines)
+    assert flow_sde["nfe_per_image"] == 4 and flow_ode["nfe_per_image"] > 4  # the transformer's rows, counted
     assert joint_ode["nfe_per_image"] > joint_sde["nfe_per_image"]  # the probe points of the divergence
     assert smc["nfe_per_image"] == pytest.approx(smc["smc"]["evaluations_per_particle"] * 4 * 3)
     for r in res["and"]:
@@ -224,5 +231,5 @@ def test_two_step_run_on_shipped_models(tmp_path, capsys):
         assert len(r["verdicts"]["geometry_shape"]) == 2 and r["sec_per_image"] > 0
     from PIL import Image
 
-    # 6 rows of 2 tiles (24 px at scale 3 + a 5 px bar + 1 + 24 px of text) under a 4-line legend; 520 px wide
-    assert Image.open(grid).size == (520, 3 + 4 * 14 + 6 * (14 + 102 + 3))
+    # 8 rows of 2 tiles (24 px at scale 3 + a 5 px bar + 1 + 24 px of text) under a 4-line legend; 520 px wide
+    assert Image.open(grid).size == (520, 3 + 4 * 14 + 8 * (14 + 102 + 3))
