@@ -715,7 +715,7 @@ def markdown(result: dict) -> str:
         )
     for r in result["and"]:
         ks = r.get("kappa_steps")
-        if not ks or r.get("max_abs_kappa", 1.0) == 1.0 and min(ks["min"]) == max(ks["max"]):
+        if not ks or min(ks["min"]) == max(ks["max"]):
             continue  # fixed weights (average, product): nothing to report
         n = len(ks["median"])
         at = sorted({0, n // 4, n // 2, 3 * n // 4, n - 1})

@@ -11,8 +11,9 @@ Rows (every image is one sample; figures are from the shipped shapes classifier)
   5. AND("a red shape", "a circle") on shapes-text-flow, a flow-matching SD3 transformer trained on the same captions
      as shapes-text (FlowMatchEuler steps, the checkpoint's own scheduler).
 
-About 45 s on a quiet 2-core CPU; a busy machine can take several times that. Progress goes to stderr: each row's
-step, its time and an estimate of the time left (`--no-progress` to drop it); stdout carries the table only.
+91 s measured on the 2-core CPU with one other single-thread job running; a busier machine takes longer.
+Progress goes to stderr: each row's step, its time and an estimate of the time left (`--no-progress` to drop it);
+stdout carries the table only.
 """
 
 from __future__ import annotations
@@ -189,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_progress:
         print(
             f"[demo] loaded in {time.perf_counter() - t_start:.1f} s; sampling {len(jobs)} rows x {args.images} images"
-            f" x {args.steps} steps (about 45 s in all at the defaults on a quiet 2-core CPU; a busy machine can take "
-            "several times that)",
+            f" x {args.steps} steps (91 s in all at the defaults, measured on 2 CPU cores with one other job running)",
             file=sys.stderr,
             flush=True,
         )
