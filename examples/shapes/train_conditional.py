@@ -33,7 +33,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ if __package__ in (None, ""):
 
 from examples.shapes.data import COLOURS, SHAPES, caption, make_batch  # noqa: E402
 from examples.shapes.train_unconditional import build_scheduler  # noqa: E402
+from examples.shapes.training import Progress, train  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One token each. The first twelve are the ones the captions use; the rest are there so that natural prompts
@@ -296,7 +296,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    step, elapsed, loss_hist = 0, 0.0, []
+    pr = Progress()
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(st["unet"])
@@ -304,11 +304,10 @@ def main(argv=None):
         ema_unet.load_state_dict(st["ema_unet"])
         ema_text.load_state_dict(st["ema_text"])
         opt.load_state_dict(st["opt"])
-        step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
-        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
+        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
 
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-    budget = args.minutes * 60 if args.minutes else math.inf
     print(
         f"UNet {n_unet / 1e6:.2f}M + text encoder {n_text / 1e6:.3f}M params, captions {args.captions}, "
         f"drop {args.drop}, size {args.size}, batch {args.batch}, lr {args.lr}, threads {args.threads}, "
@@ -341,10 +340,10 @@ def main(argv=None):
             "grad_clip": args.grad_clip,
             "seed": args.seed,
             "threads": args.threads,
-            "steps": step,
-            "images_seen": step * args.batch,
-            "train_seconds": round(elapsed, 1),
-            "final_loss_avg100": round(sum(loss_hist[-100:]) / max(1, len(loss_hist[-100:])), 5),
+            "steps": pr.step,
+            "images_seen": pr.step * args.batch,
+            "train_seconds": round(pr.elapsed, 1),
+            "final_loss_avg100": round(pr.loss_avg(100), 5),
             "finished": final,
             "torch": torch.__version__,
         }
@@ -359,9 +358,9 @@ def main(argv=None):
                 "ema_unet": ema_unet.state_dict(),
                 "ema_text": ema_text.state_dict(),
                 "opt": opt.state_dict(),
-                "step": step,
-                "elapsed": elapsed,
-                "loss_hist": loss_hist,
+                "step": pr.step,
+                "elapsed": pr.elapsed,
+                "loss_hist": pr.loss_hist,
                 "args": vars(args),
             },
             tmp,
@@ -375,49 +374,19 @@ def main(argv=None):
         *zip(ema_unet.parameters(), unet.parameters(), strict=True),
         *zip(ema_text.parameters(), text_encoder.parameters(), strict=True),
     ]
-    t_last_save = time.time()
-    t_start = time.time() - elapsed
-    window_t, window_steps = time.time(), 0
-    while step < args.steps and elapsed < budget:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
         x0, s_idx, c_idx = make_batch(args.batch, g, size=args.size, shapes=args.shapes, colours=args.colours)
         prompts = training_captions(s_idx, c_idx, args.captions, args.drop, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         ctx = encode(text_encoder, tokenize(tokenizer, prompts))
-        loss = torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in pairs:
-                pe.lerp_(pm, 1 - decay)
-        step += 1
-        window_steps += 1
-        loss_hist.append(loss.item())
-        elapsed = time.time() - t_start
-        if step % args.log_every == 0:
-            rate = window_steps / (time.time() - window_t)
-            window_t, window_steps = time.time(), 0
-            left = min((args.steps - step) / rate, budget - elapsed)
-            avg = sum(loss_hist[-args.log_every :]) / len(loss_hist[-args.log_every :])
-            print(
-                f"step {step} loss {avg:.4f} rate {rate:.2f} it/s elapsed {elapsed / 60:.1f} min "
-                f"ETA {left / 60:.1f} min",
-                flush=True,
-            )
-        if time.time() - t_last_save > args.save_every_minutes * 60:
-            checkpoint()
-            t_last_save = time.time()
-    checkpoint(final=True)
-    print(f"done: {step} steps in {elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
+        return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, noise)
+
+    train(pr, loss_at, opt, params, pairs, args, checkpoint)
+    print(f"done: {pr.step} steps in {pr.elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,6 +39,7 @@ from examples.shapes.train_conditional import (  # noqa: E402
     training_captions,
     write_tokenizer_files,
 )
+from examples.shapes.training import Progress, train  # noqa: E402
 from pipelines.families import sd3_context  # noqa: E402
 
 T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
@@ -123,6 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every-minutes", type=float, default=5.0)
+    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
     p.add_argument("--resume", action="store_true")
     return p.parse_args(argv)
 
@@ -135,7 +135,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    state_path = Path("outputs/shapes") / out.name / "state.pt"
+    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     tokenizer = build_tokenizer(state_path.parent / "tokenizer_files")
     base = build_text_encoder(tokenizer, args.text_hidden, args.text_layers)
@@ -148,15 +148,14 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    step, elapsed, loss_hist = 0, 0.0, []
+    pr = Progress()
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         for obj, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (ema_tr, "ema_transformer"),
                          (ema_text, "ema_text"), (opt, "opt")):  # fmt: skip
             obj.load_state_dict(st[key])
-        step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
-        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    budget = args.minutes * 60 if args.minutes else math.inf
+        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
+        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
     joint = 2 * args.text_hidden
     print(f"SD3 transformer {n_tr / 1e6:.2f}M + text encoder {n_text / 1e6:.3f}M params, captions {args.captions}, "
           f"batch {args.batch}, lr {args.lr}, budget {args.minutes} min", flush=True)  # fmt: skip
@@ -167,9 +166,9 @@ def main(argv=None):
                 "text_hidden": args.text_hidden, "text_layers": args.text_layers, "t5_tokens": T5_TOKENS,
                 "vocabulary_words": list(WORDS), "transformer_parameters": n_tr, "text_encoder_parameters": n_text,
                 "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema, "seed": args.seed,
-                "threads": args.threads, "steps": step, "images_seen": step * args.batch,
-                "train_seconds": round(elapsed, 1), "loss": "rectified flow (velocity), t logit-normal",
-                "final_loss_avg100": round(sum(loss_hist[-100:]) / max(1, len(loss_hist[-100:])), 5),
+                "threads": args.threads, "steps": pr.step, "images_seen": pr.step * args.batch,
+                "train_seconds": round(pr.elapsed, 1), "loss": "rectified flow (velocity), t logit-normal",
+                "final_loss_avg100": round(pr.loss_avg(100), 5),
                 "finished": final, "torch": torch.__version__}  # fmt: skip
 
     def checkpoint(final=False):
@@ -177,7 +176,7 @@ def main(argv=None):
         tmp = state_path.with_suffix(".tmp")
         state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
                  "ema_transformer": ema_tr.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
-                 "step": step, "elapsed": elapsed, "loss_hist": loss_hist}  # fmt: skip
+                 "step": pr.step, "elapsed": pr.elapsed, "loss_hist": pr.loss_hist}  # fmt: skip
         torch.save(state, tmp)
         os.replace(tmp, state_path)
         save_folder(ema_tr, ema_text, tokenizer, scheduler, out, info(final))
@@ -186,45 +185,19 @@ def main(argv=None):
     text_encoder.train()
     pairs = [*zip(ema_tr.parameters(), transformer.parameters(), strict=True),
              *zip(ema_text.parameters(), text_encoder.parameters(), strict=True)]  # fmt: skip
-    t_last_save, t_start = time.time(), time.time() - elapsed
-    window_t, window_steps = time.time(), 0
-    while step < args.steps and elapsed < budget:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
         x0, s_idx, c_idx = make_batch(args.batch, g, size=args.size, shapes=list(SHAPES), colours=list(COLOURS))
         prompts = training_captions(s_idx, c_idx, args.captions, args.drop, g)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal, as SD3
         xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         cond = conditioning(text_encoder, tokenize(tokenizer, prompts), joint)
         pred = transformer(hidden_states=xt, timestep=t * 1000, return_dict=False, **cond)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in pairs:
-                pe.lerp_(pm, 1 - decay)
-        step += 1
-        window_steps += 1
-        loss_hist.append(loss.item())
-        elapsed = time.time() - t_start
-        if step % args.log_every == 0:
-            rate = window_steps / (time.time() - window_t)
-            window_t, window_steps = time.time(), 0
-            left = min((args.steps - step) / rate, budget - elapsed)
-            avg = sum(loss_hist[-args.log_every :]) / len(loss_hist[-args.log_every :])
-            print(f"step {step} loss {avg:.4f} rate {rate:.2f} it/s elapsed {elapsed / 60:.1f} min "
-                  f"ETA {left / 60:.1f} min", flush=True)  # fmt: skip
-        if time.time() - t_last_save > args.save_every_minutes * 60:
-            checkpoint()
-            t_last_save = time.time()
-    checkpoint(final=True)
-    print(f"done: {step} steps in {elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
+        return torch.nn.functional.mse_loss(pred, noise - x0)
+
+    train(pr, loss_at, opt, params, pairs, args, checkpoint)
+    print(f"done: {pr.step} steps in {pr.elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
 
 
 if __name__ == "__main__":

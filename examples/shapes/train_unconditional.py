@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
+from examples.shapes.training import Progress, train  # noqa: E402
 
 
 def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
@@ -125,7 +124,7 @@ def main(argv=None):
     scheduler = build_scheduler(objective=args.objective)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in unet.parameters())
-    step, elapsed, loss_hist = 0, 0.0, []
+    pr = Progress()
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         saved = st.get("args", {}).get("objective", "eps")
@@ -134,12 +133,11 @@ def main(argv=None):
         unet.load_state_dict(st["unet"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
-        step, elapsed, loss_hist = st["step"], st["elapsed"], st["loss_hist"]
-        print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
+        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
 
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32) if args.objective == "eps" else None
     n_train = scheduler.config.num_train_timesteps
-    budget = args.minutes * 60 if args.minutes else math.inf
     print(
         f"UNet {n_params / 1e6:.2f}M params, size {args.size}, shapes {args.shapes}, colours {args.colours}, "
         f"batch {args.batch}, lr {args.lr}, threads {args.threads}, budget {args.minutes} min, max {args.steps} steps",
@@ -163,10 +161,10 @@ def main(argv=None):
             "grad_clip": args.grad_clip,
             "seed": args.seed,
             "threads": args.threads,
-            "steps": step,
-            "images_seen": step * args.batch,
-            "train_seconds": round(elapsed, 1),
-            "final_loss_avg100": round(sum(loss_hist[-100:]) / max(1, len(loss_hist[-100:])), 5),
+            "steps": pr.step,
+            "images_seen": pr.step * args.batch,
+            "train_seconds": round(pr.elapsed, 1),
+            "final_loss_avg100": round(pr.loss_avg(100), 5),
             "finished": final,
             "torch": torch.__version__,
         }
@@ -179,9 +177,9 @@ def main(argv=None):
                 "unet": unet.state_dict(),
                 "ema": ema.state_dict(),
                 "opt": opt.state_dict(),
-                "step": step,
-                "elapsed": elapsed,
-                "loss_hist": loss_hist,
+                "step": pr.step,
+                "elapsed": pr.elapsed,
+                "loss_hist": pr.loss_hist,
                 "args": vars(args),
             },
             tmp,
@@ -190,11 +188,8 @@ def main(argv=None):
         save_pipeline(ema, scheduler, out, info(final))
 
     unet.train()
-    t_last_save = time.time()
-    t_start = time.time() - elapsed
-    window_t, window_steps = time.time(), 0
-    while step < args.steps and elapsed < budget:
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+
+    def loss_at(g: torch.Generator) -> torch.Tensor:
         x0, _, _ = make_batch(args.batch, g, size=args.size, shapes=args.shapes, colours=args.colours)
         noise = torch.randn(x0.shape, generator=g)
         if args.objective == "flow":
@@ -208,37 +203,11 @@ def main(argv=None):
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             target = noise
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), unet.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
-        step += 1
-        window_steps += 1
-        loss_hist.append(loss.item())
-        elapsed = time.time() - t_start
-        if step % args.log_every == 0:
-            rate = window_steps / (time.time() - window_t)
-            window_t, window_steps = time.time(), 0
-            left = min((args.steps - step) / rate, budget - elapsed)
-            avg = sum(loss_hist[-args.log_every :]) / len(loss_hist[-args.log_every :])
-            print(
-                f"step {step} loss {avg:.4f} rate {rate:.2f} it/s elapsed {elapsed / 60:.1f} min "
-                f"ETA {left / 60:.1f} min",
-                flush=True,
-            )
-        if time.time() - t_last_save > args.save_every_minutes * 60:
-            checkpoint()
-            t_last_save = time.time()
-    checkpoint(final=True)
-    print(f"done: {step} steps in {elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
+        return torch.nn.functional.mse_loss(unet(xt, t).sample, target)
+
+    train(pr, loss_at, opt, list(unet.parameters()), zip(ema.parameters(), unet.parameters(), strict=True), args,
+          checkpoint)  # fmt: skip
+    print(f"done: {pr.step} steps in {pr.elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)
 
 
 if __name__ == "__main__":
