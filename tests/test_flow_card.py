@@ -47,7 +47,10 @@ def test_flow_card_is_written_from_the_measured_files(tmp_path, finished):
     assert "CLIPTextModelWithProjection" in card and f"max_sequence_length:\n{info['t5_tokens']}`" in card
     assert info["command"] in card and f"for {info['steps']} steps" in card
     assert "| grad_clip | " in card and f"| steps | {info['steps']} |" in card
-    assert f"accuracy\n**{100 * ev['mean_accuracy']:.1f}%**" in card
+    flat = " ".join(card.split())  # the prose is wrapped by hand in the writer: compare it unwrapped
+    assert f"accuracy **{100 * ev['mean_accuracy']:.1f}%**" in flat
+    assert f"classifier-free guidance scale {ev['cfg']}" in flat
+    assert f"seed {ev['seed']} (+ the prompt's index)" in flat
     for r in ev["prompts"]:
         assert f"| {r['prompt']} | {100 * r['accuracy']:.1f}% |" in card
     assert ("Training did not finish" in card) is not finished

@@ -117,6 +117,50 @@ def _hist_table(ev: dict) -> str:
     return "\n".join(lines)
 
 
+def _unfinished(ti: dict) -> str:
+    if ti.get("finished"):
+        return ""
+    return "\n**Training did not finish** (`finished: false` in `train_info.json`): intermediate weights.\n"
+
+
+def _prompt_eval_cmd(name: str, ev: dict) -> str:
+    return (
+        f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
+        f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
+    )
+
+
+def _prompt_evaluation(ev: dict, eval_cmd: str, sampling: str, extra: str = "") -> str:
+    """The Evaluation section of a text-conditional card (`eval_conditional.py`: per-prompt accuracy)."""
+    return f"""## Evaluation (measured)
+
+`{eval_cmd}`:
+{ev["n_per_prompt"]} samples per prompt, {sampling}, classifier-free guidance scale {ev["cfg"]} ("" as the
+unconditional branch), seed {ev["seed"]} (+ the prompt's index), judged by `model_cards/shapes-classifier`.
+Accuracy = classifier argmax equals the attribute the prompt names; "valid" = classifier max-probability >
+{ev["threshold"]} on both heads. Mean over prompts: accuracy **{100 * ev["mean_accuracy"]:.1f}%**, valid
+{100 * ev["mean_valid_frac"]:.1f}%, valid and correct {100 * ev["mean_valid_and_correct_frac"]:.1f}%; sampling
+{ev["seconds_per_image"]} s per image on CPU ({ev["sample_seconds"]} s in all, on a shared machine).{extra}
+
+| prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
+|---|---|---|---|---|
+{_prompt_rows(ev)}
+
+`samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
+"""
+
+
+def _restore(name: str, eval_cmd: str, train_cmd: str | None = None) -> str:
+    how = f"\n`{train_cmd}`,\n" if train_cmd else " the exact command above, "
+    return f"""## Restore
+
+If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
+the step count depend on the machine) with{how}then evaluate and rewrite this card with
+`{eval_cmd}` and
+`python examples/shapes/write_model_card.py model_cards/{name}`.
+"""
+
+
 def uncond_card(folder: Path, notes: str) -> str:
     ti = json.loads((folder / "train_info.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
@@ -209,15 +253,7 @@ model and its partner) where the ground truth of every sample can be checked wit
 tiny and briefly trained: expect imperfect edges, occasional malformed or ambiguous shapes, and nothing at all
 outside this toy world. Not for any real-image use.
 
-## Restore
-
-If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
-the step count depend on the machine) with
-`{restore}`,
-then evaluate and rewrite this card with
-`{eval_cmd}` and
-`python examples/shapes/write_model_card.py model_cards/{name}`.
-{notes}"""
+{_restore(name, eval_cmd, restore)}{notes}"""
 
 
 _CAPTION_TEXT = {
@@ -293,15 +329,12 @@ def flow_card(folder: Path, notes: str) -> str:
     hp["grad_clip"] = grad_clip
     hp.update({k: ti[k] for k in ("seed", "threads", "steps", "images_seen")})
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-    eval_cmd = (
-        f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
-        f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
+    eval_cmd = _prompt_eval_cmd(name, ev)
+    sampling = (
+        f"Euler with {ev['steps']} steps on the checkpoint's own FlowMatchEuler sigmas (the deterministic "
+        "probability-flow ODE, through `ComposePipeline` with one prompt)"
     )
-    unfinished = (
-        ""
-        if ti.get("finished")
-        else "\n**Training did not finish** (`finished: false` in `train_info.json`): intermediate weights.\n"
-    )
+    unfinished = _unfinished(ti)
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -413,24 +446,7 @@ draws the caption choice, the dropout, the noise and t), so the model saw {ti["i
 |---|---|
 {hp_rows}
 
-## Evaluation (measured)
-
-`{eval_cmd}`:
-{ev["n_per_prompt"]} samples per prompt, Euler with {ev["steps"]} steps on the checkpoint's own FlowMatchEuler sigmas
-(the deterministic probability-flow ODE, through `ComposePipeline` with one prompt) and classifier-free guidance
-scale {ev["cfg"]} ("" as the unconditional branch), seed {ev["seed"]} (+ the prompt's index), judged by
-`model_cards/shapes-classifier`. Accuracy = classifier argmax equals the attribute the prompt names; "valid" =
-classifier max-probability > {ev["threshold"]} on both heads. Mean over prompts: accuracy
-**{100 * ev["mean_accuracy"]:.1f}%**, valid {100 * ev["mean_valid_frac"]:.1f}%, valid and correct
-{100 * ev["mean_valid_and_correct_frac"]:.1f}%; sampling {ev["seconds_per_image"]} s per image on CPU
-({ev["sample_seconds"]} s in all, on a shared machine).{_counterpart(folder)}
-
-| prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
-|---|---|---|---|---|
-{_prompt_rows(ev)}
-
-`samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
-
+{_prompt_evaluation(ev, eval_cmd, sampling, _counterpart(folder))}
 ## Intended use and limits
 
 A test fixture and teaching model for composing flow-matching (SD3-family) checkpoints at sampling time (e.g.
@@ -441,13 +457,7 @@ at all outside that world. Prompts other than its training captions (including "
 seen) are out of distribution. It is not a real SD3 (no VAE, no T5, one small CLIP twice). Not for any real-image
 use.
 
-## Restore
-
-If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
-the step count depend on the machine) with the exact command above, then evaluate and rewrite this card with
-`{eval_cmd}` and
-`python examples/shapes/write_model_card.py model_cards/{name}`.
-{notes}"""
+{_restore(name, eval_cmd)}{notes}"""
 
 
 def cond_card(folder: Path, notes: str) -> str:
@@ -464,17 +474,10 @@ def cond_card(folder: Path, notes: str) -> str:
         )
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-    rows = _prompt_rows(ev)
-    eval_cmd = (
-        f"python examples/shapes/eval_conditional.py model_cards/{name} --n {ev['n_per_prompt']} "
-        f"--steps {ev['steps']} --cfg {ev['cfg']} --sampler {ev['sampler']} --save"
-    )
+    eval_cmd = _prompt_eval_cmd(name, ev)
     sampler_text = "ancestral DDPM" if ev["sampler"] == "ddpm" else "DDIM (eta 0)"
-    unfinished = (
-        ""
-        if ti.get("finished")
-        else "\n**Training did not finish** (`finished: false` in `train_info.json`): intermediate weights.\n"
-    )
+    sampling = f"{sampler_text} with {ev['steps']} steps"
+    unfinished = _unfinished(ti)
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -543,22 +546,7 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 |---|---|
 {hp_rows}
 
-## Evaluation (measured)
-
-`{eval_cmd}`:
-{ev["n_per_prompt"]} samples per prompt, {sampler_text} with {ev["steps"]} steps and classifier-free guidance scale
-{ev["cfg"]} ("" as the unconditional branch), seed {ev["seed"]}, judged by `model_cards/shapes-classifier`.
-Accuracy = classifier argmax equals the attribute the prompt names; "valid" = classifier max-probability >
-{ev["threshold"]} on both heads. Mean over prompts: accuracy **{100 * ev["mean_accuracy"]:.1f}%**, valid
-{100 * ev["mean_valid_frac"]:.1f}%, valid and correct {100 * ev["mean_valid_and_correct_frac"]:.1f}%; sampling
-{ev["seconds_per_image"]} s per image on CPU ({ev["sample_seconds"]} s in all, on a shared machine).
-
-| prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
-|---|---|---|---|---|
-{rows}
-
-`samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
-
+{_prompt_evaluation(ev, eval_cmd, sampling)}
 ## Intended use and limits
 
 A test fixture and teaching model for composing diffusion models at sampling time (e.g. SuperDiff AND of two
@@ -567,13 +555,7 @@ classifier. It is tiny and briefly trained on a toy world: expect imperfect edge
 wrong attributes, and nothing at all outside that world. Prompts other than its training captions (including
 "a red circle", which it has never seen) are out of distribution. Not for any real-image use.
 
-## Restore
-
-If the folder is missing or corrupt, re-create it (same seed, roughly the same result; the wall-clock budget makes
-the step count depend on the machine) with the exact command above, then evaluate and rewrite this card with
-`{eval_cmd}` and
-`python examples/shapes/write_model_card.py model_cards/{name}`.
-{notes}"""
+{_restore(name, eval_cmd)}{notes}"""
 
 
 def main(argv=None):
