@@ -42,7 +42,7 @@ if __package__ in (None, ""):
 
 from examples.shapes.data import COLOURS, SHAPES, caption, make_batch  # noqa: E402
 from examples.shapes.train_unconditional import build_scheduler  # noqa: E402
-from examples.shapes.training import Progress, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One token each. The first twelve are the ones the captions use; the rest are there so that natural prompts
@@ -262,19 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--text-hidden", type=int, default=64, help="text encoder width == cross_attention_dim")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (total, including resumed time)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--save-every-minutes", type=float, default=5.0)
-    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
-    p.add_argument("--resume", action="store_true")
+    add_loop_args(p, lr=1e-3, seed=0)
     return p.parse_args(argv)
 
 
@@ -333,19 +321,7 @@ def main(argv=None):
             "vocabulary_words": list(WORDS),
             "unet_parameters": n_unet,
             "text_encoder_parameters": n_text,
-            "batch": args.batch,
-            "lr": args.lr,
-            "warmup": args.warmup,
-            "ema_decay": args.ema,
-            "grad_clip": args.grad_clip,
-            "seed": args.seed,
-            "threads": args.threads,
-            "steps": pr.step,
-            "images_seen": pr.step * args.batch,
-            "train_seconds": round(pr.elapsed, 1),
-            "final_loss_avg100": round(pr.loss_avg(100), 5),
-            "finished": final,
-            "torch": torch.__version__,
+            **loop_info(args, pr, final),
         }
 
     def checkpoint(final=False):

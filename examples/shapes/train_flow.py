@@ -39,7 +39,7 @@ from examples.shapes.train_conditional import (  # noqa: E402
     training_captions,
     write_tokenizer_files,
 )
-from examples.shapes.training import Progress, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
 from pipelines.families import sd3_context  # noqa: E402
 
 T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
@@ -111,19 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (total, including resumed time)")
-    p.add_argument("--seed", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--save-every-minutes", type=float, default=5.0)
-    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
-    p.add_argument("--resume", action="store_true")
+    add_loop_args(p, lr=5e-4, seed=5)
     return p.parse_args(argv)
 
 
@@ -165,11 +153,7 @@ def main(argv=None):
                 "patch_size": args.patch, "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                 "text_hidden": args.text_hidden, "text_layers": args.text_layers, "t5_tokens": T5_TOKENS,
                 "vocabulary_words": list(WORDS), "transformer_parameters": n_tr, "text_encoder_parameters": n_text,
-                "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "ema_decay": args.ema, "seed": args.seed,
-                "threads": args.threads, "steps": pr.step, "images_seen": pr.step * args.batch,
-                "train_seconds": round(pr.elapsed, 1), "loss": "rectified flow (velocity), t logit-normal",
-                "final_loss_avg100": round(pr.loss_avg(100), 5),
-                "finished": final, "torch": torch.__version__}  # fmt: skip
+                "loss": "rectified flow (velocity), t logit-normal", **loop_info(args, pr, final)}  # fmt: skip
 
     def checkpoint(final=False):
         state_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
-from examples.shapes.training import Progress, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
 
 
 def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
@@ -95,19 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=24, help="image side in pixels")
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block_out_channels")
     p.add_argument("--layers", type=int, default=1, help="UNet layers_per_block")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100_000, help="maximum number of optimiser steps")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget; stop (and save) when spent")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (other work shares the cores)")
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--save-every-minutes", type=float, default=5.0)
-    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
-    p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    add_loop_args(p, lr=1e-3, seed=0)
     return p.parse_args(argv)
 
 
@@ -154,19 +142,7 @@ def main(argv=None):
             "block_out_channels": args.channels,
             "layers_per_block": args.layers,
             "parameters": n_params,
-            "batch": args.batch,
-            "lr": args.lr,
-            "warmup": args.warmup,
-            "ema_decay": args.ema,
-            "grad_clip": args.grad_clip,
-            "seed": args.seed,
-            "threads": args.threads,
-            "steps": pr.step,
-            "images_seen": pr.step * args.batch,
-            "train_seconds": round(pr.elapsed, 1),
-            "final_loss_avg100": round(pr.loss_avg(100), 5),
-            "finished": final,
-            "torch": torch.__version__,
+            **loop_info(args, pr, final),
         }
 
     def checkpoint(final=False):

@@ -9,6 +9,7 @@ the batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,53 @@ class Progress:
     def loss_avg(self, last: int = 100) -> float:
         tail = self.loss_hist[-last:]
         return sum(tail) / max(1, len(tail))
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def add_loop_args(p: argparse.ArgumentParser, *, lr: float, seed: int) -> None:
+    """The options `train` reads, shared by the trainers (defaults of lr and seed per trainer)."""
+    p.add_argument("--batch", type=_positive(int), default=32)
+    p.add_argument("--lr", type=_positive(float), default=lr)
+    p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    p.add_argument("--steps", type=_positive(int), default=100_000, help="maximum number of optimiser steps")
+    p.add_argument("--minutes", type=_positive(float), default=None,
+                   help="wall-clock budget (total, including resumed time); stop and save when spent")  # fmt: skip
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch.set_num_threads")
+    p.add_argument("--log-every", type=_positive(int), default=25)
+    p.add_argument("--save-every-minutes", type=_positive(float), default=5.0)
+    p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+
+
+def loop_info(args, progress: Progress, final: bool) -> dict:
+    """The loop's part of `train_info.json` (the trainer adds its model's)."""
+    return {
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "ema_decay": args.ema,
+        "grad_clip": args.grad_clip,
+        "seed": args.seed,
+        "threads": args.threads,
+        "steps": progress.step,
+        "images_seen": progress.step * args.batch,
+        "train_seconds": round(progress.elapsed, 1),
+        "final_loss_avg100": round(progress.loss_avg(100), 5),
+        "finished": final,
+        "torch": torch.__version__,
+    }
 
 
 def budget_seconds(minutes: float | None) -> float:
