@@ -671,7 +671,9 @@ def markdown(result: dict) -> str:
             cells = [c["both"], g["both"], c["colour"], g["colour"], c["shape"], g["shape"], g["none"]]
             cells += [a["colour"], a["shape"], a["both"]]
             gap = f"{r['log_q_gap_median']:.2f}" if "log_q_gap_median" in r else "-"
-            kap = f"{r['max_abs_kappa']:.2f}" if "log_q_gap_median" in r else "-"
+            # product_smc's weights are its fixed exponents with the guidance folded in (w per term, 1 - sum for the
+            # unconditional row): not a learned weight, so "-" as for the joint prompt
+            kap = f"{r['max_abs_kappa']:.2f}" if "log_q_gap_median" in r and "smc" not in r else "-"
             lines.append(
                 f"| {r['steps']} | {r['models']} | {r['method']} | {r['nfe_per_image']:.0f} | "
                 f"{r['sec_per_image']:.2f} | " + " | ".join(fmt(x) for x in cells) + f" | {gap} | {kap} |"

@@ -74,7 +74,8 @@ class ComposePipelineOutput(BaseOutput):
 
     images: PIL images, a (n, H, W, C) numpy array, a (n, C, H, W) tensor in [0, 1], or latents ("latent").
     kappa: (steps, n, K) float64 weights of the outermost operator (below the guidance) at every step; ones (K = 1)
-        for a single term.
+        for a single term. operator="product_smc" folds the guidance into its product: K = terms + 1, the exponents
+        times guidance_scale and 1 minus their sum for the unconditional row (fixed at every step).
     log_q: (n, T) float64 tracked log-density of every term (un-guided conditionals) at the end (the data).
     log_q_trace: (steps, n, T) float64 the same after every step (its last row is `log_q`); for "product_smc", the
         trace of the particle slot each image was drawn from (resampling may have replaced that slot's particle).
