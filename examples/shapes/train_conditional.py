@@ -30,8 +30,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -42,7 +40,7 @@ if __package__ in (None, ""):
 
 from examples.shapes.data import COLOURS, SHAPES, caption, make_batch  # noqa: E402
 from examples.shapes.train_unconditional import build_scheduler  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One token each. The first twelve are the ones the captions use; the rest are there so that natural prompts
@@ -268,11 +266,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    out, state_path, command = start(args, argv)
 
     tokenizer = build_tokenizer(state_path.parent / "tokenizer_files")
     text_encoder = build_text_encoder(tokenizer, args.text_hidden, args.text_layers, args.text_heads)
@@ -325,9 +319,8 @@ def main(argv=None):
         }
 
     def checkpoint(final=False):
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
+        save_state(
+            state_path,
             {
                 "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(),
@@ -339,9 +332,7 @@ def main(argv=None):
                 "loss_hist": pr.loss_hist,
                 "args": vars(args),
             },
-            tmp,
         )
-        os.replace(tmp, state_path)
         save_folder(ema_unet, ema_text, tokenizer, scheduler, out, info(final))
 
     unet.train()

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from examples.shapes.train_conditional import (  # noqa: E402
     training_captions,
     write_tokenizer_files,
 )
-from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
 from pipelines.families import sd3_context  # noqa: E402
 
 T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
@@ -120,11 +118,7 @@ def main(argv=None):
     from transformers import CLIPTextModelWithProjection
 
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    out, state_path, command = start(args, argv)
     tokenizer = build_tokenizer(state_path.parent / "tokenizer_files")
     base = build_text_encoder(tokenizer, args.text_hidden, args.text_layers)
     text_encoder = CLIPTextModelWithProjection(base.config)  # the same architecture, with its projection
@@ -156,13 +150,10 @@ def main(argv=None):
                 "loss": "rectified flow (velocity), t logit-normal", **loop_info(args, pr, final)}  # fmt: skip
 
     def checkpoint(final=False):
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
         state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
                  "ema_transformer": ema_tr.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
                  "step": pr.step, "elapsed": pr.elapsed, "loss_hist": pr.loss_hist}  # fmt: skip
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        save_state(state_path, state)
         save_folder(ema_tr, ema_text, tokenizer, scheduler, out, info(final))
 
     transformer.train()

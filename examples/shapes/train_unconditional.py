@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -32,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, loop_info, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
 
 
 def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
@@ -101,11 +99,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    out, state_path, command = start(args, argv)
 
     unet = build_unet(args.size, args.channels, args.layers)
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -146,9 +140,8 @@ def main(argv=None):
         }
 
     def checkpoint(final=False):
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
+        save_state(
+            state_path,
             {
                 "unet": unet.state_dict(),
                 "ema": ema.state_dict(),
@@ -158,9 +151,7 @@ def main(argv=None):
                 "loss_hist": pr.loss_hist,
                 "args": vars(args),
             },
-            tmp,
         )
-        os.replace(tmp, state_path)
         save_pipeline(ema, scheduler, out, info(final))
 
     unet.train()

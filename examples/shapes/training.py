@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -76,6 +80,24 @@ def loop_info(args, progress: Progress, final: bool) -> dict:
         "finished": final,
         "torch": torch.__version__,
     }
+
+
+def start(args, argv) -> tuple[Path, Path, str]:
+    """Threads and seed from the options; (output folder, state file, the command line as run) of a trainer."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    state_path = Path(args.state) if args.state else Path("outputs/shapes") / out.name / "state.pt"
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    return out, state_path, command
+
+
+def save_state(state_path: Path, state: dict) -> None:
+    """Write the training state atomically (a crash mid-write leaves the previous state)."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, state_path)
 
 
 def budget_seconds(minutes: float | None) -> float:
