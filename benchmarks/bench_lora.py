@@ -33,12 +33,14 @@ Cost table (`--cost-reps` paired repetitions, order shuffled each repetition, me
 the time of ONE routed call (N conditional + N unconditional chunks of n rows, each with its own LoRA: a composed
 step) against one call of the base with ONE LoRA on one LoRA's CFG rows (2n rows: a step with a single LoRA),
 N such calls (LoRA Composite as published), and one single-LoRA call on the same 2Nn rows (what the routing itself
-costs).
+costs). The routed and single-LoRA calls are timed with their adapter state already set (a run sets it once), the N
+separate calls with the switching between them; the once-per-run set-up of the routed state is its own column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -188,7 +190,15 @@ def cost_table(pipe, names: list[str], images: list[int], reps: int, seed: int =
 
 
 def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -> dict:
-    """One (N LoRAs, n images) case of `cost_table`."""
+    """One (N LoRAs, n images) case of `cost_table`.
+
+    Every variant is timed as a sampling run pays it per step. The routed call and the single-LoRA calls run with
+    their adapter state already set (the pipeline sets it once per run, `Routing.session`; a diffusers user sets
+    one LoRA once), so their times are the network call alone; the state is set before the timer starts and
+    restored after it stops. The N separate calls switch the adapter between calls, as LoRA Composite must, so their
+    time includes the switching. `setup` is the once-per-run cost of setting and restoring the routed state.
+    """
+    import pipelines.lora as PL
     from pipelines.lora import BASE, adapter_call
 
     N = len(loras)
@@ -197,29 +207,53 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
     xN, eN = x1.repeat(N, 1, 1, 1), e1.repeat(N, 1, 1)
     t1, tN = torch.full((2 * n,), 500.0), torch.full((2 * N * n,), 500.0)
     specs = [a for a in loras for _ in range(2)]  # chunk c of n rows: LoRA specs[c]
+    one, allrows = (x1, t1, e1), (xN, tN, eN)
 
     @torch.no_grad()
-    def call(spec: list, rows: int, x, t, e) -> None:
-        with adapter_call(unet, spec, rows):
-            unet(x, t, encoder_hidden_states=e)
+    def net(x, t, e) -> None:
+        unet(x, t, encoder_hidden_states=e)
 
-    fns = {
-        "routed": lambda: call(specs, n, xN, tN, eN),
-        "single": lambda: call([loras[0]], 2 * n, x1, t1, e1),
-        "separate": lambda: [call([a], 2 * n, x1, t1, e1) for a in loras],
-        "single_all_rows": lambda: call([loras[0]], 2 * N * n, xN, tN, eN),
-        "base": lambda: call([BASE], 2 * n, x1, t1, e1),
+    @torch.no_grad()
+    def separate() -> None:
+        for a in loras:
+            with adapter_call(unet, [a], 2 * n):
+                net(*one)
+
+    # variant -> (adapter state held while timing: (specs, rows per chunk) or None, the timed function)
+    variants = {
+        "routed": ((specs, n), lambda: net(*allrows)),
+        "routed_loop": ((specs, n), lambda: net(*allrows)),  # the same, the updates added one adapter at a time
+        "single": (([loras[0]], 2 * n), lambda: net(*one)),
+        "separate": (None, separate),
+        "single_all_rows": (([loras[0]], 2 * N * n), lambda: net(*allrows)),
+        "base": (([BASE], 2 * n), lambda: net(*one)),
     }
-    for f in fns.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+
+    def timed(key: str) -> float:
+        state, fn = variants[key]
+        PL.FUSED_ROUTING = key != "routed_loop"
+        try:
+            with adapter_call(unet, *state) if state else contextlib.nullcontext():
+                t = time.perf_counter()
+                fn()
+                return time.perf_counter() - t
+        finally:
+            PL.FUSED_ROUTING = True
+
+    def setup() -> float:
+        t = time.perf_counter()
+        with adapter_call(unet, specs, n):
+            pass
+        return time.perf_counter() - t
+
+    for k in variants:  # warm-up
+        timed(k)
+    times: dict[str, list[float]] = {k: [] for k in [*variants, "setup"]}
     for _ in range(reps):
-        order = list(fns)
+        order = [*variants, "setup"]
         rnd.shuffle(order)
         for k in order:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(setup() if k == "setup" else timed(k))
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
@@ -229,7 +263,7 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
         routed_over_single=ratio("routed", "single"), separate_over_single=ratio("separate", "single"),
         routed_over_separate=ratio("routed", "separate"),
         routed_over_single_all_rows=ratio("routed", "single_all_rows"),
-        single_over_base=ratio("single", "base"),
+        single_over_base=ratio("single", "base"), routed_over_loop=ratio("routed", "routed_loop"),
     )  # fmt: skip
 
 
@@ -264,15 +298,18 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             "| LoRAs N | images n | routed call (2Nn rows) ms | one LoRA, 2n rows ms | N separate calls ms | routed / "
-            "one LoRA | N separate / one LoRA | routed / N separate | routed / one LoRA on 2Nn rows |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "one LoRA | N separate / one LoRA | routed / N separate | routed / one LoRA on 2Nn rows | routed / "
+            "slice loop | routed set-up per run ms |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for c in result["cost"]:
             ms = c["ms"]
             lines.append(
                 f"| {c['loras']} | {c['images']} | {ms['routed']:.1f} | {ms['single']:.1f} | {ms['separate']:.1f} | "
                 f"{c['routed_over_single']:.2f} | {c['separate_over_single']:.2f} | {c['routed_over_separate']:.2f} | "
-                f"{c['routed_over_single_all_rows']:.2f} |"
+                f"{c['routed_over_single_all_rows']:.2f} | "
+                + (f"{c['routed_over_loop']:.2f} | " if "routed_over_loop" in c else "- | ")
+                + (f"{ms['setup']:.1f} |" if "setup" in ms else "- |")
             )
     return "\n".join(lines)
 

@@ -26,6 +26,7 @@ puts CFG around the composed prediction. Its divergence is not computed (no oper
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -655,7 +656,8 @@ class ComposePipeline(DiffusionPipeline):
                                   langevin_after=langevin_after, device=x.device)  # fmt: skip
         draws = PipelineDraws(generator, device)
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sch)
-        with self.progress_bar(total=len(ts) - 1) as bar:
+        held = lora_plan.routing.session() if lora_plan.routing is not None else contextlib.nullcontext()
+        with self.progress_bar(total=len(ts) - 1) as bar, held:  # LoRA states set once for the run, restored after
             tr = run(composer, predict, x, ts, log_q, solver=solver, draws=draws, probes=probes if method == "ode"
                      else None, network_times=t_net, offsets=offsets, clip=clip, hooks=hooks, callback=callback,
                      progress=bar.update)  # fmt: skip

@@ -6,6 +6,7 @@ saved in diffusers' LoRA format and loaded through `ComposePipeline.load_lora_ex
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -152,14 +153,27 @@ def _layers(unet):
 
 
 # ---------------------------------------------------------------------- one call, each row its own LoRA
-@pytest.mark.parametrize("slices", [True, False], ids=["slice-routing", "peft-mixed-batch"])
-def test_each_term_equals_the_base_with_only_its_lora(loras, slices, monkeypatch):
+@pytest.mark.parametrize(
+    "slices,fused", [(True, True), (True, False), (False, False)], ids=["fused", "slice-loop", "peft-mixed-batch"]
+)
+def test_each_term_equals_the_base_with_only_its_lora(loras, slices, fused, monkeypatch):
     """lora=["alpha", "beta", None] under CFG: ONE UNet call per step; chunk by chunk (3 terms, then each LoRA's own
-    unconditional row) every row equals the UNet with only that LoRA active (diffusers set_adapters) to 1e-5. Both
-    routings: updates added on each adapter's row slice, and PEFT's mixed adapter batch (adapter_names)."""
+    unconditional row) every row equals the UNet with only that LoRA active (diffusers set_adapters) to 1e-5. Every
+    routing: the updates of all adapters in two stacked products per layer with a per-row mask (linear and conv
+    layers), added on each adapter's row slice one adapter at a time, and PEFT's mixed adapter batch."""
     import pipelines.lora
 
     monkeypatch.setattr(pipelines.lora, "SLICE_ROUTING", slices)
+    monkeypatch.setattr(pipelines.lora, "FUSED_ROUTING", fused)
+    n_fused = [0]
+    real = pipelines.lora._fused_update
+
+    def counted(*a, **k):
+        hook = real(*a, **k)
+        n_fused[0] += hook is not None
+        return hook
+
+    monkeypatch.setattr(pipelines.lora, "_fused_update", counted)
     pipe = lora_pipe(loras)
     cap = Capture(pipe.unet)
     pipe(prompt=["a cat", "a dog", "a cow"], lora=["alpha", "beta", None], operator="and", generator=seed(), **KW)
@@ -170,6 +184,54 @@ def test_each_term_equals_the_base_with_only_its_lora(loras, slices, monkeypatch
     assert min(spreads) > 1e-3  # the LoRAs change the prediction (the test would pass vacuously otherwise)
     # state restored: outside a call the network is the base
     assert all(m.disable_adapters for m in _layers(pipe.unet))
+    # the fused path covered every LoRA layer (linear and conv) when on, and nothing otherwise
+    layers = _layers(pipe.unet)
+    assert {type(m).__name__ for m in layers} == {"Linear", "Conv2d"}
+    assert n_fused[0] == (len(layers) if fused else 0)
+
+
+def _state(unet) -> list:
+    return [(m.disable_adapters, list(m.active_adapters), dict(m.scaling)) for m in _layers(unet)]
+
+
+@pytest.mark.parametrize("calls", ["batched", "separate"])
+def test_adapter_state_is_set_once_per_run_and_restored(loras, calls, monkeypatch):
+    """Inside a pipeline call the LoRA layers' state (adapters, scales, routing hooks) is set when the call asks for
+    a new one, not at every step: once for the batched call (the same rows every step), once per call for
+    lora_calls="separate" (the state alternates). Afterwards, and after an error mid-run, every layer is as before;
+    the images equal those of a run that sets the state at every call (no session)."""
+    import pipelines.lora as PL
+
+    pipe = lora_pipe(loras)
+    setups = []
+    real = PL.adapter_call
+
+    def counting(net, specs, n, scale=1.0):
+        setups.append(list(specs))
+        return real(net, specs, n, scale)
+
+    monkeypatch.setattr(PL, "adapter_call", counting)
+    before = _state(pipe.unet)
+    kw = dict(prompt=["a cat", "a dog"], lora=["alpha", "beta"], operator="and", lora_calls=calls, **KW)
+    held = pipe(generator=seed(), **kw).images
+    assert len(setups) == (1 if calls == "batched" else 2 * KW["num_inference_steps"])
+    assert _state(pipe.unet) == before
+    monkeypatch.setattr(PL.Routing, "session", lambda self: contextlib.nullcontext())
+    setups.clear()
+    per_call = pipe(generator=seed(), **kw).images
+    assert len(setups) == KW["num_inference_steps"] * (1 if calls == "batched" else 2)
+    torch.testing.assert_close(held, per_call, atol=0, rtol=0)
+    monkeypatch.undo()
+
+    def boom(pipe_, step, t, tensors):
+        if step == 1:
+            raise RuntimeError("stop here")
+        return {}
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipe(generator=seed(), callback_on_step_end=boom, **kw)
+    assert _state(pipe.unet) == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in _layers(pipe.unet))
 
 
 def test_one_prompt_several_loras_and_base_unconditional(loras):
