@@ -267,6 +267,46 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
     )  # fmt: skip
 
 
+def run_cost(pipe, names: list[str], reps: int, steps: int, seed: int = 0) -> list[dict]:
+    """Whole pipeline runs (AND of the first two LoRAs on "a square", one image, CFG 4) under three routings, paired
+    and shuffled: the adapter state set at every call with the slice loop (before `Routing.session`), the state held
+    for the run with the slice loop, and held with the stacked update (what the pipeline does)."""
+    import pipelines.lora as PL
+
+    session = PL.Routing.session
+    modes = {
+        "state set at every call, slice loop": (False, False),
+        "state held for the run, slice loop": (True, False),
+        "state held for the run, stacked update": (True, True),
+    }
+
+    def one(mode: str) -> float:
+        held, fused = modes[mode]
+        PL.Routing.session = session if held else (lambda self: contextlib.nullcontext())
+        PL.FUSED_ROUTING = fused
+        try:
+            t = time.perf_counter()
+            g = torch.Generator().manual_seed(seed)
+            pipe(prompt="a square", lora=list(names[:2]), operator="and", num_inference_steps=steps,
+                 guidance_scale=4.0, batch_size=1, output_type="pt", generator=g)  # fmt: skip
+            return time.perf_counter() - t
+        finally:
+            PL.Routing.session, PL.FUSED_ROUTING = session, True
+
+    for mode in modes:  # warm-up
+        one(mode)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    rnd = random.Random(seed)
+    for _ in range(reps):
+        order = list(modes)
+        rnd.shuffle(order)
+        for mode in order:
+            times[mode].append(one(mode))
+    first = next(iter(modes))
+    ratio = {m: statistics.median(a / b for a, b in zip(v, times[first], strict=True)) for m, v in times.items()}
+    return [dict(routing=m, steps=steps, sec_per_image=statistics.median(v), ratio=ratio[m]) for m, v in times.items()]
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def markdown(result: dict) -> str:
     cfg = result["config"]
@@ -311,6 +351,10 @@ def markdown(result: dict) -> str:
                 + (f"{c['routed_over_loop']:.2f} | " if "routed_over_loop" in c else "- | ")
                 + (f"{ms['setup']:.1f} |" if "setup" in ms else "- |")
             )
+    if result.get("run_cost"):
+        lines += ["", "| whole run (AND of 2 LoRAs, 1 image) | steps | s/img | x the first |", "|---|---:|---:|---:|"]
+        for r in result["run_cost"]:
+            lines.append(f"| {r['routing']} | {r['steps']} | {r['sec_per_image']:.2f} | {r['ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -344,6 +388,8 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="*", default=None, help="run only rows whose label contains one of these")
     p.add_argument("--cost-reps", type=int, default=15, help="paired repetitions of the cost table (0: no table)")
     p.add_argument("--cost-images", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--run-reps", type=int, default=0,
+                   help="paired repetitions of whole runs under the three routings (0: not measured)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--grid", default=None)
@@ -386,6 +432,8 @@ def main(argv=None) -> dict:
     result["rows"].sort(key=lambda r: order.get(r["key"], len(order)))
     if args.cost_reps:
         result["cost"] = cost_table(pipe, names, args.cost_images, args.cost_reps, args.seed)
+    if args.run_reps:
+        result["run_cost"] = run_cost(pipe, names, args.run_reps, args.steps, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     if args.grid and tiles:
