@@ -3,6 +3,8 @@
     python benchmarks/bench_lora.py --images 2 --steps 3 --cost-reps 3          # a smoke run (a minute)
     python benchmarks/bench_lora.py --images 16 --steps 30 --threads 1 --json benchmarks/results/lora.json \\
         --grid benchmarks/results/lora_grid.png
+    python benchmarks/bench_lora.py --images 16 --steps 30 --json /tmp/lora_gpu.json --rows ZZZ --cost-reps 15 \
+        --run-reps 7 --device cuda                                                # the cost tables alone, on a GPU
 
 Base: model_cards/shapes-text (filled shapes in four colours on black). LoRAs (examples/shapes/train_lora.py):
 shapes-lora-purple (the shape in purple, a colour the base never saw), shapes-lora-outline (the shape as an
@@ -113,7 +115,7 @@ def rows(args) -> list[dict]:
     return out
 
 
-def load_pipe(names: list[str]):
+def load_pipe(names: list[str], device: str = "cpu"):
     from pipelines import ComposePipeline
 
     pipe = ComposePipeline.from_pretrained(str(CARDS / "shapes-text"))
@@ -122,7 +124,13 @@ def load_pipe(names: list[str]):
     if missing:
         raise SystemExit(f"missing LoRAs {missing}; train them with examples/shapes/train_lora.py (see their cards).")
     pipe.load_lora_experts({n: str(CARDS / LORAS[n]) for n in names})
-    return pipe
+    return pipe.to(device)
+
+
+def sync(device) -> None:
+    """Wait for the accelerator, so that a timer measures the work and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_row(pipe, row: dict, args) -> tuple[dict, torch.Tensor]:
@@ -183,8 +191,8 @@ def run_row(pipe, row: dict, args) -> tuple[dict, torch.Tensor]:
 def cost_table(pipe, names: list[str], images: list[int], reps: int, seed: int = 0) -> list[dict]:
     """Paired timings of one routed call against single-LoRA calls (module docstring), medians over `reps`."""
     m = pipe.models[0]
-    ctx_c = m.family.encode(m, "a square", "cpu")["encoder_hidden_states"]
-    ctx_u = m.family.encode(m, "", "cpu")["encoder_hidden_states"]
+    ctx_c = m.family.encode(m, "a square", pipe.device)["encoder_hidden_states"]
+    ctx_u = m.family.encode(m, "", pipe.device)["encoder_hidden_states"]
     g = torch.Generator().manual_seed(seed)
     rnd = random.Random(seed)
     out = []
@@ -211,10 +219,11 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
     from pipelines.lora import BASE, adapter_call
 
     N = len(loras)
-    x1 = torch.randn(2 * n, 3, 24, 24, generator=g)  # one LoRA's CFG rows: cond + uncond
-    e1 = torch.cat([ctx_c.expand(n, -1, -1), ctx_u.expand(n, -1, -1)])
+    dev = unet.device
+    x1 = torch.randn(2 * n, 3, 24, 24, generator=g).to(dev)  # one LoRA's CFG rows: cond + uncond
+    e1 = torch.cat([ctx_c.expand(n, -1, -1), ctx_u.expand(n, -1, -1)]).to(dev)
     xN, eN = x1.repeat(N, 1, 1, 1), e1.repeat(N, 1, 1)
-    t1, tN = torch.full((2 * n,), 500.0), torch.full((2 * N * n,), 500.0)
+    t1, tN = torch.full((2 * n,), 500.0, device=dev), torch.full((2 * N * n,), 500.0, device=dev)
     specs = [a for a in loras for _ in range(2)]  # chunk c of n rows: LoRA specs[c]
     one, allrows = (x1, t1, e1), (xN, tN, eN)
 
@@ -243,16 +252,20 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
         PL.FUSED_ROUTING = key != "routed_loop"
         try:
             with adapter_call(unet, *state) if state else contextlib.nullcontext():
+                sync(dev)
                 t = time.perf_counter()
                 fn()
+                sync(dev)
                 return time.perf_counter() - t
         finally:
             PL.FUSED_ROUTING = True
 
     def setup() -> float:
+        sync(dev)
         t = time.perf_counter()
         with adapter_call(unet, specs, n):
             pass
+        sync(dev)
         return time.perf_counter() - t
 
     for k in variants:  # warm-up
@@ -268,7 +281,8 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
     return dict(
-        loras=N, images=n, rows_routed=2 * N * n, ms={k: 1000 * statistics.median(v) for k, v in times.items()},
+        loras=N, images=n, rows_routed=2 * N * n, device=str(dev),
+        ms={k: 1000 * statistics.median(v) for k, v in times.items()},
         routed_over_single=ratio("routed", "single"), separate_over_single=ratio("separate", "single"),
         routed_over_separate=ratio("routed", "separate"),
         routed_over_single_all_rows=ratio("routed", "single_all_rows"),
@@ -294,10 +308,12 @@ def run_cost(pipe, names: list[str], reps: int, steps: int, seed: int = 0) -> li
         PL.Routing.session = session if held else (lambda self: contextlib.nullcontext())
         PL.FUSED_ROUTING = fused
         try:
+            sync(pipe.device)
             t = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             pipe(prompt="a square", lora=list(names[:2]), operator="and", num_inference_steps=steps,
                  guidance_scale=4.0, batch_size=1, output_type="pt", generator=g)  # fmt: skip
+            sync(pipe.device)
             return time.perf_counter() - t
         finally:
             PL.Routing.session, PL.FUSED_ROUTING = session, True
@@ -400,6 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--run-reps", type=int, default=0,
                    help="paired repetitions of whole runs under the three routings (0: not measured)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="e.g. cuda: the pipeline, its LoRAs and the timed calls there")
     p.add_argument("--json", default=None)
     p.add_argument("--grid", default=None)
     p.add_argument("--tiles", type=int, default=3, help="images per prompt kept for the grid")
@@ -419,7 +436,7 @@ def main(argv=None) -> dict:
         if {k: old["config"].get(k) for k in config} == config:
             result = old
     names = list(args.pair) + [n for n in LORAS if n not in args.pair and (CARDS / LORAS[n]).is_dir()]
-    pipe = load_pipe(names)
+    pipe = load_pipe(names, args.device)
     done = {r["key"] for r in result["rows"]}
     tiles: dict = {}
     t_start = time.perf_counter()
