@@ -64,6 +64,7 @@ ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 HALF_A = ("circle", "square")
 VALID_CONFIDENCE = 0.9
 OR_TILES = 32  # images of every OR row kept for the grid
+PROGRESS_EVERY = 30.0  # seconds between progress lines inside a row
 PIPE_NAMES = {
     "text": "shapes-text",
     "experts": "colour + shape experts",
@@ -447,9 +448,15 @@ def run_row(row: dict, steps: int, pipes: dict, judges: tuple, args) -> tuple[di
         calls = []
         for k, start in enumerate(range(0, args.or_images, args.or_batch)):
             calls.append((args.seed + k, min(args.or_batch, args.or_images - start), dict(guidance_scale=1.0)))
-    t0 = time.perf_counter()
+    t0 = last = time.perf_counter()
     with UNetCounter(pipe) as counter:
-        for seed, n, kw in calls:
+        for i, (seed, n, kw) in enumerate(calls):
+            now = time.perf_counter()
+            if i and now - last > PROGRESS_EVERY:  # a row can take many minutes: say where it is
+                left = (now - t0) / i * (len(calls) - i)
+                print(f"#   {row['label']} ({PIPE_NAMES[row['pipe']]}): call {i}/{len(calls)}, {now - t0:.0f} s, "
+                      f"about {left / 60:.1f} min left in this row", file=sys.stderr, flush=True)  # fmt: skip
+                last = now
             out = pipe(generator=torch.Generator().manual_seed(seed), batch_size=n, **kw, **common)
             images = out.images.float().cpu()
             bad["nonfinite"] += int((~torch.isfinite(images).flatten(1).all(1)).sum())
