@@ -83,28 +83,19 @@ def rows(args) -> list[dict]:
         dict(label=f"{a} LoRA alone", lora=[a], kw={}),
         dict(label=f"{b} LoRA alone", lora=[b], kw={}),
         dict(label="merge (weights 1, 1)", lora=both, kw=dict(lora_mode="merge")),
-        dict(
-            label=f"LoRA Switch (every {args.switch_steps} steps)",
-            lora=both,
-            kw=dict(lora_mode="switch", lora_switch_steps=args.switch_steps),
-        ),  # fmt: skip
+        dict(label=f"LoRA Switch (every {args.switch_steps} steps)", lora=both,
+             kw=dict(lora_mode="switch", lora_switch_steps=args.switch_steps)),  # fmt: skip
         dict(label="LoRA Composite (one call)", lora=both, kw=dict(lora_mode="composite")),
-        dict(
-            label="LoRA Composite (separate calls, as published)",
-            lora=both,
-            kw=dict(lora_mode="composite", lora_calls="separate"),
-        ),  # fmt: skip
+        dict(label="LoRA Composite (separate calls, as published)", lora=both,
+             kw=dict(lora_mode="composite", lora_calls="separate")),  # fmt: skip
         dict(label="average (base uncond)", lora=both, kw=dict(operator="average", lora_uncond="base")),
         dict(label="product", lora=both, kw=dict(operator="product")),
         dict(label="AND", lora=both, kw=dict(operator="and")),
         dict(label="AND, ODE", lora=both, kw=dict(operator="and", method="ode")),
         dict(label="AND, kappa clamped to [0, 1]", lora=both, kw=dict(operator=AND_CLAMP01)),
         dict(label="AND, kappa clamped to [0, 1], ODE", lora=both, kw=dict(operator=AND_CLAMP01, method="ode")),
-        dict(
-            label=f"product_smc ({args.particles} particles)",
-            lora=both,
-            kw=dict(operator="product_smc", num_particles=args.particles),
-        ),  # fmt: skip
+        dict(label=f"product_smc ({args.particles} particles)", lora=both,
+             kw=dict(operator="product_smc", num_particles=args.particles)),  # fmt: skip
         dict(label="OR", lora=both, kw=dict(operator="or"), part="or"),
     ]
     for r in out:

@@ -82,10 +82,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(
-        f"\n{args.samples} samples per run, seed {args.seed}, ODE with 1 Hutchinson probe per step (by JVP or by "
-        "finite difference)\n"
-    )
+    print(f"\n{args.samples} samples per run, seed {args.seed}, ODE with 1 Hutchinson probe per step (by JVP or by "
+          "finite difference)\n")
     print(
         "| method | steps | corr log q | mean abs err (nats) | abs err of difference | OR TV | AND on shared | "
         "AND median exact gap | s / OR run |"

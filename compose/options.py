@@ -48,10 +48,8 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None, what: str =
 def check_float(value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
                 what: str = "") -> float:  # fmt: skip
     """`value` as a finite float in [lo, hi] ((lo, hi] with open_lo); ValueError naming `name` otherwise."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        and not (isinstance(value, torch.Tensor) and value.numel() == 1)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1
     ):
         raise ValueError(f"{name} must be a number{what}; got {value!r}.")
     v = float(value)

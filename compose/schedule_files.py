@@ -101,10 +101,8 @@ def check_schedule(info: dict, path: str) -> None:
     for key in ("model", "operator", "solver", "schedule"):
         if not isinstance(info[key], str):
             raise ValueError(f"schedule file {path!r}: {key} must be a string; got {info[key]!r}.")
-    if (
-        isinstance(info["guidance"], bool)
-        or not isinstance(info["guidance"], (int, float))
-        or not math.isfinite(info["guidance"])
+    if isinstance(info["guidance"], bool) or not isinstance(info["guidance"], (int, float)) or not math.isfinite(
+        info["guidance"]
     ):
         raise ValueError(f"schedule file {path!r}: guidance must be a finite number; got {info['guidance']!r}.")
     if isinstance(info["nfe"], bool) or not isinstance(info["nfe"], int) or info["nfe"] < 1:

@@ -417,8 +417,7 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
     if not isinstance(experts, Mapping) or not experts:
         raise ValueError(
             "load_lora_experts takes a dict {name: folder, .safetensors file or hub id}, e.g. {'style': "
-            "'model_cards/shapes-lora-outline'}; got "
-            + (type(experts).__name__ if experts is not None else "None")
+            "'model_cards/shapes-lora-outline'}; got " + (type(experts).__name__ if experts is not None else "None")
             + "."
         )
     target = _target_model(pipe.models, model)

@@ -38,15 +38,8 @@ def test_data_prediction_of_a_mixture_is_its_posterior_mean(flow_mixtures):
 
 
 @pytest.mark.parametrize(
-    "method, solver",
-    [
-        ("sde", "euler"),
-        ("sde", "ddim"),
-        ("ode", "euler"),
-        ("ode", "ddim"),
-        ("ode", "dpm2m"),
-        ("ode", "unipc"),
-    ],  # fmt: skip
+    "method, solver", [("sde", "euler"), ("sde", "ddim"), ("ode", "euler"), ("ode", "ddim"), ("ode", "dpm2m"),
+                       ("ode", "unipc")],  # fmt: skip
 )
 def test_or_and_are_finite_from_step_one(flow_mixtures, method, solver):
     a, b = flow_mixtures

@@ -1,6 +1,6 @@
 """Print a batch run's manifest as a markdown table (one line per row; failed rows with their message).
 
-python examples/batch/summarize.py outputs/batch/manifest.jsonl
+    python examples/batch/summarize.py outputs/batch/manifest.jsonl
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def judge_accuracy(n: int = 512, size: int = 24, seed: int = 12345) -> dict[str,
 # ----------------------------------------------------------------------------------------------- model card
 TEACHES = {
     "purple": "draws the shape in **purple** (RGB 0.62, 0.16, 0.85), a colour the base never saw (its four colours "
-    'are red, green, blue, yellow); trained with the base\'s shape captions ("a circle", ...)',
+    "are red, green, blue, yellow); trained with the base's shape captions (\"a circle\", ...)",
     "outline": "draws the shape as its **outline** (a 1.3-pixel ring, the inside left black), where the base only "
     "draws filled shapes; trained with the base's own captions (its colour or its shape)",
     "grey-bg": "puts the shape on a **mid-grey background** (0.5, 0.5, 0.5) instead of black; trained with the base's "
@@ -173,7 +173,7 @@ NOTES = {
     "purple": "The LoRA also pulls the shapes towards round blobs (the base follows shape words weakly anyway).",
     "outline": "Circles and squares come out as rings; triangles and stars often as broken strokes, which the judge "
     "counts (an object whose centroid pixel is background is hollow): the rate measures 'hollow', not 'a clean ring'.",
-    "grey-bg": 'With "a triangle" the LoRA often draws a grey background and no object; the rate counts the '
+    "grey-bg": "With \"a triangle\" the LoRA often draws a grey background and no object; the rate counts the "
     "background only.",
 }
 

@@ -418,22 +418,8 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         plot = gr.Plot(label="kappa and log q over the steps", elem_id="plot")
         run.click(
             app.generate,
-            inputs=[
-                models,
-                other,
-                prompts,
-                operator,
-                steps,
-                schedule,
-                guidance,
-                seed,
-                images,
-                size,
-                particles,
-                moves,
-                loras,
-                lora_mode,
-            ],  # fmt: skip
+            inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves,
+                    loras, lora_mode],  # fmt: skip
             outputs=[out, plot, summary],
             api_name="generate",
         )
