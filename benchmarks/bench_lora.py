@@ -228,19 +228,20 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
             with adapter_call(unet, [a], 2 * n):
                 net(*one)
 
-    # variant -> (adapter state held while timing: (specs, rows per chunk) or None, the timed function)
+    # variant -> (adapter state held while timing: (specs, rows per chunk) or None, the timed function, whether the
+    # routed update is stacked: `pipelines.lora.FUSED_ROUTING`)
     variants = {
-        "routed": ((specs, n), lambda: net(*allrows)),
-        "routed_loop": ((specs, n), lambda: net(*allrows)),  # the same, the updates added one adapter at a time
-        "single": (([loras[0]], 2 * n), lambda: net(*one)),
-        "separate": (None, separate),
-        "single_all_rows": (([loras[0]], 2 * N * n), lambda: net(*allrows)),
-        "base": (([BASE], 2 * n), lambda: net(*one)),
+        "routed": ((specs, n), lambda: net(*allrows), True),
+        "routed_loop": ((specs, n), lambda: net(*allrows), False),  # the updates added one adapter at a time
+        "single": (([loras[0]], 2 * n), lambda: net(*one), True),
+        "separate": (None, separate, True),
+        "single_all_rows": (([loras[0]], 2 * N * n), lambda: net(*allrows), True),
+        "base": (([BASE], 2 * n), lambda: net(*one), True),
     }
 
     def timed(key: str) -> float:
-        state, fn = variants[key]
-        PL.FUSED_ROUTING = key != "routed_loop"
+        state, fn, fused = variants[key]
+        PL.FUSED_ROUTING = fused
         try:
             with adapter_call(unet, *state) if state else contextlib.nullcontext():
                 sync(dev)
