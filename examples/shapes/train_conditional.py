@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 
 from examples.shapes.data import COLOURS, SHAPES, caption, make_batch  # noqa: E402
 from examples.shapes.train_unconditional import build_scheduler  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One token each. The first twelve are the ones the captions use; the rest are there so that natural prompts
@@ -278,16 +278,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    pr = Progress()
-    if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        unet.load_state_dict(st["unet"])
-        text_encoder.load_state_dict(st["text_encoder"])
-        ema_unet.load_state_dict(st["ema_unet"])
-        ema_text.load_state_dict(st["ema_text"])
-        opt.load_state_dict(st["opt"])
-        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
-        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
+    objects = dict(unet=unet, text_encoder=text_encoder, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
+    pr = load_state(state_path, objects) if args.resume and state_path.exists() else Progress()
 
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
     print(
@@ -319,20 +311,7 @@ def main(argv=None):
         }
 
     def checkpoint(final=False):
-        save_state(
-            state_path,
-            {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(),
-                "ema_text": ema_text.state_dict(),
-                "opt": opt.state_dict(),
-                "step": pr.step,
-                "elapsed": pr.elapsed,
-                "loss_hist": pr.loss_hist,
-                "args": vars(args),
-            },
-        )
+        save_state(state_path, objects, pr, args=vars(args))
         save_folder(ema_unet, ema_text, tokenizer, scheduler, out, info(final))
 
     unet.train()

@@ -37,7 +37,7 @@ from examples.shapes.train_conditional import (  # noqa: E402
     training_captions,
     write_tokenizer_files,
 )
-from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
 from pipelines.families import sd3_context  # noqa: E402
 
 T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
@@ -130,14 +130,9 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
-    pr = Progress()
-    if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        for obj, key in ((transformer, "transformer"), (text_encoder, "text_encoder"), (ema_tr, "ema_transformer"),
-                         (ema_text, "ema_text"), (opt, "opt")):  # fmt: skip
-            obj.load_state_dict(st[key])
-        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
-        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
+    objects = dict(transformer=transformer, text_encoder=text_encoder, ema_transformer=ema_tr, ema_text=ema_text,
+                   opt=opt)  # fmt: skip
+    pr = load_state(state_path, objects) if args.resume and state_path.exists() else Progress()
     joint = 2 * args.text_hidden
     print(f"SD3 transformer {n_tr / 1e6:.2f}M + text encoder {n_text / 1e6:.3f}M params, captions {args.captions}, "
           f"batch {args.batch}, lr {args.lr}, budget {args.minutes} min", flush=True)  # fmt: skip
@@ -150,10 +145,7 @@ def main(argv=None):
                 "loss": "rectified flow (velocity), t logit-normal", **loop_info(args, pr, final)}  # fmt: skip
 
     def checkpoint(final=False):
-        state = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict(),
-                 "ema_transformer": ema_tr.state_dict(), "ema_text": ema_text.state_dict(), "opt": opt.state_dict(),
-                 "step": pr.step, "elapsed": pr.elapsed, "loss_hist": pr.loss_hist}  # fmt: skip
-        save_state(state_path, state)
+        save_state(state_path, objects, pr)
         save_folder(ema_tr, ema_text, tokenizer, scheduler, out, info(final))
 
     transformer.train()

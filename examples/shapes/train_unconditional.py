@@ -30,7 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
 
 
 def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
@@ -106,17 +106,14 @@ def main(argv=None):
     scheduler = build_scheduler(objective=args.objective)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in unet.parameters())
-    pr = Progress()
-    if args.resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
+    objects = dict(unet=unet, ema=ema, opt=opt)
+
+    def same_objective(st: dict) -> None:
         saved = st.get("args", {}).get("objective", "eps")
         if saved != args.objective:
             raise ValueError(f"--objective {args.objective} does not match the state {state_path} ({saved}); fix one.")
-        unet.load_state_dict(st["unet"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        pr = Progress(st["step"], st["elapsed"], st["loss_hist"])
-        print(f"resumed from {state_path} at step {pr.step} ({pr.elapsed / 60:.1f} min)", flush=True)
+
+    pr = load_state(state_path, objects, same_objective) if args.resume and state_path.exists() else Progress()
 
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32) if args.objective == "eps" else None
     n_train = scheduler.config.num_train_timesteps
@@ -140,18 +137,7 @@ def main(argv=None):
         }
 
     def checkpoint(final=False):
-        save_state(
-            state_path,
-            {
-                "unet": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "step": pr.step,
-                "elapsed": pr.elapsed,
-                "loss_hist": pr.loss_hist,
-                "args": vars(args),
-            },
-        )
+        save_state(state_path, objects, pr, args=vars(args))
         save_pipeline(ema, scheduler, out, info(final))
 
     unet.train()

@@ -92,12 +92,28 @@ def start(args, argv) -> tuple[Path, Path, str]:
     return out, state_path, command
 
 
-def save_state(state_path: Path, state: dict) -> None:
-    """Write the training state atomically (a crash mid-write leaves the previous state)."""
+def save_state(state_path: Path, objects: dict, progress: Progress, **extra) -> None:
+    """Write the training state atomically (a crash mid-write leaves the previous state): every object's state_dict
+    under its key (models, EMA copies, optimiser), the loop's progress, and `extra` as is."""
+    state = {k: o.state_dict() for k, o in objects.items()}
+    state.update(step=progress.step, elapsed=progress.elapsed, loss_hist=progress.loss_hist, **extra)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = state_path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, state_path)
+
+
+def load_state(state_path: Path, objects: dict, check: Callable[[dict], None] | None = None) -> Progress:
+    """The inverse of `save_state`: `check(state)` first (it raises on a state that does not fit), then every
+    object's state_dict from its key; returns the loop's progress."""
+    st = torch.load(state_path, map_location="cpu", weights_only=False)
+    if check is not None:
+        check(st)
+    for key, obj in objects.items():
+        obj.load_state_dict(st[key])
+    progress = Progress(st["step"], st["elapsed"], st["loss_hist"])
+    print(f"resumed from {state_path} at step {progress.step} ({progress.elapsed / 60:.1f} min)", flush=True)
+    return progress
 
 
 def budget_seconds(minutes: float | None) -> float:
