@@ -238,6 +238,44 @@ def test_conditional_training_captions():
     assert all(cap in ("", data.caption(shape=k)) for k, cap in zip(s.tolist(), shape_caps, strict=True))
 
 
+def test_joint_training_captions():
+    """The ceiling model's captions: about half name both attributes, the rest one of them, never a wrong one."""
+    from examples.shapes import train_conditional as tc
+
+    s = torch.arange(800) % 4
+    c = (torch.arange(800) // 4) % 4
+    caps = tc.training_captions(s, c, "joint", 0.1, torch.Generator().manual_seed(0))
+    both = [cap == data.caption(k, j) for k, j, cap in zip(s.tolist(), c.tolist(), caps, strict=True)]
+    single = [cap in (data.caption(shape=k), data.caption(colour=j)) for k, j, cap in
+              zip(s.tolist(), c.tolist(), caps, strict=True)]  # fmt: skip
+    empty = [cap == "" for cap in caps]
+    assert all(a + b + e == 1 for a, b, e in zip(both, single, empty, strict=True))
+    assert 0.38 < sum(both) / 800 < 0.52 and 0.38 < sum(single) / 800 < 0.52 and 0.06 < sum(empty) / 800 < 0.14
+
+
+def test_learning_rate_schedules_and_min_snr_weights():
+    from types import SimpleNamespace
+
+    from examples.shapes.training import learning_rate, snr_weights, weighted_mse
+
+    args = SimpleNamespace(lr=1e-3, warmup=10, steps=110, lr_schedule="cosine", lr_final=0.1)
+    lrs = [learning_rate(args, k) for k in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    args.lr_schedule = "constant"
+    assert learning_rate(args, 100) == 1e-3
+    alpha_bar = torch.tensor([0.999, 0.5, 0.01])
+    w = snr_weights(alpha_bar, 5.0)
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert w[0] < 0.01 and w[1] == 1 and w[2] == 1 and snr_weights(alpha_bar, 0) is None
+    pred, target = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    torch.testing.assert_close(weighted_mse(pred, target, torch.ones(3)), torch.nn.functional.mse_loss(pred, target))
+    per = (pred - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(weighted_mse(pred, target, w), (per * w).mean())
+
+
 def test_conditional_training_smoke_and_resume(tmp_path):
     from examples.shapes import train_conditional as tc
 

@@ -9,6 +9,8 @@ The SuperDiff "AND" set-up in miniature. One model whose captions name ONE attri
 * ``attribute``: every training image gets ONE caption, chosen at random: its colour ("a red shape") or its shape
   ("a circle"); never a caption naming both ("a red circle" is never seen in training).
 * ``colour``: colour captions only; ``shape``: shape captions only.
+* ``joint``: the ceiling model. Half the captions name both attributes ("a red circle"), a quarter the colour only, a
+  quarter the shape only, so it answers the joint prompt and each single-attribute prompt.
 * ``--drop`` (default 0.1) of the captions are replaced by the empty prompt "" (for classifier-free guidance).
 
 Model: diffusers ``UNet2DConditionModel`` (cross-attention at the two lower resolutions) + a transformers
@@ -40,7 +42,17 @@ if __package__ in (None, ""):
 
 from examples.shapes.data import COLOURS, SHAPES, caption, make_batch  # noqa: E402
 from examples.shapes.train_unconditional import build_scheduler  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import (  # noqa: E402
+    Progress,
+    add_loop_args,
+    load_state,
+    loop_info,
+    save_state,
+    snr_weights,
+    start,
+    train,
+    weighted_mse,
+)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # One token each. The first twelve are the ones the captions use; the rest are there so that natural prompts
@@ -50,7 +62,7 @@ WORDS: tuple[str, ...] = (
     "shapes", "of", "and", "or", "with", "one", "image", "picture", "photo", "colour", "color",
 )  # fmt: skip
 MAX_LENGTH = 16  # text encoder max_position_embeddings == tokenizer model_max_length
-CAPTION_MODES = ("attribute", "colour", "shape")
+CAPTION_MODES = ("attribute", "colour", "shape", "joint")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -227,19 +239,26 @@ def load_components(folder) -> dict:
 
 def training_captions(shape_idx, colour_idx, mode: str, drop: float, g: torch.Generator) -> list[str]:
     """One caption per image: its colour or its shape (``attribute``: chosen at random per image), never both;
-    a fraction ``drop`` replaced by ""."""
+    ``joint``: both attributes for half the images, else one of them; a fraction ``drop`` replaced by ""."""
     n = len(shape_idx)
-    if mode == "attribute":
+    if mode in ("attribute", "joint"):
         use_colour = torch.rand(n, generator=g) < 0.5
     elif mode in ("colour", "shape"):
         use_colour = torch.full((n,), mode == "colour")
     else:
         raise ValueError(f"unknown caption mode {mode!r}; expected one of {CAPTION_MODES}")
     dropped = torch.rand(n, generator=g) < drop
+    both = torch.rand(n, generator=g) < 0.5 if mode == "joint" else torch.zeros(n, dtype=torch.bool)
     out = []
-    labels = zip(shape_idx.tolist(), colour_idx.tolist(), use_colour.tolist(), dropped.tolist(), strict=True)
-    for s, c, uc, d in labels:
-        out.append("" if d else (caption(colour=c) if uc else caption(shape=s)))
+    labels = zip(shape_idx.tolist(), colour_idx.tolist(), use_colour.tolist(), dropped.tolist(), both.tolist(),
+                 strict=True)  # fmt: skip
+    for s, c, uc, d, b in labels:
+        if d:
+            out.append("")
+        elif b:
+            out.append(caption(shape=s, colour=c))
+        else:
+            out.append(caption(colour=c) if uc else caption(shape=s))
     return out
 
 
@@ -260,8 +279,21 @@ def parse_args(argv=None):
     p.add_argument("--text-hidden", type=int, default=64, help="text encoder width == cross_attention_dim")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument("--init", default=None,
+                   help="warm start: a folder written by this script (same sizes), e.g. the new shapes-text for the "
+                        "experts; its EMA weights start both the trained and the EMA copies")  # fmt: skip
     add_loop_args(p, lr=1e-3, seed=0)
     return p.parse_args(argv)
+
+
+def warm_start(folder, unet, text_encoder) -> None:
+    """Load a saved model's weights into freshly built ones; the sizes must match (a clear error if not)."""
+    comps = load_components(folder)
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        try:
+            model.load_state_dict(comps[name].state_dict())
+        except RuntimeError as err:
+            raise SystemExit(f"--init {folder}: its {name} does not match the sizes given ({err})") from err
 
 
 def main(argv=None):
@@ -271,6 +303,8 @@ def main(argv=None):
     tokenizer = build_tokenizer(state_path.parent / "tokenizer_files")
     text_encoder = build_text_encoder(tokenizer, args.text_hidden, args.text_layers, args.text_heads)
     unet = build_cond_unet(args.size, args.channels, args.layers, args.text_hidden, args.heads)
+    if args.init and not (args.resume and state_path.exists()):
+        warm_start(args.init, unet, text_encoder)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     scheduler = build_scheduler()
@@ -307,6 +341,7 @@ def main(argv=None):
             "vocabulary_words": list(WORDS),
             "unet_parameters": n_unet,
             "text_encoder_parameters": n_text,
+            "init": args.init,
             **loop_info(args, pr, final),
         }
 
@@ -329,7 +364,8 @@ def main(argv=None):
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = encode(text_encoder, tokenize(tokenizer, prompts))
-        return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, noise)
+        eps = unet(xt, t, encoder_hidden_states=ctx).sample
+        return weighted_mse(eps, noise, snr_weights(a, args.min_snr))
 
     train(pr, loss_at, opt, params, pairs, args, checkpoint)
     print(f"done: {pr.step} steps in {pr.elapsed / 60:.1f} min; saved {out} (state {state_path})", flush=True)

@@ -50,6 +50,11 @@ def add_loop_args(p: argparse.ArgumentParser, *, lr: float, seed: int) -> None:
     p.add_argument("--batch", type=_positive(int), default=32)
     p.add_argument("--lr", type=_positive(float), default=lr)
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="after the warm-up: constant, or cosine decay to --lr-final x lr at --steps")  # fmt: skip
+    p.add_argument("--lr-final", type=float, default=0.1, help="cosine schedule: final lr as a fraction of --lr")
+    p.add_argument("--min-snr", type=float, default=0.0,
+                   help="Min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: plain MSE")  # fmt: skip
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with the usual (1+n)/(10+n) warm-up)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
     p.add_argument("--steps", type=_positive(int), default=100_000, help="maximum number of optimiser steps")
@@ -69,6 +74,9 @@ def loop_info(args, progress: Progress, final: bool) -> dict:
         "batch": args.batch,
         "lr": args.lr,
         "warmup": args.warmup,
+        "lr_schedule": args.lr_schedule,
+        **({"lr_final": args.lr_final} if args.lr_schedule != "constant" else {}),
+        "min_snr_gamma": args.min_snr,
         "ema_decay": args.ema,
         "grad_clip": args.grad_clip,
         "seed": args.seed,
@@ -116,6 +124,37 @@ def load_state(state_path: Path, objects: dict, check: Callable[[dict], None] | 
     return progress
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(args, step: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): linear warm-up over `args.warmup` steps, then constant
+    or a cosine decay from `args.lr` to `args.lr_final * args.lr` at `args.steps`."""
+    warm = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    if getattr(args, "lr_schedule", "constant") == "constant" or step < args.warmup:
+        return warm
+    frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (args.lr_final + (1 - args.lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor | None:
+    """Min-SNR-gamma weights of an epsilon-prediction loss, min(SNR, gamma) / SNR per sample, with
+    SNR = alpha_bar / (1 - alpha_bar) (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+    2023): the many easy low-noise steps stop dominating the gradient. None when gamma is 0 (plain MSE)."""
+    if not gamma:
+        return None
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error; with per-sample `weights`, the weighted mean over samples of each sample's mean."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    per = (pred - target).pow(2).flatten(1).mean(1)
+    return (per * weights.flatten()).mean()
+
+
 def budget_seconds(minutes: float | None) -> float:
     return minutes * 60 if minutes else math.inf
 
@@ -142,7 +181,7 @@ def train(
         step = progress.step
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+            group["lr"] = learning_rate(args, step)
         loss = loss_at(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
