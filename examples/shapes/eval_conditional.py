@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 
 from examples.shapes.classifier import DEFAULT_DIR, load_classifier  # noqa: E402
 from examples.shapes.data import COLOURS, SHAPES, caption, save_grid  # noqa: E402
+from examples.shapes.geometry import load_geometry_judge  # noqa: E402
 from examples.shapes.train_conditional import encode, load_components, tokenize  # noqa: E402
 
 
@@ -132,6 +133,56 @@ def judge_prompt(images, prompt: str, classifier, threshold: float = 0.9) -> dic
     }
 
 
+def judge_geometric(images, prompt: str, judge, classifier=None) -> dict:
+    """The geometric judge's verdicts on one prompt's images: the share with the named colour / shape, the share
+    it cannot name a shape for ("none"), and, with the classifier, how often the two judges agree (classifier
+    argmax equal to the geometric verdict; a geometric "none" counts as a disagreement)."""
+    shape, colour = parse_prompt(prompt)
+    g_shape, g_colour = judge.predict(images)
+    share = lambda hit: hit.float().mean().item()  # noqa: E731
+    out = {
+        "geometric_named_shape": None if shape is None else share(g_shape == SHAPES.index(shape)),
+        "geometric_named_colour": None if colour is None else share(g_colour == COLOURS.index(colour)),
+        "geometric_shape_none": (g_shape < 0).float().mean().item(),
+        "geometric_colour_none": (g_colour < 0).float().mean().item(),
+        "geometric_shape_hist": {k: int((g_shape == i).sum()) for i, k in enumerate(SHAPES)},
+        "geometric_colour_hist": {k: int((g_colour == i).sum()) for i, k in enumerate(COLOURS)},
+    }
+    if classifier is not None:
+        ps, pc = classifier.predict(images)
+        out["agree_shape"] = (ps.argmax(-1) == g_shape).float().mean().item()
+        out["agree_colour"] = (pc.argmax(-1) == g_colour).float().mean().item()
+    return out
+
+
+# The retrained text models' targets (issue 29), under the geometric judge, on single-attribute prompts.
+TARGETS = {"colour": 0.98, "shape": 0.95, "none": 0.05}
+
+
+def summarize_geometric(rows: list[dict]) -> dict:
+    """Means over prompts of the geometric figures, and whether each target is met."""
+    colour = [r["geometric_named_colour"] for r in rows if r["named_colour"] is not None and r["named_shape"] is None]
+    shape = [r["geometric_named_shape"] for r in rows if r["named_shape"] is not None and r["named_colour"] is None]
+    none = [r["geometric_shape_none"] for r in rows]
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    out = {
+        "geometric_colour_prompts_named_colour": mean(colour),
+        "geometric_colour_prompts_min": min(colour) if colour else None,
+        "geometric_shape_prompts_named_shape": mean(shape),
+        "geometric_shape_prompts_min": min(shape) if shape else None,
+        "geometric_shape_none": mean(none),
+        "agree_shape": mean([r["agree_shape"] for r in rows if "agree_shape" in r]),
+        "agree_colour": mean([r["agree_colour"] for r in rows if "agree_colour" in r]),
+    }
+    out["targets"] = TARGETS
+    out["targets_met"] = {
+        "colour": None if not colour else out["geometric_colour_prompts_named_colour"] >= TARGETS["colour"],
+        "shape": None if not shape else out["geometric_shape_prompts_named_shape"] >= TARGETS["shape"],
+        "none": out["geometric_shape_none"] <= TARGETS["none"],
+    }
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder")
@@ -171,17 +222,21 @@ def main(argv=None):
         comps = load_components(folder)
         draw = lambda prompt, seed: sample_cfg(comps, prompt, args.n, args.steps, args.cfg, seed, sampler)  # noqa: E731
     clf = load_classifier(args.classifier)
+    geo = load_geometry_judge()
     rows, grids = [], []
     t0 = time.time()
     for k, prompt in enumerate(prompts):
         x = draw(prompt, args.seed + k)
-        r = judge_prompt(x, prompt, clf)
+        r = {**judge_prompt(x, prompt, clf), **judge_geometric(x, prompt, geo, clf)}
         rows.append(r)
         grids.append(x[:8])
+        named = r["geometric_named_shape"] if r["named_shape"] else r["geometric_named_colour"]
         print(
             f"{prompt!r}: accuracy {100 * r['accuracy']:.1f}%  valid {100 * r['valid_frac']:.1f}%  "
-            f"valid&correct {100 * r['valid_and_correct_frac']:.1f}%  "
-            f"shapes {r['shape_hist']}  colours {r['colour_hist']}",
+            f"valid&correct {100 * r['valid_and_correct_frac']:.1f}%  shapes {r['shape_hist']}  "
+            f"colours {r['colour_hist']} | geometric: named {_pct(named)}  none {_pct(r['geometric_shape_none'])}  "
+            f"shapes {r['geometric_shape_hist']}  agree shape {_pct(r['agree_shape'])} "
+            f"colour {_pct(r['agree_colour'])}",
             flush=True,
         )
     secs = time.time() - t0
@@ -197,6 +252,7 @@ def main(argv=None):
         "cfg": args.cfg,
         "seed": args.seed,
         "threshold": 0.9,
+        "geometric": summarize_geometric(rows),
         "sample_seconds": round(secs, 1),
         "seconds_per_image": round(secs / (args.n * len(prompts)), 3),
     }
@@ -204,12 +260,18 @@ def main(argv=None):
         f"mean accuracy {100 * res['mean_accuracy']:.1f}%, valid {100 * res['mean_valid_frac']:.1f}%, "
         f"valid&correct {100 * res['mean_valid_and_correct_frac']:.1f}%  ({secs:.0f} s)"
     )
+    geo_items = [f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in res["geometric"].items()]
+    print("geometric judge: " + ", ".join(geo_items))
     if args.save:
         out_dir = Path(args.out_dir or folder)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_grid(torch.cat(grids), out_dir / "samples.png", nrow=8, scale=4)
         (out_dir / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {out_dir / 'samples.png'} and {out_dir / 'eval.json'}")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 if __name__ == "__main__":

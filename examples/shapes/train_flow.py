@@ -110,7 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=2)
     add_loop_args(p, lr=5e-4, seed=5)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.min_snr:
+        p.error("--min-snr weights an epsilon-prediction loss; this trainer predicts the flow velocity. Drop it.")
+    return args
 
 
 def main(argv=None):

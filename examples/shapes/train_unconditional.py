@@ -30,7 +30,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from examples.shapes.data import COLOURS, SHAPES, make_batch  # noqa: E402
-from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import (  # noqa: E402
+    Progress,
+    add_loop_args,
+    load_state,
+    loop_info,
+    save_state,
+    snr_weights,
+    start,
+    train,
+    weighted_mse,
+)
 
 
 def build_unet(size: int, channels, layers: int, norm_groups: int = 8):
@@ -94,7 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 64], help="UNet block_out_channels")
     p.add_argument("--layers", type=int, default=1, help="UNet layers_per_block")
     add_loop_args(p, lr=1e-3, seed=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.min_snr and args.objective != "eps":
+        p.error("--min-snr weights the epsilon objective; with --objective flow drop it.")
+    return args
 
 
 def main(argv=None):
@@ -155,7 +168,7 @@ def main(argv=None):
             t = torch.randint(0, n_train, (args.batch,), generator=g)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = noise
+            return weighted_mse(unet(xt, t).sample, noise, snr_weights(a, args.min_snr))
         return torch.nn.functional.mse_loss(unet(xt, t).sample, target)
 
     train(pr, loss_at, opt, list(unet.parameters()), zip(ema.parameters(), unet.parameters(), strict=True), args,
