@@ -145,7 +145,7 @@ Accuracy = classifier argmax equals the attribute the prompt names; "valid" = cl
 | prompt | accuracy | valid | valid and correct | the attribute not named (argmax counts) |
 |---|---|---|---|---|
 {_prompt_rows(ev)}
-
+{_geometric_evaluation(ev)}
 `samples.png` shows the first 8 samples of each prompt, one row per prompt in the order of the table.
 """
 
@@ -263,12 +263,95 @@ _CAPTION_TEXT = {
     ),
     "colour": 'colour captions only ("a red shape", "a green shape", ...): an expert on colour',
     "shape": 'shape captions only ("a circle", "a square", ...): an expert on shape',
+    "joint": (
+        'half the training images get a caption naming both attributes ("a red circle"), the others ONE of them '
+        '(its colour "a red shape" or its shape "a circle", chosen at random)'
+    ),
 }
 _ROLE = {
     "attribute": 'the single-model AND set-up (compose "a red shape" AND "a circle" on this one model)',
     "colour": "the two-expert AND set-up, together with `shapes-text-shape`",
     "shape": "the two-expert AND set-up, together with `shapes-text-colour`",
+    "joint": (
+        'the benchmarks as the ceiling: its joint prompt ("a red circle") is what a model that WAS taught both '
+        "attributes together scores, the bound every composition of `shapes-text` is read against"
+    ),
 }
+
+
+def training_recipe(ti: dict) -> str:
+    """The learning-rate schedule, loss weighting and warm start of a run, from its train_info.json."""
+    if ti.get("lr_schedule", "constant") == "cosine":
+        lr = f"linear warm-up over {ti['warmup']} steps, then cosine decay to {ti['lr_final']} x lr at the last step"
+    else:
+        lr = "linear warm-up then constant learning rate"
+    gamma = ti.get("min_snr_gamma") or 0
+    loss = (
+        f"MSE on the noise weighted by Min-SNR-{gamma:g} (min(SNR, {gamma:g}) / SNR per sample; Hang et al. 2023)"
+        if gamma
+        else "MSE on the noise"
+    )
+    init = f"; warm start from `{ti['init']}` (its EMA weights)" if ti.get("init") else ""
+    return f"{lr}; loss: {loss}{init}"
+
+
+def loss_plot(folder: Path, state: Path | None) -> str:
+    """Write `loss.png` (the training loss, raw and a 250-step running mean) from a training-state file; the card's
+    reference to it ("" when there is neither a state file nor an earlier plot)."""
+    png = folder / "loss.png"
+    if state is not None and state.exists():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        import torch
+
+        hist = np.asarray(torch.load(state, map_location="cpu", weights_only=False)["loss_hist"], dtype=float)
+        k = min(250, len(hist))
+        mean = np.convolve(hist, np.ones(k) / k, mode="valid")
+        fig, ax = plt.subplots(figsize=(5, 2.6), dpi=100)
+        ax.plot(np.arange(1, len(hist) + 1), hist, lw=0.3, alpha=0.35, color="grey", label="loss per step")
+        ax.plot(np.arange(k, len(hist) + 1), mean, lw=1.2, color="C0", label=f"mean of {k} steps")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png)
+        plt.close(fig)
+    if not png.exists():
+        return ""
+    return "\n![training loss per step and its running mean](loss.png)\n"
+
+
+def _geometric_evaluation(ev: dict) -> str:
+    """The geometric judge's figures and the two judges' agreement, where the evaluation has them."""
+    geo = ev.get("geometric")
+    if not geo:
+        return ""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    rows = []
+    for r in ev["prompts"]:
+        named = r["geometric_named_shape"] if r["named_shape"] else r["geometric_named_colour"]
+        rows.append(f"| {r['prompt']} | {pct(named)} | {pct(r['geometric_shape_none'])} | {pct(r['accuracy'])} | "
+                    f"{pct(r['agree_shape'])} | {pct(r['agree_colour'])} |")  # fmt: skip
+    met = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in geo["targets_met"].items() if v is not None)
+    return f"""
+Under the geometric judge (`examples/shapes/geometry.py`: measured shape and colour, thresholds fitted on renders),
+on the same images: colour prompts give the named colour {pct(geo["geometric_colour_prompts_named_colour"])} of the
+time (worst prompt {pct(geo["geometric_colour_prompts_min"])}), shape prompts the named shape
+{pct(geo["geometric_shape_prompts_named_shape"])} (worst {pct(geo["geometric_shape_prompts_min"])}); it names no shape
+for {pct(geo["geometric_shape_none"])} of the images. Targets (colour >= 98%, shape >= 95%, none <= 5%): {met}. The
+two judges agree on the shape of {pct(geo["agree_shape"])} and on the colour of {pct(geo["agree_colour"])} of the
+images.
+
+| prompt | geometric: named | geometric: no shape | classifier: accuracy | agree: shape | agree: colour |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def _prompt_rows(ev: dict) -> str:
@@ -460,7 +543,16 @@ use.
 {_restore(name, eval_cmd)}{notes}"""
 
 
-def cond_card(folder: Path, notes: str) -> str:
+def _out_of_distribution(mode: str) -> str:
+    if mode == "joint":
+        return "Prompts other than its training captions (one or both attributes) are out of distribution."
+    return (
+        'Prompts other than its training captions (including "a red circle", which it has never seen) are out of '
+        "distribution."
+    )
+
+
+def cond_card(folder: Path, notes: str, state: Path | None = None) -> str:
     ti = json.loads((folder / "train_info.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
     name = folder.name
@@ -470,8 +562,10 @@ def cond_card(folder: Path, notes: str) -> str:
         for k in (
             "captions", "caption_dropout", "size", "block_out_channels", "layers_per_block", "cross_attention_heads",
             "text_hidden", "text_layers", "text_heads", "max_length", "unet_parameters", "text_encoder_parameters",
-            "batch", "lr", "warmup", "ema_decay", "grad_clip", "seed", "threads", "steps", "images_seen",
+            "batch", "lr", "warmup", "lr_schedule", "lr_final", "min_snr_gamma", "init", "ema_decay", "grad_clip",
+            "seed", "threads", "steps", "images_seen",
         )
+        if k in ti
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
     eval_cmd = _prompt_eval_cmd(name, ev)
@@ -535,13 +629,13 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 
 - Script: `examples/shapes/train_conditional.py`; exact command:
   `{ti["command"]}`
-- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; UNet and text encoder trained jointly with AdamW, linear
-  warm-up then constant learning rate, gradient clipping, EMA of both (the saved weights are the EMA ones);
-  loss: MSE on the noise; noise schedule: DDPM, linear betas 1e-4..0.02 over 1000 steps, epsilon prediction.
+- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; UNet and text encoder trained jointly with AdamW,
+  {training_recipe(ti)}; gradient clipping, EMA of both (the saved weights are the EMA ones); noise schedule: DDPM,
+  linear betas 1e-4..0.02 over 1000 steps, epsilon prediction.
 - Measured training time: {_minutes(ti["train_seconds"])} of wall-clock for {ti["steps"]} steps, on a 2-core machine
   shared with other jobs; final loss (mean of last 100 steps): {ti["final_loss_avg100"]}.
 - Resumable: `--resume` continues from the state file under `outputs/shapes/{name}/` (not shipped).
-
+{loss_plot(folder, state)}
 | hyper-parameter | value |
 |---|---|
 {hp_rows}
@@ -551,9 +645,8 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 
 A test fixture and teaching model for composing diffusion models at sampling time (e.g. SuperDiff AND of two
 prompts, on one model or across experts) where the truth of every sample can be checked with the shapes
-classifier. It is tiny and briefly trained on a toy world: expect imperfect edges, occasional malformed shapes or
-wrong attributes, and nothing at all outside that world. Prompts other than its training captions (including
-"a red circle", which it has never seen) are out of distribution. Not for any real-image use.
+classifier. It is tiny and knows only a toy world: expect occasional malformed shapes or wrong attributes, and
+nothing at all outside that world. {_out_of_distribution(mode)} Not for any real-image use.
 
 {_restore(name, eval_cmd)}{notes}"""
 
@@ -562,6 +655,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder")
     p.add_argument("--notes", default="", help="extra markdown appended to the card (e.g. visual inspection)")
+    p.add_argument("--state", default=None,
+                   help="training-state file to plot the loss curve from (loss.png; default: "
+                        "outputs/shapes/<folder name>/state.pt where it exists)")  # fmt: skip
     args = p.parse_args(argv)
     folder = Path(args.folder)
     notes = f"\n## Notes\n\n{args.notes}\n" if args.notes else ""
@@ -570,7 +666,8 @@ def main(argv=None):
     elif "transformer_parameters" in (info := json.loads((folder / "train_info.json").read_text())):
         text = flow_card(folder, notes)
     elif "captions" in info:
-        text = cond_card(folder, notes)
+        state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
+        text = cond_card(folder, notes, state)
     else:
         text = uncond_card(folder, notes)
     (folder / "README.md").write_text(text)
