@@ -5,8 +5,8 @@ score = -eps_hat / sigma_t.
 
 Modules, in dependency order (each imports only those before it; tests/test_structure.py checks it):
   options -> schedule -> predictions -> models -> operators -> solvers -> engine -> schedule_files -> grids
-  -> sampler (the one sampling loop) -> smc -> sampling -> ld3 -> toy (exact Gaussian mixtures)
-  -> learn_schedule (command line) -> thermo (schedule diagnostics).
+  -> sampler (the one sampling loop) -> smc -> verify (lifts, best-of-K, steering) -> sampling -> ld3
+  -> toy (exact Gaussian mixtures) -> learn_schedule (command line) -> thermo (schedule diagnostics).
 """
 
 from . import ld3, thermo, toy
@@ -20,10 +20,12 @@ from .sampling import SampleResult, sample
 from .schedule import NoiseSchedule
 from .smc import PoE, SMCResult, sample_smc
 from .solvers import X0Clip
+from .verify import LiftSteering, Verify
 
 __all__ = [
     "AND",
     "GRIDS",
+    "LiftSteering",
     "OR",
     "SOLVERS",
     "Average",
@@ -36,6 +38,7 @@ __all__ = [
     "Product",
     "SMCResult",
     "SampleResult",
+    "Verify",
     "X0Clip",
     "from_eps",
     "ld3",

@@ -15,8 +15,9 @@ from .options import SOLVER_ORDER, check_divergence, check_fd_eps, check_grid, c
 from .sampler import TorchDraws, run
 from .schedule import NoiseSchedule
 from .schedule_files import expression_keys
-from .smc import PoE, SMCResult, _progress, sample_smc
+from .smc import PoE, SMCResult, _progress, choose_one, sample_smc
 from .solvers import X0Clip
+from .verify import LiftSteering, Verify, best_of, lifts, random_of, score
 
 
 @dataclass
@@ -30,6 +31,8 @@ class SampleResult:
     coeffs: (steps, n, L) effective coefficient of every leaf's prediction at every step.
     node_kappa: node path ("root", "root.0", ...) -> (steps, n, K) weights of every operator node.
     timesteps: the grid (steps + 1,), float64.
+    lift, scores, candidate (with `verify`): (n, T) float64 lift of every term of the kept sample, (n, K) the score
+        of every candidate, (n,) which candidate was kept (0 .. K-1; with steering, the particle slot).
     """
 
     samples: torch.Tensor
@@ -38,6 +41,9 @@ class SampleResult:
     coeffs: torch.Tensor
     timesteps: torch.Tensor
     node_kappa: dict = field(default_factory=dict)
+    lift: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    candidate: torch.Tensor | None = None
 
 
 def sample(
@@ -60,6 +66,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, float, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
+    verify: Verify | None = None,
     **smc_options: Any,
 ) -> SampleResult | SMCResult:
     """Sample a composition of models (an operator expression, or one model) along one shared trajectory.
@@ -98,11 +105,16 @@ def sample(
         clip: clip the composed x0_hat at every step (`compose.X0Clip`, diffusers' clip_sample / thresholding).
         dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.
+        verify: `compose.verify.Verify`: report every term's lift (log q_term - log q_ref at the end) and draw
+            `candidates` samples per sample kept, chosen by their lifts (best-of-K, or steered by them). x_T then holds
+            num_samples x candidates rows, the candidates of one sample consecutive.
         smc_options: for a `compose.PoE` only (sampled by `compose.sample_smc`, which returns an `SMCResult`):
             num_particles, ess_threshold, resample_window, final, and the rejuvenation moves langevin_steps,
             langevin_step, langevin_after.
     """
     if isinstance(expr, PoE) or smc_options:
+        if verify is not None:
+            raise ValueError("verify= applies to the operators, not to particle products (PoE); drop one.")
         if not isinstance(expr, PoE):
             raise ValueError(f"{sorted(smc_options)} are options of particle products; wrap the models in PoE(...).")
         kw = dict(grid=grid, control_variate=control_variate, dtype=dtype, callback=callback, progress=progress)
@@ -121,6 +133,11 @@ def sample(
         leaves = [on_schedule(m, path) for m in composer.leaves]
         composer = Composer(expr, schedule=path, method=method, control_variate=control_variate)
     sch = composer.schedule
+    K = 1
+    if verify is not None:
+        verify.check(method)
+        term_idx, ref_idx = verify.indices(composer.leaves)
+        K = verify.candidates
     if timesteps is not None and steps is not None:
         raise ValueError("give either timesteps= (an explicit grid) or steps= (a default grid), not both.")
     expect = {**expression_keys(expr), "solver": solver if method == "ode" else "sde", "schedule": repr(sch)}
@@ -141,12 +158,14 @@ def sample(
         shape = getattr(composer.leaves[0], "sample_shape", None)
         if shape is None:
             raise ValueError("the models have no `sample_shape`; pass x_T= with the starting states.")
-        x = torch.randn((num_samples, *shape), generator=generator, dtype=torch.float64).to(dtype)
+        x = torch.randn((num_samples * K, *shape), generator=generator, dtype=torch.float64).to(dtype)
         x = x * float(sch.sigma(t0))
     else:
         x = x_T
-        if num_samples is not None and num_samples != x.shape[0]:
-            raise ValueError(f"num_samples={num_samples} does not match x_T with {x.shape[0]} samples.")
+        if num_samples is not None and num_samples * K != x.shape[0]:
+            raise ValueError(f"num_samples={num_samples} x {K} candidates does not match x_T with {x.shape[0]} rows.")
+        if x.shape[0] % K:
+            raise ValueError(f"x_T has {x.shape[0]} rows, not a multiple of candidates={K}.")
     if all(hasattr(m, "log_prob") for m in leaves):
         log_q = torch.stack([m.log_prob(x, t0).to(torch.float64) for m in leaves], dim=-1)
     else:
@@ -162,11 +181,40 @@ def sample(
         return eps, div
 
     cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
-    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,
-             network_times=t_net, offsets=offsets, clip=clip, callback=cb,
+    n = x.shape[0] // K
+    hooks = None
+    if verify is not None and verify.steer:
+        hooks = LiftSteering(n, K, term_idx, ref_idx, rule=verify.rule, strength=verify.steer,
+                             ess_threshold=verify.ess_threshold, window=verify.window)  # fmt: skip
+    draws = TorchDraws(generator)
+    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=draws, probes=hutch,
+             network_times=t_net, offsets=offsets, clip=clip, callback=cb, hooks=hooks,
              progress=_progress(progress, len(ts) - 1, f"compose.sample ({method})"))  # fmt: skip
-    return SampleResult(samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts,
-                        node_kappa=tr.node_kappa)  # fmt: skip
+    res = SampleResult(samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts,
+                       node_kappa=tr.node_kappa)  # fmt: skip
+    return res if verify is None else _verified(res, verify, term_idx, ref_idx, n, K, hooks, draws)
+
+
+def _verified(res: SampleResult, verify: Verify, term_idx, ref_idx, n: int, K: int, hooks, draws) -> SampleResult:
+    """Keep one of every image's K candidates (by `verify.select`) and report its lifts and every candidate's score."""
+    scores = score(lifts(res.log_q, term_idx, ref_idx), verify.rule)
+    if verify.select == "lift":
+        pick = best_of(scores, K)
+    elif hooks is not None:  # "random" after steering: one particle drawn by its final weight
+        pick = choose_one(hooks.log_w, draws.uniforms(n)) + K * torch.arange(n)
+    else:
+        pick = random_of(draws.uniforms(n), K)
+    return SampleResult(
+        samples=res.samples[pick],
+        log_q=res.log_q[pick],
+        kappa=res.kappa[:, pick],
+        coeffs=res.coeffs[:, pick],
+        timesteps=res.timesteps,
+        node_kappa={k: v[:, pick] for k, v in res.node_kappa.items()},
+        lift=lifts(res.log_q[pick], term_idx, ref_idx),
+        scores=scores.reshape(n, K),
+        candidate=pick - K * torch.arange(n),
+    )
 
 
 def _path_schedule(path: NoiseSchedule | str) -> NoiseSchedule:
