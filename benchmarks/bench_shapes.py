@@ -6,6 +6,8 @@
 
 AND part, for each (colour, shape) pair, e.g. (red, circle), with the same seeds for every row (seed + pair index):
   - joint prompt "a red circle" on shapes-text (a caption it has never seen: its captions name ONE attribute);
+  - the ceiling: the joint prompt on shapes-text-joint, the same model trained with captions that also name both
+    attributes (what a model that WAS taught "a red circle" scores; every composition is read against it);
   - average of scores, product (Composable Diffusion), SuperDiff AND, and the product sampled by particles
     (operator="product_smc", `--particles` per image) of "a red shape" and "a circle", on shapes-text and across
     the two experts (shapes-text-colour gets "a red shape", shapes-text-shape gets "a circle").
@@ -67,6 +69,7 @@ OR_TILES = 32  # images of every OR row kept for the grid
 PROGRESS_EVERY = 30.0  # seconds between progress lines inside a row
 PIPE_NAMES = {
     "text": "shapes-text",
+    "joint": "shapes-text-joint (ceiling)",
     "experts": "colour + shape experts",
     "flow": "shapes-text-flow",
     "a": "shapes-uncond-a",
@@ -179,7 +182,10 @@ def and_metrics(verdicts: dict, pairs: list, per_pair: int, n_boot: int = 2000) 
     out["per_pair"] = []
     for p, (colour, shape) in enumerate(pairs):
         sel = strata == p
-        pp = rates({f"{j}.{k}": ok[j][k][sel] for j in JUDGES for k in ("both", "colour", "shape")}, None, n_boot)
+        cols_p = {f"{j}.{k}": ok[j][k][sel] for j in JUDGES for k in ("both", "colour", "shape")}
+        cols_p["agree.colour"] = cols["agree.colour"][sel]
+        cols_p["agree.shape"] = cols["agree.shape"][sel]
+        pp = rates(cols_p, None, n_boot)
         rec = {"pair": f"{colour} {shape}"}
         for k, v in pp.items():
             j, name = k.split(".")
@@ -236,7 +242,7 @@ def and_clamped(a, b):
 
 
 def and_rows(
-    text=True, experts=True, flow=True, particles=4, divergence="hutchinson_fd", solver="euler", probes=1
+    text=True, experts=True, flow=True, particles=4, divergence="hutchinson_fd", solver="euler", probes=1, joint=True
 ) -> list[dict]:
     """The AND rows: for each pipeline and operator, an SDE and an ODE row (or the refusal of one)."""
     ops = [
@@ -247,10 +253,11 @@ def and_rows(
         ("product_smc", dict(operator="product_smc", num_particles=particles)),
     ]
     rows = []
-    for pipe, on in (("text", text), ("experts", experts), ("flow", flow)):
+    for pipe, on in (("joint", joint), ("text", text), ("experts", experts), ("flow", flow)):
         if not on:
             continue
-        for name, kw in ([("joint prompt", dict())] if pipe in ("text", "flow") else []) + ops:
+        pipe_ops = [] if pipe == "joint" else ops
+        for name, kw in ([("joint prompt", dict())] if pipe in ("joint", "text", "flow") else []) + pipe_ops:
             for method in ("sde", "ode"):
                 mkw, tag = method_kw(method, divergence, solver, probes)
                 if kw.get("operator") == "product_smc":
@@ -301,7 +308,7 @@ def build_rows(args) -> list[tuple[int, dict]]:
 def row_weight(row: dict, steps: int, args) -> float:
     """A priori UNet rows of a row (its images x steps x rows per image and step): only for the time estimate."""
     per = row["terms"] * (1 + args.probes if row["method"] == "ode" else 1)
-    per += {"text": 1, "experts": 2, "flow": 1}.get(row["pipe"], 0)  # unconditional rows under guidance
+    per += {"text": 1, "joint": 1, "experts": 2, "flow": 1}.get(row["pipe"], 0)  # unconditional rows under guidance
     if row["kw"] and row["kw"].get("operator") == "product_smc":
         per *= args.particles
     if row["pipe"] is None:
@@ -360,6 +367,7 @@ def train_steps(folder: Path) -> int | None:
 
 MODEL_NAMES = dict(
     text=["shapes-text"],
+    joint=["shapes-text-joint"],
     experts=["shapes-text-colour", "shapes-text-shape"],
     flow=["shapes-text-flow"],
     a=["shapes-uncond-a"],
@@ -734,6 +742,7 @@ def markdown(result: dict) -> str:
             f"{min(ks['min']):.2f} to {max(ks['max']):.2f}; non-finite images {r.get('nonfinite', 0)}, saturated "
             f"{r.get('saturated', 0)}"
         )
+    lines += judge_sanity(result)
     smc = [r for r in result["and"] if "smc" in r]
     for r in smc:
         s = r["smc"]
@@ -744,6 +753,39 @@ def markdown(result: dict) -> str:
     ts = cfg["train_steps"]
     lines.append("Training steps of the models: " + ", ".join(f"{k} {v}" for k, v in ts.items()))
     return "\n".join(lines)
+
+
+def judge_sanity(result: dict) -> list[str]:
+    """The judges' agreement per prompt pair: how often the classifier's and the geometric judge's labels agree on
+    shape and on colour, over every AND row of each model set (and per pair over all of them). Where they agree
+    less than 0.9, one judge is wrong on these images: look at them before reading the rates."""
+    rows = [r for r in result["and"] if r.get("per_pair") and "agree" in r["per_pair"][0]]
+    if not rows:
+        return []
+    pairs = [d["pair"] for d in rows[0]["per_pair"]]
+    sets = list(dict.fromkeys(r["models"] for r in rows))
+    lines = [
+        "",
+        "Judge sanity: share of images on which the two judges give the same shape / the same colour label, per "
+        "prompt pair, pooled over every AND row of the model set (a geometric 'none' agrees with nothing):",
+        "",
+        "| models | rows | " + " | ".join(pairs) + " | all |",
+        "|---|---:|" + "---:|" * (len(pairs) + 1),
+    ]
+
+    def pooled(sel: list[dict], k: int | None, what: str) -> float:
+        per = [d for r in sel for d in (r["per_pair"] if k is None else [r["per_pair"][k]])]
+        return sum(d["agree"][what]["rate"] for d in per) / len(per)
+
+    for name in [*sets, None]:
+        sel = rows if name is None else [r for r in rows if r["models"] == name]
+        cells = [f"{pooled(sel, k, 'shape'):.2f} / {pooled(sel, k, 'colour'):.2f}" for k in range(len(pairs))]
+        cells.append(f"{pooled(sel, None, 'shape'):.2f} / {pooled(sel, None, 'colour'):.2f}")
+        lines.append(f"| {name or 'all'} | {len(sel)} | " + " | ".join(cells) + " |")
+    low = [(r["key"], d["pair"]) for r in rows for d in r["per_pair"]
+           if min(d["agree"]["shape"]["rate"], d["agree"]["colour"]["rate"]) < 0.9]  # fmt: skip
+    lines.append(f"Rows x pairs below 0.9 agreement on shape or colour: {len(low)} of {len(rows) * len(pairs)}.")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

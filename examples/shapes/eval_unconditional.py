@@ -69,6 +69,24 @@ def judge(images: torch.Tensor, classifier, threshold: float = 0.9) -> dict:
     }
 
 
+def judge_geometric(images: torch.Tensor, trained_on: list[str] | None) -> dict:
+    """The geometric judge's verdicts: "valid" = a shape and a colour it can name (issue 29's target: >= 0.9), the
+    share of named shapes among the trained ones, and its shape histogram."""
+    from examples.shapes.geometry import load_geometry_judge
+
+    s, c = load_geometry_judge().predict(images)
+    valid = (s >= 0) & (c >= 0)
+    out = {
+        "valid_frac": valid.float().mean().item(),
+        "shape_none_frac": (s < 0).float().mean().item(),
+        "shape_hist": {name: int((s == k).sum()) for k, name in enumerate(SHAPES)},
+    }
+    if trained_on:
+        in_set = torch.tensor([k >= 0 and SHAPES[k] in trained_on for k in s.tolist()])
+        out["valid_and_in_trained_shapes_frac"] = (in_set & valid).float().mean().item()
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder")
@@ -95,6 +113,7 @@ def main(argv=None):
         res["trained_shapes"] = trained_on
         res["in_trained_shapes_frac"] = in_set.float().mean().item()
         res["valid_and_in_trained_shapes_frac"] = (in_set & res["_valid"]).float().mean().item()
+    res["geometric"] = judge_geometric(x, trained_on)
     res.update({"sampler": args.sampler, "steps": args.steps, "seed": args.seed, "sample_seconds": round(t_sample, 1)})
     public = {k: v for k, v in res.items() if not k.startswith("_")}
     print(json.dumps(public, indent=2))
