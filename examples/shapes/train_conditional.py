@@ -51,6 +51,7 @@ from examples.shapes.training import (  # noqa: E402
     snr_weights,
     start,
     train,
+    warm_start,
     weighted_mse,
 )
 
@@ -279,21 +280,19 @@ def parse_args(argv=None):
     p.add_argument("--text-hidden", type=int, default=64, help="text encoder width == cross_attention_dim")
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--text-heads", type=int, default=4)
-    p.add_argument("--init", default=None,
-                   help="warm start: a folder written by this script (same sizes), e.g. the new shapes-text for the "
-                        "experts; its EMA weights start both the trained and the EMA copies")  # fmt: skip
     add_loop_args(p, lr=1e-3, seed=0)
     return p.parse_args(argv)
 
 
-def warm_start(folder, unet, text_encoder) -> None:
-    """Load a saved model's weights into freshly built ones; the sizes must match (a clear error if not)."""
-    comps = load_components(folder)
-    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
-        try:
-            model.load_state_dict(comps[name].state_dict())
-        except RuntimeError as err:
-            raise SystemExit(f"--init {folder}: its {name} does not match the sizes given ({err})") from err
+def init_loaders(unet, text_encoder) -> dict:
+    """`training.warm_start`'s models of this trainer: the UNet and the text encoder of a folder it wrote."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return {
+        "unet": (unet, lambda f: UNet2DConditionModel.from_pretrained(f, subfolder="unet")),
+        "text_encoder": (text_encoder, lambda f: CLIPTextModel.from_pretrained(f, subfolder="text_encoder")),
+    }
 
 
 def main(argv=None):
@@ -304,7 +303,7 @@ def main(argv=None):
     text_encoder = build_text_encoder(tokenizer, args.text_hidden, args.text_layers, args.text_heads)
     unet = build_cond_unet(args.size, args.channels, args.layers, args.text_hidden, args.heads)
     if args.init and not (args.resume and state_path.exists()):
-        warm_start(args.init, unet, text_encoder)
+        warm_start(args.init, init_loaders(unet, text_encoder))
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     scheduler = build_scheduler()

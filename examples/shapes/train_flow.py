@@ -37,7 +37,16 @@ from examples.shapes.train_conditional import (  # noqa: E402
     training_captions,
     write_tokenizer_files,
 )
-from examples.shapes.training import Progress, add_loop_args, load_state, loop_info, save_state, start, train  # noqa: E402
+from examples.shapes.training import (  # noqa: E402
+    Progress,
+    add_loop_args,
+    load_state,
+    loop_info,
+    save_state,
+    start,
+    train,
+    warm_start,
+)
 from pipelines.families import sd3_context  # noqa: E402
 
 T5_TOKENS = 4  # zero tokens in SD3's T5 slot (no T5 encoder); ComposePipeline reads it from model_index.json
@@ -126,6 +135,14 @@ def main(argv=None):
     base = build_text_encoder(tokenizer, args.text_hidden, args.text_layers)
     text_encoder = CLIPTextModelWithProjection(base.config)  # the same architecture, with its projection
     transformer = build_transformer(args.size, args.patch, args.layers, args.heads, args.head_dim, args.text_hidden)
+    if args.init and not (args.resume and state_path.exists()):
+        from diffusers import SD3Transformer2DModel
+
+        warm_start(args.init, {
+            "transformer": (transformer, lambda f: SD3Transformer2DModel.from_pretrained(f, subfolder="transformer")),
+            "text_encoder": (text_encoder,
+                             lambda f: CLIPTextModelWithProjection.from_pretrained(f, subfolder="text_encoder")),
+        })  # fmt: skip
     ema_tr = copy.deepcopy(transformer).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -145,6 +162,7 @@ def main(argv=None):
                 "patch_size": args.patch, "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                 "text_hidden": args.text_hidden, "text_layers": args.text_layers, "t5_tokens": T5_TOKENS,
                 "vocabulary_words": list(WORDS), "transformer_parameters": n_tr, "text_encoder_parameters": n_text,
+                "init": args.init,
                 "loss": "rectified flow (velocity), t logit-normal", **loop_info(args, pr, final)}  # fmt: skip
 
     def checkpoint(final=False):

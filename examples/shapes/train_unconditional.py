@@ -39,6 +39,7 @@ from examples.shapes.training import (  # noqa: E402
     snr_weights,
     start,
     train,
+    warm_start,
     weighted_mse,
 )
 
@@ -115,6 +116,10 @@ def main(argv=None):
     out, state_path, command = start(args, argv)
 
     unet = build_unet(args.size, args.channels, args.layers)
+    if args.init and not (args.resume and state_path.exists()):
+        from diffusers import UNet2DModel
+
+        warm_start(args.init, {"unet": (unet, lambda f: UNet2DModel.from_pretrained(f, subfolder="unet"))})
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = build_scheduler(objective=args.objective)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
@@ -146,6 +151,7 @@ def main(argv=None):
             "block_out_channels": args.channels,
             "layers_per_block": args.layers,
             "parameters": n_params,
+            "init": args.init,
             **loop_info(args, pr, final),
         }
 

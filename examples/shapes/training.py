@@ -66,6 +66,9 @@ def add_loop_args(p: argparse.ArgumentParser, *, lr: float, seed: int) -> None:
     p.add_argument("--save-every-minutes", type=_positive(float), default=5.0)
     p.add_argument("--state", default=None, help="training-state file (default outputs/shapes/<out name>/state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from --state if it exists")
+    p.add_argument("--init", default=None,
+                   help="warm start: a folder this trainer wrote (same sizes); its saved (EMA) weights start both the "
+                        "trained and the EMA copies (ignored when --resume finds a state)")
 
 
 def loop_info(args, progress: Progress, final: bool) -> dict:
@@ -153,6 +156,19 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
         return torch.nn.functional.mse_loss(pred, target)
     per = (pred - target).pow(2).flatten(1).mean(1)
     return (per * weights.flatten()).mean()
+
+
+def warm_start(folder, models: dict) -> None:
+    """`--init FOLDER`: load a trained folder's weights into freshly built models of the same sizes.
+
+    models: {name: (model, loader)} with loader(folder) -> the saved model of that name (e.g. a diffusers
+    `from_pretrained(folder, subfolder=...)`); a size mismatch is an error naming the folder and the model."""
+    for name, (model, loader) in models.items():
+        try:
+            model.load_state_dict(loader(folder).state_dict())
+        except (RuntimeError, OSError, ValueError) as err:
+            raise SystemExit(f"--init {folder}: its {name} does not fit the sizes given ({err})") from err
+    print(f"warm start from {folder}: {', '.join(models)}", flush=True)
 
 
 def budget_seconds(minutes: float | None) -> float:
