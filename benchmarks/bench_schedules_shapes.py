@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3  # noqa: E402
-from pipelines.compose_models import DiffusersUnconditional  # noqa: E402
+from pipelines.unconditional import DiffusersUnconditional  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"

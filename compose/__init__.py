@@ -4,13 +4,13 @@ Conventions (docs/MATH.md): t in [0, 1] with data at t = 0; x_t = alpha_t x_0 + 
 score = -eps_hat / sigma_t.
 
 Modules, in dependency order (each imports only those before it; tests/test_structure.py checks it):
-  options -> schedule -> predictions -> models -> operators -> solvers -> engine -> schedule_files -> grids
-  -> sampler (the one sampling loop) -> smc -> sampling -> ld3 -> toy (exact Gaussian mixtures)
+  options -> schedule -> predictions -> models -> operators -> solvers -> composer -> schedule_files -> grids
+  -> loop (the one sampling loop) -> smc -> sampling -> ld3 -> toy (exact Gaussian mixtures)
   -> learn_schedule (command line) -> thermo (schedule diagnostics).
 """
 
 from . import ld3, thermo, toy
-from .engine import Composer
+from .composer import Composer
 from .grids import make_grid, resolve_grid
 from .models import OnSchedule, on_schedule
 from .operators import AND, OR, Average, Expr, Guided, Product

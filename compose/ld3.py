@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, leaf_divergences
+from .composer import Composer, leaf_divergences
 from .grids import make_grid
+from .loop import TorchDraws, run
 from .models import model_eps, model_x0
 from .operators import AND, OR, Expr
 from .options import GRIDS, SOLVER_ORDER, check_probes, check_solver
 from .predictions import bcast
-from .sampler import TorchDraws, run
 from .schedule import NoiseSchedule
 
 # Schedule files live in compose.schedule_files; their names are kept here, where LD3's users look for them.
@@ -90,7 +90,7 @@ def solve(
     solver_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Probability-flow ODE along ts with `solver` ("euler", "ddim", "dpm2m" or "unipc"), differentiable in x, ts
-    and the solver offsets: `compose.sampler.run`, the loop every sampler uses.
+    and the solver offsets: `compose.loop.run`, the loop every sampler uses.
 
     x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad; ending at 0: the data);
     network_times: (N,) times fed to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND

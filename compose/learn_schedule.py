@@ -1,7 +1,7 @@
 """Command line of `compose.ld3`: `python -m compose.learn_schedule --help` (learn an N-step schedule, write JSON).
 
 Models: the 2-D toy mixtures (`toy:A`, `toy:B`) or diffusers unconditional folders (loaded through
-`pipelines.compose_models`, the only place this command imports diffusers).
+`pipelines.unconditional`, the only place this command imports diffusers).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .engine import Composer
+from .composer import Composer
 from .ld3 import learn_schedule, load_schedule, save_schedule, transfer_schedule
 from .operators import AND, OR, Average
 from .options import GRIDS, SOLVERS
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--model {spec}: the toy models are {['toy:' + k for k in toys]}.")
             models.append(toys[spec[4:]])
         else:
-            from pipelines.compose_models import DiffusersUnconditional  # the command line reaches into diffusers
+            from pipelines.unconditional import DiffusersUnconditional  # the command line reaches into diffusers
 
             models.append(DiffusersUnconditional(spec))
     ops = {"or": OR, "and": AND}

@@ -2,7 +2,7 @@
 
 Every node reduces, at one (x, t), to coefficients c (n, L) over the L leaf predictions: the composed prediction
 is eps_bar = sum_l c_l eps_l. Each leaf's log-density increment over the step is affine in c,
-    dlogq = Q c + r        (Q: (n, L, L), r: (n, L); see `compose.engine`),
+    dlogq = Q c + r        (Q: (n, L, L), r: (n, L); see `compose.composer`),
 so every operator is a cheap function of (Q, r, log q) and never touches the big tensors.
 
 Tracked log-density of an inner node (what a parent sees when operators nest):

@@ -1,4 +1,4 @@
-"""`compose.sample`: a composed expression of callable models along one shared trajectory (`compose.sampler.run`)."""
+"""`compose.sample`: a composed expression of callable models along one shared trajectory (`compose.loop.run`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, leaf_divergences
+from .composer import Composer, leaf_divergences
 from .grids import resolve_grid
+from .loop import TorchDraws, run
 from .models import model_eps, model_x0, on_schedule
 from .options import SOLVER_ORDER, check_divergence, check_fd_eps, check_grid, check_method, check_probes, check_solver
-from .sampler import TorchDraws, run
 from .schedule import NoiseSchedule
 from .schedule_files import expression_keys
 from .smc import PoE, SMCResult, _progress, sample_smc
@@ -94,7 +94,7 @@ def sample(
         probes: number of Hutchinson probes per step.
         generator: a torch.Generator for x_T, the SDE noise and the probes (same seed, same output).
         fd_eps: the finite-difference step of "hutchinson_fd", relative to sigma_t (e = fd_eps * sigma_t).
-        control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.engine`).
+        control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.composer`).
         clip: clip the composed x0_hat at every step (`compose.X0Clip`, diffusers' clip_sample / thresholding).
         dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.

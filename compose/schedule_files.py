@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .engine import common_schedule
+from .composer import common_schedule
 from .models import model_name
 from .operators import Expr, Guided
 from .options import check_grid

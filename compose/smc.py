@@ -46,12 +46,12 @@ from typing import Any
 
 import torch
 
-from .engine import Composer
+from .composer import Composer
 from .grids import resolve_grid
+from .loop import Draws, Hooks, StepInfo, TorchDraws, run
 from .models import model_eps, model_name, model_x0
 from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
 from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
-from .sampler import Draws, Hooks, StepInfo, TorchDraws, run
 
 
 class PoE(Expr):
@@ -431,7 +431,7 @@ def langevin_groups(after: str, resampled: torch.Tensor, t_next: float, window: 
 
 # ---------------------------------------------------------------------- the sampler
 class ParticleHooks(Hooks):
-    """The particle sampler as hooks of `compose.sampler.run`: Feynman-Kac weights, resampling, Langevin moves.
+    """The particle sampler as hooks of `compose.loop.run`: Feynman-Kac weights, resampling, Langevin moves.
 
     x in the loop holds the n K particles group-major. Every step but the last (the step to the data, which maps
     each particle to its x0_hat) adds the log-weight increment, resamples the groups whose ESS fell, and, with

@@ -9,7 +9,7 @@ A step goes from t_cur to t_next of the shared schedule. Two first-order steps, 
         SDE  y' = y + 2 (s' - s) eps_bar + sqrt(2 s (s - s')) z  (Euler-Maruyama in s: SuperDiff's reference update).
 Both are written, for the density bookkeeping, with one rate rho in eps units (`StepRates`): the SDE moves x by
 sigma (-rho eps_bar + sqrt(rho) z) and the ODE by -sigma rho eps_bar / 2 beside the linear part, with
-rho = h g^2 / sigma^2 (euler) or rho = 2 (s - s') / s (ddim). Every density formula of `compose.engine` then holds
+rho = h g^2 / sigma^2 (euler) or rho = 2 (s - s') / s (ddim). Every density formula of `compose.composer` then holds
 for both with that rho.
 
 The step to the data (t_next = 0) is always x' = x0_hat of the composed prediction, the first-order step to
@@ -225,7 +225,7 @@ class X0Clip:
         s = the ratio-quantile of |x0| clamped to [1, sample_max_value], x0 -> clamp(x0, -s, s) / s. It takes
         precedence over clip_sample, as in diffusers.
     How a step uses the clipped x0_hat: `solver_step`. The operators' weights are solved for the unclipped step and
-    every model's log q is then moved along the clipped step actually taken (`compose.sampler`: the Ito and ODE
+    every model's log q is then moved along the clipped step actually taken (`compose.loop`: the Ito and ODE
     increments hold for any displacement, to first order), so the tracked densities are those of the path the
     samples follow, not of the unclipped drift.
     """

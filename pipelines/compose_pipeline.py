@@ -3,7 +3,7 @@
 The pipeline is thin (house style 6): it maps prompts / checkpoints to the leaves of a `compose` expression, encodes
 their conditioning once (`pipelines.families`), evaluates every network once per step on all of its rows (the terms
 that use it, the unconditional branch of classifier-free guidance and, for `divergence="hutchinson_fd"`, the probe
-points; `NetworkGroups`), and hands the rest to the one sampling loop, `compose.sampler.run` (docs/MATH.md sections
+points; `NetworkGroups`), and hands the rest to the one sampling loop, `compose.loop.run` (docs/MATH.md sections
 3-5).
 
 Terms. `prompt` is the list of things to compose, not a batch: one checkpoint and several prompts gives one term per
@@ -43,16 +43,17 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import compose
 from compose import options as O
-from compose.engine import Composer
+from compose.composer import Composer
 from compose.grids import is_schedule_file, resolve_grid
+from compose.loop import run
 from compose.operators import Expr
-from compose.sampler import run
 from compose.schedule_files import expression_keys
 from compose.smc import ParticleHooks
 from compose.solvers import X0Clip
 
 from . import lora as lora_experts
-from .families import COMPONENTS, FLUX, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
+from .batching import UNCOND, Leaf, NetworkGroups, forward_ad_ready
+from .families import COMPONENTS, FLUX, ComposeModel
 from .loading import (
     MODELS_FILE,
     check_latent_spaces,
@@ -103,7 +104,7 @@ class ComposePipelineOutput(BaseOutput):
 
 
 class PipelineDraws:
-    """`compose.sampler.Draws` with diffusers' conventions: `randn_tensor` in float32, one generator or one per image
+    """`compose.loop.Draws` with diffusers' conventions: `randn_tensor` in float32, one generator or one per image
     (rows of one image drawn from its own generator, so an image does not depend on the others)."""
 
     def __init__(self, generator: Any, device: Any) -> None:
@@ -643,7 +644,7 @@ class ComposePipeline(DiffusionPipeline):
             x = x / math.sqrt(poe.total_exponent)  # the product of M priors N(0, sigma^2) is N(0, sigma^2 / A)
         log_q = composer.initial_log_q(x, float(ts[0]))
 
-        # 6. sample: one batched call per network and step, the maths in compose.sampler.run
+        # 6. sample: one batched call per network and step, the maths in compose.loop.run
         def predict(x_in: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
             fd_e = fd_eps * float(sch.sigma(t))
             return groups.predict(x_in, t, sch, zeta=zeta, divergence=divergence if zeta is not None else None,

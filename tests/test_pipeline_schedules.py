@@ -9,7 +9,7 @@ import torch
 
 import compose
 from compose import ld3
-from pipelines.compose_models import DiffusersUnconditional
+from pipelines.unconditional import DiffusersUnconditional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = os.path.join(ROOT, "model_cards", "shapes-uncond-a")

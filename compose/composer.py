@@ -139,7 +139,7 @@ class Composer:
                 r = r - (0.5 * rho * sigma**2 / (rates.alpha**2 + sigma**2)) * (zz - d)[:, None]
         else:
             if div_eps is None and not deterministic:
-                raise ValueError("div_eps (L, n) is required for method='ode'; see compose.engine.divergence.")
+                raise ValueError("div_eps (L, n) is required for method='ode'; see compose.composer.divergence.")
             Q = (0.5 * rho) * G
             r = d * rates.common - 0.5 * rho * diag
             if div_eps is not None:

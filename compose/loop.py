@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .engine import Composer, rademacher
+from .composer import Composer, rademacher
 from .solvers import Multistep, X0Clip, first_order, is_final, solver_step, step_rates
 
 Predict = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
