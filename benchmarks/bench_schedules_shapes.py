@@ -556,7 +556,7 @@ def parse_args(argv=None):
     for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk", "probes", "teacher_probes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
-    order = max(compose.options.SOLVER_ORDER[s] for s in [a.solver, *a.compare_solvers])
+    order = max(compose.options.SOLVER_TABLE[s].order for s in [a.solver, *a.compare_solvers])
     if min(a.nfe) < order:
         raise SystemExit(
             f"--nfe: the solvers {[a.solver, *a.compare_solvers]} need at least {order} steps; got {a.nfe}"

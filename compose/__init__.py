@@ -6,20 +6,58 @@ score = -eps_hat / sigma_t.
 Modules, in dependency order (each imports only those before it; tests/test_structure.py checks it):
   options -> schedule -> predictions -> models -> operators -> solvers -> composer -> schedule_files -> grids
   -> loop (the one sampling loop) -> smc -> sampling -> ld3 -> toy (exact Gaussian mixtures)
-  -> learn_schedule (command line) -> thermo (schedule diagnostics).
+  -> learn_schedule (points to the command line) -> thermo (schedule diagnostics).
+
+The names below are loaded on first use (PEP 562), so `compose.options` (the option names and their checks) loads
+without torch; `import compose` and `from compose import OR` work as usual.
 """
 
-from . import ld3, thermo, toy
-from .composer import Composer
-from .grids import make_grid, resolve_grid
-from .models import OnSchedule, on_schedule
-from .operators import AND, OR, Average, Expr, Guided, Product
-from .options import GRIDS, SOLVERS
-from .predictions import from_eps, normalize_prediction_type, to_eps
-from .sampling import SampleResult, sample
-from .schedule import NoiseSchedule
-from .smc import PoE, SMCResult, sample_smc
-from .solvers import X0Clip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import ld3, thermo, toy
+    from .composer import Composer
+    from .grids import make_grid, resolve_grid
+    from .models import OnSchedule, on_schedule
+    from .operators import AND, OR, Average, Expr, Guided, Product
+    from .options import GRIDS, SOLVERS
+    from .predictions import from_eps, normalize_prediction_type, to_eps
+    from .sampling import SampleResult, sample
+    from .schedule import NoiseSchedule
+    from .smc import PoE, SMCResult, sample_smc
+    from .solvers import X0Clip
+
+# name -> the module that defines it
+_EXPORTS = {
+    "AND": "operators",
+    "GRIDS": "options",
+    "OR": "operators",
+    "SOLVERS": "options",
+    "Average": "operators",
+    "Composer": "composer",
+    "Expr": "operators",
+    "Guided": "operators",
+    "NoiseSchedule": "schedule",
+    "OnSchedule": "models",
+    "PoE": "smc",
+    "Product": "operators",
+    "SMCResult": "smc",
+    "SampleResult": "sampling",
+    "X0Clip": "solvers",
+    "from_eps": "predictions",
+    "make_grid": "grids",
+    "normalize_prediction_type": "predictions",
+    "on_schedule": "models",
+    "resolve_grid": "grids",
+    "sample": "sampling",
+    "sample_smc": "smc",
+    "to_eps": "predictions",
+}
+_MODULES = ("composer", "grids", "ld3", "learn_schedule", "loop", "models", "operators", "options", "predictions",
+            "sampling", "schedule", "schedule_files", "smc", "solvers", "thermo", "toy")  # fmt: skip
 
 __all__ = [
     "AND",
@@ -49,3 +87,18 @@ __all__ = [
     "to_eps",
     "toy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_MODULES})

@@ -38,8 +38,8 @@ from .composer import Composer, leaf_divergences
 from .grids import make_grid
 from .loop import TorchDraws, run
 from .models import model_eps, model_x0
-from .operators import AND, OR, Expr
-from .options import GRIDS, SOLVER_ORDER, check_probes, check_solver
+from .operators import Expr
+from .options import GRIDS, SOLVER_TABLE, check_probes, check_solver
 from .predictions import bcast
 from .schedule import NoiseSchedule
 
@@ -72,7 +72,7 @@ def _math_attention():
 
 
 def _tracks_density(expr: Any) -> bool:
-    return isinstance(expr, Expr) and any(isinstance(n, (OR, AND)) for n in expr.nodes())
+    return isinstance(expr, Expr) and any(n.reads_log_q for n in expr.nodes())
 
 
 def solve(
@@ -210,13 +210,15 @@ def _distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters, lr, batch_size) -> tuple:
     """ValueError for bad `learn_schedule` arguments; returns (init name, (grid, network times, offsets) or None)."""
     check_solver(solver, "ode")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, SOLVER_ORDER[solver]):
+    order = SOLVER_TABLE[solver].order
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, order):
         raise ValueError(
-            f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
-            f"nfe >= {max(2, SOLVER_ORDER[solver])} (network evaluations, the last one before the step to the data)."
+            f"nfe={nfe!r} is too small for solver={solver!r} (order {order}); use nfe >= {max(2, order)} (network "
+            "evaluations, the last one before the step to the data)."
         )
-    if solver_offsets and solver not in ("dpm2m", "unipc"):
-        raise ValueError(f"solver_offsets=True needs solver 'dpm2m' or 'unipc' (multistep); got solver={solver!r}.")
+    if solver_offsets and not SOLVER_TABLE[solver].learnable_offsets:
+        names = " or ".join(repr(s.name) for s in SOLVER_TABLE.values() if s.learnable_offsets)
+        raise ValueError(f"solver_offsets=True needs solver {names} (multistep); got solver={solver!r}.")
     start = None
     if isinstance(init, dict):
         if "grid" not in init:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from .composer import Composer, rademacher
+from .options import solver_record
 from .solvers import Multistep, X0Clip, first_order, is_final, solver_step, step_rates
 
 Predict = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -167,8 +168,9 @@ def run(
     draws = draws or TorchDraws()
     sch = composer.schedule
     method = composer.method
-    first_kind = solver if solver in ("euler", "ddim") else "euler"
-    multistep = Multistep(solver) if solver in ("dpm2m", "unipc") else None
+    record = solver_record(solver)
+    first_kind = record.density_step
+    multistep = Multistep(solver) if record.multistep else None
     n_steps = ts.numel() - 1
     span = float(ts[0].detach() - ts[-1].detach())
     root = composer.root.path if composer.root is not None else None

@@ -12,7 +12,15 @@ from .composer import Composer, leaf_divergences
 from .grids import resolve_grid
 from .loop import TorchDraws, run
 from .models import model_eps, model_x0, on_schedule
-from .options import SOLVER_ORDER, check_divergence, check_fd_eps, check_grid, check_method, check_probes, check_solver
+from .options import (
+    check_divergence,
+    check_fd_eps,
+    check_grid,
+    check_grid_length,
+    check_method,
+    check_probes,
+    check_solver,
+)
 from .schedule import NoiseSchedule
 from .schedule_files import expression_keys
 from .smc import PoE, SMCResult, _progress, sample_smc
@@ -129,11 +137,7 @@ def sample(
         ts, t_net, offsets = check_grid(timesteps, "timesteps"), None, None
     else:
         ts, t_net, offsets = resolve_grid(sch, grid, steps, expect=expect, default_steps=500, probes=hutch)
-    if len(ts) - 1 < SOLVER_ORDER[solver]:
-        raise ValueError(
-            f"solver={solver!r} (order {SOLVER_ORDER[solver]}) needs at least {SOLVER_ORDER[solver]} steps; the grid "
-            f"has {len(ts) - 1}."
-        )
+    check_grid_length(ts, solver)
     t0 = float(ts[0])
     if x_T is None:
         if num_samples is None:

@@ -24,7 +24,7 @@ import torch
 from .composer import common_schedule
 from .models import model_name
 from .operators import Expr, Guided
-from .options import check_grid
+from .options import SOLVER_TABLE, check_grid, solver_record
 
 FORMAT = "compose-schedule/2"
 FORMATS = ("compose-schedule/1", FORMAT)
@@ -159,7 +159,7 @@ def solver_offset_mask(solver: str, nfe: int) -> torch.Tensor:
     """
     mask = torch.zeros(nfe, 3, dtype=torch.float64)
     mask[1 : nfe - 1, 0] = 1.0
-    if solver == "unipc":
+    if solver_record(solver).corrector:
         mask[1 : nfe - 1, 2] = 1.0
         mask[2 : nfe - 1, 1] = 1.0
     return mask
@@ -167,8 +167,9 @@ def solver_offset_mask(solver: str, nfe: int) -> torch.Tensor:
 
 def check_solver_offsets(off: Any, solver: str, nfe: int, name: str) -> None:
     """Learned solver coefficients must be a finite (nfe, 3) table, zero where the solver uses none."""
-    if solver not in ("dpm2m", "unipc"):
-        raise ValueError(f"{name}: learned solver coefficients exist for 'dpm2m' and 'unipc', not solver={solver!r}.")
+    if not solver_record(solver).learnable_offsets:
+        names = " and ".join(repr(s.name) for s in SOLVER_TABLE.values() if s.learnable_offsets)
+        raise ValueError(f"{name}: learned solver coefficients exist for {names}, not solver={solver!r}.")
     off = torch.as_tensor(off, dtype=torch.float64)
     if off.shape != (nfe, 3):
         raise ValueError(f"{name} must have shape ({nfe}, 3) (one row per step); got {tuple(off.shape)}.")

@@ -50,7 +50,7 @@ from .composer import Composer
 from .grids import resolve_grid
 from .loop import Draws, Hooks, StepInfo, TorchDraws, run
 from .models import model_eps, model_name, model_x0
-from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
+from .operators import OR, Average, Expr, Product, StepContext
 from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
 
 
@@ -67,13 +67,15 @@ class PoE(Expr):
     A PoE is always the outermost operator (it needs particles); nested inside another operator it is refused.
     """
 
+    has_density = False  # a product with particles is sampled, not multiplied again
+
     def __init__(self, *models: Any, exponents: Any = None, unconditional: Any = None) -> None:
         super().__init__(*models, name="PoE")
         if len(self.children) < 1:
             raise ValueError("PoE needs at least one model (one model with an exponent is tempering).")
         for c in self.children:
             if isinstance(c, Expr):
-                bad = [n for n in c.nodes() if isinstance(n, (AND, Guided, PoE))]
+                bad = [n for n in c.nodes() if not n.has_density]
                 if bad:
                     raise ValueError(
                         f"PoE: the factor {c!r} contains {bad[0].op_name}, which has no density to multiply. Use "

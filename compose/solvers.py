@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .options import check_float
+from .options import check_float, solver_record
 from .predictions import bcast, eps_to_x0
 from .schedule import NoiseSchedule
 
@@ -197,6 +197,7 @@ class Multistep:
 
     def __init__(self, solver: str) -> None:
         self.solver = solver
+        self.corrector = solver_record(solver).corrector
         self.x_c = self.m_prev = self.m_prev2 = self.h_prev = None
 
     def step(self, k: int, x: torch.Tensor, x0_bar: torch.Tensor, ts: torch.Tensor, schedule: NoiseSchedule,
@@ -206,7 +207,7 @@ class Multistep:
         if offsets is not None:
             pred_off, corr_off = offsets[k, 0], offsets[k, 1:]
         x_from = x
-        if self.m_prev is not None and self.solver == "unipc":
+        if self.m_prev is not None and self.corrector:
             t_prev2 = ts[k - 2] if self.m_prev2 is not None else None
             x_from = unic_step(self.x_c, self.m_prev, x0_bar, self.m_prev2, t_prev2, ts[k - 1], t_cur, schedule,
                                corr_off)  # fmt: skip
@@ -301,12 +302,13 @@ def solver_step(
             f"the grid starts at t = {float(t_cur):.6g}, where alpha = 0 and x0_hat cannot be had from eps_hat; the "
             "models must give their data predictions there (flow-matching families do), or start the grid below it."
         )
-    if clip is not None or final or alpha_zero or solver in ("dpm2m", "unipc"):
+    multistep_solver = solver_record(solver).multistep
+    if clip is not None or final or alpha_zero or multistep_solver:
         x0 = x0_bar if alpha_zero else eps_to_x0(eps_bar, x, t_cur, schedule)
         x0_used = clip(x0) if clip is not None else x0
         if final:
             return x0_used
-        if solver in ("dpm2m", "unipc"):
+        if multistep_solver:
             return multistep.step(k, x, x0_used, ts, schedule, offsets)
         if alpha_zero:
             c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731

@@ -46,7 +46,7 @@ from compose import options as O
 from compose.composer import Composer
 from compose.grids import is_schedule_file, resolve_grid
 from compose.loop import run
-from compose.operators import Expr
+from compose.operators import Expr, named_operator
 from compose.schedule_files import expression_keys
 from compose.smc import ParticleHooks
 from compose.solvers import X0Clip
@@ -65,7 +65,6 @@ from .loading import (
 
 OPERATORS = O.OPERATORS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-DIVERGENCES = ("hutchinson", "hutchinson_fd")
 MAX_IMAGES = 4096  # rows of one call (images x particles)
 MAX_GUIDANCE = 100.0
 
@@ -346,31 +345,33 @@ class ComposePipeline(DiffusionPipeline):
                      probes, fd_eps, output_type, height, width, num_inference_steps, timesteps, sigmas,
                      negative_prompt, callback_on_step_end_tensor_inputs) -> None:  # fmt: skip
         """Every call argument checked once, before any network is called (ValueError naming it and the fix)."""
+        record = None  # the named operator's record (None: no operator, or a callable)
         if operator is not None and not callable(operator):
-            name = O.check_operator(operator)
-            if n_terms < 2 and name != "product_smc":
+            record = O.operator_record(operator)
+            if n_terms < record.min_terms:
                 raise ValueError(
-                    f"operator={operator!r} needs at least two terms (prompts or checkpoints); got {n_terms}. "
-                    "Give more prompts / checkpoints, or operator=None for a single term."
+                    f"operator={operator!r} needs at least {record.min_terms} terms (prompts or checkpoints); got "
+                    f"{n_terms}. Give more prompts / checkpoints, or operator=None for a single term."
                 )
         if operator is None and n_terms > 1:
             raise ValueError(
                 f"operator is None but there are {n_terms} terms; choose how to compose them: one of {OPERATORS}."
             )
-        named = operator.lower() if isinstance(operator, str) else None
         if weights is not None:
-            if named not in ("or", "product", "product_smc"):
+            if record is None or not record.weights:
+                names = " / ".join(repr(o.name) for o in O.OPERATOR_TABLE.values() if o.weights)
                 raise ValueError(
-                    f"weights are used by operator='or' (mixture weights) and 'product' (signed); got operator="
-                    f"{operator!r}. For AND biases build the expression yourself (operator=callable)."
+                    f"weights are used by operator={names} (mixture weights, signed weights, exponents); got "
+                    f"operator={operator!r}. For AND biases build the expression yourself (operator=callable)."
                 )
             k = torch.as_tensor(weights).numel()
             if k != n_terms:
                 raise ValueError(f"weights has {k} entries but there are {n_terms} terms; give one weight per term.")
         O.check_float(temperature, "temperature", 0.0, None, open_lo=True)
-        if temperature != 1.0 and named != "or" and not callable(operator):
+        if temperature != 1.0 and not callable(operator) and not (record is not None and record.temperature):
+            names = " / ".join(repr(o.name) for o in O.OPERATOR_TABLE.values() if o.temperature)
             raise ValueError(
-                f"temperature={temperature} is used by operator='or' only; got operator={operator!r}. Drop "
+                f"temperature={temperature} is used by operator={names} only; got operator={operator!r}. Drop "
                 "temperature."
             )
         if guidance_scale is not None:
@@ -378,7 +379,7 @@ class ComposePipeline(DiffusionPipeline):
             O.check_float(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, what=what)
         O.check_method(method)
         O.check_solver(solver, method)
-        O.check_divergence(divergence, DIVERGENCES)
+        O.check_divergence(divergence, O.HUTCHINSON)
         O.check_probes(probes)
         O.check_fd_eps(fd_eps)
         if output_type not in OUTPUT_TYPES:
@@ -589,7 +590,7 @@ class ComposePipeline(DiffusionPipeline):
         max_sequence_length = max_sequence_length or self.config.get("max_sequence_length")
         # guidance_scale is the CFG scale from here on; Flux's distilled guidance is embedded instead (`_guidance`)
         guidance_scale, embedded_guidance = self._guidance(first, terms, guidance_scale, true_cfg_scale)
-        smc = isinstance(operator, str) and operator.lower() == "product_smc"
+        smc = isinstance(operator, str) and O.operator_record(operator).particles
         P = self._particle_options(smc, operator, num_particles, ess_threshold, resample_window, method,
                                    langevin_steps, langevin_step, langevin_after)  # fmt: skip
         schedule_name = self._schedule_name(grid, schedule, first.family)
@@ -723,8 +724,7 @@ class ComposePipeline(DiffusionPipeline):
             if sigmas is not None and hasattr(first.family, "default_sigmas"):
                 sigmas = self._shifted_sigmas(first, sigmas, shape)
             ts = self._grid(sch, num_inference_steps, timesteps, sigmas)
-        if len(ts) - 1 < O.SOLVER_ORDER[solver]:
-            raise ValueError(f"solver={solver!r} needs at least {O.SOLVER_ORDER[solver]} steps; got {len(ts) - 1}.")
+        O.check_grid_length(ts, solver)
         if smc and t_net is not None:
             raise ValueError(
                 f"schedule={schedule_name!r} carries learned network times, which operator='product_smc' does not "
@@ -872,14 +872,7 @@ class ComposePipeline(DiffusionPipeline):
                 if unknown:
                     raise ValueError("operator (a callable) used leaves that are not the pipeline's terms.")
             return expr
-        name = operator.lower()
-        if name == "or":
-            return compose.OR(*leaves, weights=weights, temperature=temperature)
-        if name == "and":
-            return compose.AND(*leaves)
-        if name == "average":
-            return compose.Average(*leaves)
-        return compose.Product(*leaves, weights=weights)
+        return named_operator(operator, leaves, weights=weights, temperature=temperature)
 
 
 def _rademacher(shape: tuple, generator, device) -> torch.Tensor:

@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to p
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
-DIVERGENCES = ("hutchinson", "hutchinson_fd")  # the pipeline's (compose.options.DIVERGENCES less "exact")
 FIELDS = (
     "id",
     "models",
@@ -62,8 +61,6 @@ FIELDS = (
     "lora_switch_steps",
     "lora_scale",
 )
-LORA_MODES = ("merge", "switch", "composite")  # pipelines.lora's (not imported here: no torch at parse time)
-LORA_UNCOND = ("lora", "base")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -448,9 +445,9 @@ def _operator(raw: dict, terms: int, limits: Limits, lora_mode: str | None = Non
 def _schedule(raw: dict, limits: Limits) -> tuple[str | None, dict | None]:
     """The grid name or schedule file (None: the checkpoint's default), and the file's keys (None for a name)."""
     from compose.grids import is_schedule_file
-    from compose.options import GRIDS
+    from compose.options import GRIDS, SCHEDULER_GRID
 
-    names = (*GRIDS, "scheduler")  # "scheduler": a flow-matching checkpoint's own sigmas
+    names = (*GRIDS, SCHEDULER_GRID)  # a flow-matching checkpoint's own sigmas
     schedule = raw.get("schedule")
     if schedule is None:
         return None, None
@@ -472,10 +469,10 @@ def _schedule(raw: dict, limits: Limits) -> tuple[str | None, dict | None]:
 
 def _sampler(raw: dict, schedule: str, learned: dict | None) -> tuple[str, str | None, str | None]:
     """method, divergence and solver; a schedule file brings its ODE method and solver as defaults."""
-    from compose.options import METHODS, SOLVERS
+    from compose.options import HUTCHINSON, METHODS, SOLVERS
 
     method = _choice(raw, "method", METHODS, "ode" if learned is not None else "sde")
-    divergence = _choice(raw, "divergence", DIVERGENCES, None, " (method 'ode')")
+    divergence = _choice(raw, "divergence", HUTCHINSON, None, " (method 'ode')")
     default = learned["solver"] if learned is not None else None
     solver = _choice(raw, "solver", SOLVERS, default, " ('dpm2m' and 'unipc' need method 'ode')")
     if learned is not None and (method != "ode" or solver != learned["solver"]):
@@ -534,6 +531,8 @@ def _loras(raw: dict, terms: int, limits: Limits) -> tuple[list[str | None] | No
 
 def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
     """lora_mode, lora_uncond, lora_switch_steps, lora_scale (None when not given)."""
+    from compose.options import LORA_MODES, LORA_UNCOND
+
     mode = _choice(raw, "lora_mode", LORA_MODES, None, " (or leave it out to compose the LoRA terms with operator)")
     uncond = _choice(raw, "lora_uncond", LORA_UNCOND, None)
     steps = _int(raw, "lora_switch_steps", None, 1, 10_000)

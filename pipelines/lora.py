@@ -49,10 +49,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compose.options import LORA_CALLS, LORA_MODES, LORA_UNCOND
+
 BASE = "__base__"  # PEFT's row name for "no adapter" in a mixed batch
-LORA_MODES = ("merge", "switch", "composite")
-LORA_UNCOND = ("lora", "base")
-LORA_CALLS = ("batched", "separate")
 MAX_LORA_SCALE = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -78,6 +78,18 @@ def test_import_compose_imports_neither_diffusers_nor_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_option_names_load_without_torch():
+    """The names of every choice (solvers, operators, divergences, LoRA modes) and their checks live in
+    compose.options, which `pipelines.jobs` reads to check a job file: importing it loads no torch."""
+    code = (
+        "import sys, compose.options as O; "
+        "assert O.SOLVERS and O.OPERATORS and O.DIVERGENCES and O.LORA_MODES; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_every_cited_section_of_the_maths_document_exists():
     headings = set(re.findall(r"^## (\d+)\.", (ROOT / "docs" / "MATH.md").read_text(), flags=re.M))
     cited: set[str] = set()
