@@ -34,10 +34,9 @@ from typing import Any
 
 import torch
 
-from .composer import Composer, leaf_divergences
+from .composer import Composer, leaf_predictor
 from .grids import make_grid
 from .loop import TorchDraws, run
-from .models import model_eps, model_x0
 from .operators import Expr
 from .options import GRIDS, SOLVER_TABLE, check_probes, check_solver
 from .predictions import bcast
@@ -110,18 +109,8 @@ def solve(
     sch, leaves = composer.schedule, composer.leaves
     tracks = _tracks_density(expr)
     kind = _divergence_kind(divergence_kind, x)
-
-    def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-        eps = torch.stack([model_eps(m, x_, t) for m in leaves])
-        x0 = [torch.stack([model_x0(m, x_, t) for m in leaves])] if float(sch.alpha(t.detach())) == 0.0 else []
-        if not tracks:
-            return eps, None, *x0
-        xd, t_d = (x_ if weight_grad else x_.detach()), t.detach()
-        with _math_attention():
-            div = leaf_divergences(leaves, xd, t_d, eps if weight_grad else eps.detach(), kind, zeta,
-                                   1e-3 * float(sch.sigma(t_d)), detach=not weight_grad)  # fmt: skip
-        return eps, div, *x0
-
+    predict = leaf_predictor(leaves, sch, divergence=kind if tracks else None, fd_eps=1e-3, weight_grad=weight_grad,
+                             context=_math_attention)  # fmt: skip
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
     hutch = probes if tracks and kind != "exact" else None
     tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,

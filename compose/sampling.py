@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from .composer import Composer, leaf_divergences
+from .composer import Composer, leaf_predictor
 from .grids import resolve_grid
 from .loop import TorchDraws, run
-from .models import model_eps, model_x0, on_schedule
+from .models import on_schedule
 from .options import (
     check_divergence,
     check_fd_eps,
@@ -156,15 +156,7 @@ def sample(
     else:
         log_q = composer.initial_log_q(x, t0)
 
-    def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-        eps = torch.stack([model_eps(m, x_, t) for m in leaves])
-        div = None
-        if method == "ode":
-            div = leaf_divergences(leaves, x_, t, eps, divergence, zeta, fd_eps * float(sch.sigma(t)))
-        if float(sch.alpha(t)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
-            return eps, div, torch.stack([model_x0(m, x_, t) for m in leaves])
-        return eps, div
-
+    predict = leaf_predictor(leaves, sch, divergence=divergence if method == "ode" else None, fd_eps=fd_eps)
     cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
     tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,
              network_times=t_net, offsets=offsets, clip=clip, callback=cb,

@@ -46,10 +46,10 @@ from typing import Any
 
 import torch
 
-from .composer import Composer
+from .composer import Composer, leaf_predictor
 from .grids import resolve_grid
 from .loop import Draws, Hooks, StepInfo, TorchDraws, run
-from .models import model_eps, model_name, model_x0
+from .models import model_name
 from .operators import OR, Average, Expr, Product, StepContext
 from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
 
@@ -216,8 +216,6 @@ class ParticleStep:
     ancestors: torch.Tensor  # (n, K) index (within the group) of every particle's parent at this step
     ess: torch.Tensor  # (n,) ESS before resampling, in particles
     resampled: torch.Tensor  # (n,) bool
-    coeffs: torch.Tensor | None = None  # (n K, L) leaf coefficients of the move (particle_step only)
-    kappa: dict | None = None
 
 
 def factor_increment(poe: PoE, eps: torch.Tensor, log_q: torch.Tensor, rho: float) -> torch.Tensor:
@@ -259,39 +257,6 @@ def reweight_and_resample(
         x, log_q = x[flat.to(x.device)], log_q[flat.to(log_q.device)]
         log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
     return ParticleStep(x, log_q, log_w, idx, ess, resampled)
-
-
-def particle_step(
-    composer: Composer,
-    poe: PoE,
-    x: torch.Tensor,
-    t_cur: float,
-    t_next: float,
-    eps: torch.Tensor,
-    log_q: torch.Tensor,
-    log_w: torch.Tensor,
-    noise: torch.Tensor,
-    u: torch.Tensor,
-    *,
-    ess_threshold: float = 0.5,
-    resample_window: tuple[float, float] = (0.0, 1.0),
-) -> ParticleStep:
-    """One Euler-Maruyama particle step on its own: move every particle (`Composer.step` of the PoE's Product), add
-    its log-weight increment, resample if needed (what `sample_smc`'s loop does at every step but the last).
-
-    Args:
-        composer: `Composer(poe.product, method="sde")`.
-        x: (n K, ...) particles at t_cur, group-major (the K particles of group i are rows i K .. i K + K - 1).
-        eps: (L, n K, ...) leaf predictions at (x, t_cur), leaves in `composer.leaves` order.
-        log_q: (n K, L) leaf log-densities; log_w: (n, K) float64 log-weights; noise: (n K, ...) standard normal.
-        u: (n,) uniforms in [0, 1) for systematic resampling (drawn every step, used where a group resamples).
-    """
-    dl = factor_increment(poe, eps, log_q, (t_cur - t_next) * float(composer.schedule.g2_over_sigma2(t_cur)))
-    out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise)
-    st = reweight_and_resample(out.x, out.log_q, log_w, dl, u, t_next, ess_threshold=ess_threshold,
-                               resample_window=resample_window)  # fmt: skip
-    st.coeffs, st.kappa = out.coeffs, out.kappa
-    return st
 
 
 @dataclass
@@ -620,14 +585,7 @@ def sample_smc(
         if num_samples is not None and num_samples != n:
             raise ValueError(f"num_samples={num_samples} does not match x_T with {n} groups.")
         x = x_T.reshape(n * K, *x_T.shape[2:])
-    leaves = composer.leaves
-
-    def predict(x_: torch.Tensor, t_: torch.Tensor, zeta: Any = None) -> tuple:
-        eps = torch.stack([model_eps(m, x_, t_) for m in leaves])
-        if float(sch.alpha(t_)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
-            return eps, None, torch.stack([model_x0(m, x_, t_) for m in leaves])
-        return eps, None
-
+    predict = leaf_predictor(composer.leaves, sch)
     hooks = ParticleHooks(expr, sch, n, K, ess_threshold=ess_threshold, resample_window=window,
                           langevin_steps=langevin_steps, langevin_step=langevin_step, langevin_after=langevin_after,
                           device=x.device)  # fmt: skip

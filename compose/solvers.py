@@ -188,31 +188,39 @@ def unic_step(
 class Multistep:
     """The history of "dpm2m" / "unipc" along one run (the state the step started from and the last x0_hats).
 
-    `step(k, x, x0_bar, ts, schedule, offsets)` goes from ts[k] to ts[k + 1] given x0_bar, the composed x0_hat at
-    (x, ts[k]). For "unipc" the UniC corrector first recomputes the state at ts[k] from that of ts[k - 1] with the
-    new x0_bar; the 2M step then goes from it. offsets: None or the (N, 3) learned solver coefficients of a
-    schedule file (`compose.ld3`): row k holds the 2M step's rho offset from ts[k] and the corrector's
-    (d_rho0, d_rho1) at ts[k].
+    `step(x, x0_bar, t_cur, t_next, schedule, offsets)` goes from t_cur to t_next given x0_bar, the composed x0_hat
+    at (x, t_cur); the steps of one run come in grid order (the history holds the earlier times). For "unipc" the
+    UniC corrector first recomputes the state at t_cur from that of the previous time with the new x0_bar; the 2M
+    step then goes from it. offsets: None or this step's row (3,) of the (N, 3) learned solver coefficients of a
+    schedule file (`compose.ld3`): the 2M step's rho offset from t_cur and the corrector's (d_rho0, d_rho1) at t_cur.
     """
 
     def __init__(self, solver: str) -> None:
         self.solver = solver
         self.corrector = solver_record(solver).corrector
-        self.x_c = self.m_prev = self.m_prev2 = self.h_prev = None
+        self.x_c = self.m_prev = self.m_prev2 = self.h_prev = self.t_prev = self.t_prev2 = None
 
-    def step(self, k: int, x: torch.Tensor, x0_bar: torch.Tensor, ts: torch.Tensor, schedule: NoiseSchedule,
-             offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        t_cur, t_next = ts[k], ts[k + 1]
+    def step(
+        self,
+        x: torch.Tensor,
+        x0_bar: torch.Tensor,
+        t_cur: torch.Tensor,
+        t_next: torch.Tensor,
+        schedule: NoiseSchedule,
+        offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pred_off = corr_off = None
         if offsets is not None:
-            pred_off, corr_off = offsets[k, 0], offsets[k, 1:]
+            pred_off, corr_off = offsets[0], offsets[1:]
         x_from = x
         if self.m_prev is not None and self.corrector:
-            t_prev2 = ts[k - 2] if self.m_prev2 is not None else None
-            x_from = unic_step(self.x_c, self.m_prev, x0_bar, self.m_prev2, t_prev2, ts[k - 1], t_cur, schedule,
-                               corr_off)  # fmt: skip
+            t_prev2 = self.t_prev2 if self.m_prev2 is not None else None
+            x_from = unic_step(
+                self.x_c, self.m_prev, x0_bar, self.m_prev2, t_prev2, self.t_prev, t_cur, schedule, corr_off
+            )
         x_next = dpm2m_step(x_from, x0_bar, self.m_prev, t_cur, t_next, schedule, self.h_prev, pred_off)
         self.x_c, self.m_prev2, self.m_prev = x_from, self.m_prev, x0_bar
+        self.t_prev2, self.t_prev = self.t_prev, t_cur
         self.h_prev = 0.5 * (schedule.log_snr(t_next) - schedule.log_snr(t_cur))
         return x_next
 
@@ -270,10 +278,10 @@ class X0Clip:
 
 def solver_step(
     solver: str,
-    k: int,
     x: torch.Tensor,
     eps_bar: torch.Tensor,
-    ts: torch.Tensor,
+    t_cur: torch.Tensor,
+    t_next: torch.Tensor,
     schedule: NoiseSchedule,
     *,
     noise: torch.Tensor | None = None,
@@ -282,7 +290,10 @@ def solver_step(
     clip: X0Clip | None = None,
     x0_bar: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The step `solver` takes from ts[k] to ts[k + 1] with the composed eps_bar at (x, ts[k]).
+    """The step `solver` takes from t_cur to t_next (float64 0-d tensors) with the composed eps_bar at (x, t_cur).
+
+    multistep: the run's `Multistep` history (multistep solvers); offsets: this step's row (3,) of learned solver
+    coefficients (`Multistep.step`).
 
     x0_bar: the composed data prediction, required where alpha(ts[k]) = 0 (t = 1 of a flow path), where it cannot be
     had from eps_bar; the step from there is x' = alpha' x0_bar + sigma' eps_bar (DDIM's, also for the SDE and the
@@ -294,7 +305,6 @@ def solver_step(
     i.e. it starts from alpha clip(x0_hat) + sigma eps_hat; the multistep solvers take the clipped x0_hat as their
     data prediction (as DPMSolverMultistep / UniPC do).
     """
-    t_cur, t_next = ts[k], ts[k + 1]
     final = float(t_next.detach()) == 0.0
     alpha_zero = float(schedule.alpha(t_cur.detach())) == 0.0
     if alpha_zero and x0_bar is None:
@@ -309,7 +319,9 @@ def solver_step(
         if final:
             return x0_used
         if multistep_solver:
-            return multistep.step(k, x, x0_used, ts, schedule, offsets)
+            if multistep is None:
+                raise ValueError(f"solver={solver!r} keeps a history: pass multistep=Multistep({solver!r}).")
+            return multistep.step(x, x0_used, t_cur, t_next, schedule, offsets)
         if alpha_zero:
             c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731
             return c(schedule.alpha(t_next)) * x0_used + c(schedule.sigma(t_next)) * eps_bar

@@ -8,11 +8,14 @@ call of its family's `forward` per step and converts the outputs to eps_hat on t
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import compose
+from compose.composer import fd_divergence, jvp_divergence, probe_points
+from compose.models import schedule_change
 from compose.predictions import to_x0
 from compose.schedule import NoiseSchedule
 
@@ -46,6 +49,18 @@ class Leaf:
         return f"<term {self.name}>"
 
 
+@dataclass
+class _Rows:
+    """The rows of one network call: X (C n, ...) and their timesteps T (C n,), made of C chunks of n rows; chunk c is
+    (leaf index, copy j: 0 the leaf's state, k >= 1 its k-th probe point, leaf, its time t_m, its state scale), with
+    the conditioning conds[c]."""
+
+    X: torch.Tensor
+    T: torch.Tensor
+    chunks: list
+    conds: list
+
+
 class NetworkGroups:
     """The rows of every step, grouped by network: one batched call per distinct network.
 
@@ -76,82 +91,102 @@ class NetworkGroups:
         for g in self.groups:
             g["conds"] = [conds.get(id(leaf)) for leaf in g["parts"]]
 
-    def predict(self, x: torch.Tensor, t: Any, schedule: NoiseSchedule, *, zeta: torch.Tensor | None = None,
-                divergence: str | None = None, fd_e: float = 0.0) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    def predict(
+        self,
+        x: torch.Tensor,
+        t: Any,
+        schedule: NoiseSchedule,
+        *,
+        zeta: torch.Tensor | None = None,
+        divergence: str | None = None,
+        fd_e: float = 0.0,
+    ) -> tuple[torch.Tensor, Any]:
         """eps_hat (L, n, ...) of the core's leaves at (x, t) and, with probes zeta (K, n, ...), div_x eps_hat (L, n).
 
-        One network call per group (per probe for forward-mode JVPs). The unconditional leaf is the mean over its
-        rows; its divergence is left at 0 since no operator reads its log q. At alpha = 0 (t = 1 of a flow path) a
-        third element, the data predictions x0_hat (L, n, ...), which the step from there needs; no divergence is
-        computed there (the step moves every log q alike).
+        One network call per group (per probe for forward-mode JVPs); the estimators are `compose.composer`'s. The
+        unconditional leaf is the mean over its rows; its divergence is left at 0 since no operator reads its log q.
+        At alpha = 0 (t = 1 of a flow path) a third element, the data predictions x0_hat (L, n, ...), which the step
+        from there needs; no divergence is computed there (the step moves every log q alike).
         """
         L, n = len(self.leaves), x.shape[0]
-        index = {id(leaf): i for i, leaf in enumerate(self.leaves)}
         t64 = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
         need_x0 = float(schedule.alpha(t64)) == 0.0
-        if need_x0:
+        if need_x0 or zeta is None:
             zeta = divergence = None
         eps = torch.zeros((L, *x.shape), dtype=torch.float32, device=x.device)
         x0 = torch.zeros_like(eps) if need_x0 else None
         counts = torch.zeros(L, dtype=torch.float32)
         div = torch.zeros(L, n, dtype=torch.float64, device=x.device) if zeta is not None else None
-        K = 0 if zeta is None else zeta.shape[0]
         for g in self.groups:
-            model, family = g["model"], g["model"].family
-            xs, tins, chunks, conds = [], [], [], []
-            for leaf, cond in zip(g["parts"], g["conds"], strict=True):
-                sch = leaf.model_schedule
-                same = sch == schedule
-                t_m = t64 if same else sch.t_from_log_snr(schedule.log_snr(t64))
-                scale = 1.0 if same else float((sch.log_alpha(t_m) - schedule.log_alpha(t64)).exp())
-                probe = divergence == "hutchinson_fd" and not leaf.unconditional and zeta is not None
-                copies = [x] + ([x + fd_e * z for z in zeta] if probe else [])
-                for j, xc in enumerate(copies):
-                    xs.append(xc * scale)
-                    chunks.append((index[id(leaf)], j, leaf, t_m, scale))
-                    tins.append(family.timestep(sch, t_m))
-                    conds.append(cond)
-            X = torch.cat(xs)
-            T = torch.cat([tt.reshape(1).expand(n) for tt in tins]).to(device=x.device, dtype=torch.float32)
-
-            def fn(Xin: torch.Tensor, model=model, family=family, T=T, conds=conds, chunks=chunks) -> torch.Tensor:
-                pred = family.forward(model, Xin, T, conds, n, self.call_extra)
-                out = []
-                for c, (li, j, leaf, t_m, _) in enumerate(chunks):
-                    rows, kind = slice(c * n, (c + 1) * n), leaf.model.prediction_type
-                    out.append(compose.to_eps(pred[rows], Xin[rows], t_m, leaf.model_schedule, kind))
-                    if need_x0 and j == 0:  # x0 is the same data in every parametrisation (equal SNR)
-                        x0[li] += to_x0(pred[rows], Xin[rows], t_m, leaf.model_schedule, kind)
-                return torch.cat(out)
-
-            with self._adapters(g["net"], [c[2].adapter for c in chunks], n):  # set outside the JVP's transform
-                if divergence == "hutchinson" and zeta is not None:
-                    E = None
-                    math_attention = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
-                    with math_attention, forward_ad_ready(g["net"]):
-                        for k in range(K):
-                            tangent = torch.cat(
-                                [torch.zeros_like(x) if lf.unconditional else zeta[k] * s for (_, _, lf, _, s) in
-                                 chunks]
-                            )  # fmt: skip
-                            out, jv = torch.func.jvp(fn, (X,), (tangent,))
-                            E = out if E is None else E
-                            for c, (li, _, lf, _, _) in enumerate(chunks):
-                                if not lf.unconditional:
-                                    jvc = jv[c * n : (c + 1) * n]
-                                    div[li] += (zeta[k] * jvc).reshape(n, -1).sum(-1).to(torch.float64) / K
-                else:
-                    E = fn(X)
-            for c, (li, j, _, _, _) in enumerate(chunks):
-                Ec = E[c * n : (c + 1) * n]
+            rows = self._rows(g, x, t64, schedule, zeta if divergence == "hutchinson_fd" else None, fd_e)
+            E, jvp_div = self._call(g, rows, n, x0, divergence == "hutchinson" and zeta is not None, zeta)
+            for c, (li, j, _, _, _) in enumerate(rows.chunks):
                 if j == 0:
-                    eps[li] += Ec
+                    eps[li] += E[c * n : (c + 1) * n]
                     counts[li] += 1
-                    base = Ec
-                else:
-                    diff = (zeta[j - 1] * (Ec - base)).reshape(n, -1).sum(-1)
-                    div[li] += diff.to(torch.float64) / (fd_e * K)
-        scale = counts.clamp_min(1).to(eps.device).reshape(L, *([1] * x.ndim))
+                if jvp_div is not None:
+                    div[li] += jvp_div[c]
+            for c, (li, j, leaf, _, _) in enumerate(rows.chunks):
+                if j == 0 and divergence == "hutchinson_fd" and not leaf.unconditional:
+                    probes = [E[(c + k) * n : (c + k + 1) * n] for k in range(1, zeta.shape[0] + 1)]
+                    div[li] += fd_divergence(E[c * n : (c + 1) * n], probes, zeta, fd_e)
+        return self._core(eps, div, x0, counts)
+
+    def _rows(
+        self,
+        g: dict,
+        x: torch.Tensor,
+        t64: torch.Tensor,
+        schedule: NoiseSchedule,
+        fd_zeta: torch.Tensor | None,
+        fd_e: float,
+    ) -> _Rows:
+        """The rows of one group's call: every leaf's state on its own schedule (`compose.models.schedule_change`),
+        followed, for "hutchinson_fd", by its probe points (`compose.composer.probe_points`)."""
+        index = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+        family = g["model"].family
+        xs, tins, chunks, conds = [], [], [], []
+        for leaf, cond in zip(g["parts"], g["conds"], strict=True):
+            t_m, log_scale = schedule_change(leaf.model_schedule, schedule, t64)
+            scale = float(log_scale.exp())
+            probe = fd_zeta is not None and not leaf.unconditional
+            copies = [x] + (probe_points(x, fd_zeta, fd_e) if probe else [])
+            for j, xc in enumerate(copies):
+                xs.append(xc * scale)
+                chunks.append((index[id(leaf)], j, leaf, t_m, scale))
+                tins.append(family.timestep(leaf.model_schedule, t_m))
+                conds.append(cond)
+        n = x.shape[0]
+        T = torch.cat([tt.reshape(1).expand(n) for tt in tins]).to(device=x.device, dtype=torch.float32)
+        return _Rows(torch.cat(xs), T, chunks, conds)
+
+    def _call(self, g: dict, rows: _Rows, n: int, x0: torch.Tensor | None, jvp: bool, zeta: torch.Tensor | None):
+        """One network call on the group's rows: (eps_hat of every row, (C, n) JVP divergences or None); the data
+        predictions of the leaves' own rows are added to x0 where it is given."""
+        model, family = g["model"], g["model"].family
+
+        def fn(X: torch.Tensor) -> torch.Tensor:
+            pred = family.forward(model, X, rows.T, rows.conds, n, self.call_extra)
+            out = []
+            for c, (li, j, leaf, t_m, _) in enumerate(rows.chunks):
+                part, kind = slice(c * n, (c + 1) * n), leaf.model.prediction_type
+                out.append(compose.to_eps(pred[part], X[part], t_m, leaf.model_schedule, kind))
+                if x0 is not None and j == 0:  # x0 is the same data in every parametrisation (equal SNR)
+                    x0[li] += to_x0(pred[part], X[part], t_m, leaf.model_schedule, kind)
+            return torch.cat(out)
+
+        with self._adapters(g["net"], [c[2].adapter for c in rows.chunks], n):  # set outside the JVP's transform
+            if not jvp:
+                return fn(rows.X), None
+            scales = [0.0 if leaf.unconditional else s for (_, _, leaf, _, s) in rows.chunks]
+            math_attention = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH)
+            with math_attention, forward_ad_ready(g["net"]):
+                return jvp_divergence(fn, rows.X, zeta, scales)
+
+    def _core(self, eps: torch.Tensor, div: torch.Tensor | None, x0: torch.Tensor | None, counts: torch.Tensor):
+        """The core leaves' predictions: each leaf's mean over its rows, the unconditional leaf the mean of the
+        per-checkpoint unconditional rows."""
+        scale = counts.clamp_min(1).to(eps.device).reshape(eps.shape[0], *([1] * (eps.ndim - 1)))
         eps = eps / scale
         M = self.num_core
         eps_l, div_l = eps[:M].clone(), None if div is None else div[:M].clone()
@@ -159,7 +194,7 @@ class NetworkGroups:
             eps_l[self.u_index] = eps[M:].mean(0)
             if div_l is not None:
                 div_l[self.u_index] = 0.0
-        if not need_x0:
+        if x0 is None:
             return eps_l, div_l
         x0 = x0 / scale
         x0_l = x0[:M].clone()

@@ -44,7 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import compose
 from compose import options as O
 from compose.composer import Composer
-from compose.grids import is_schedule_file, resolve_grid
+from compose.grids import grid_from_diffusers, is_schedule_file, resolve_grid
 from compose.loop import run
 from compose.operators import Expr, named_operator
 from compose.schedule_files import expression_keys
@@ -407,38 +407,6 @@ class ComposePipeline(DiffusionPipeline):
                 f"callback_on_step_end_tensor_inputs has {bad}; allowed are {self._callback_tensor_inputs}."
             )
 
-    def _grid(self, schedule, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
-        """The grid in t of the shared schedule from diffusers `timesteps` / `sigmas`, ending at 0 (the data)."""
-        name = "timesteps" if timesteps is not None else "sigmas"
-        try:
-            vals = torch.as_tensor(timesteps if timesteps is not None else sigmas, dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError):
-            given = timesteps if sigmas is None else sigmas
-            raise ValueError(f"{name} must be a list of numbers; got {given!r}.") from None
-        if not bool(torch.isfinite(vals).all()) or vals.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty list of finite numbers; got {vals.tolist()[:8]}.")
-        if timesteps is not None:
-            n = schedule.num_train_timesteps
-            t = {"discrete": (vals + 1.0) / n, "ot": vals / n}.get(schedule.kind, vals / (n - 1))
-        else:
-            if float(vals[-1]) == 0.0:
-                vals = vals[:-1]  # diffusers' trailing 0: "denoise to the data", the last step of every grid here
-            if not bool(torch.all(vals > 0)):
-                raise ValueError(f"sigmas must be positive (a trailing 0 is allowed); got {vals.tolist()[:8]}...")
-            # diffusers sigmas are sigma / alpha (k-diffusion VE scale); flow-matching sigmas are t itself.
-            t = vals.clone() if schedule.kind == "ot" else schedule.t_from_log_snr(-2.0 * vals.log())
-        if not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(f"{name} lie outside this model's range; got {vals.tolist()[:8]}...")
-        ts = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-        if num_inference_steps is not None and num_inference_steps != t.numel():
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} but {name} has {t.numel()} entries; give one of them."
-            )
-        try:
-            return O.check_grid(ts, name)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
-
     # ------------------------------------------------------------------ decoding
     def _decode(self, x0: torch.Tensor, output_type: str, height: int | None = None, width: int | None = None):
         if output_type == "latent":
@@ -723,7 +691,7 @@ class ComposePipeline(DiffusionPipeline):
         else:
             if sigmas is not None and hasattr(first.family, "default_sigmas"):
                 sigmas = self._shifted_sigmas(first, sigmas, shape)
-            ts = self._grid(sch, num_inference_steps, timesteps, sigmas)
+            ts = grid_from_diffusers(sch, timesteps, sigmas, num_inference_steps)
         O.check_grid_length(ts, solver)
         if smc and t_net is not None:
             raise ValueError(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-import compose
+from compose.predictions import scheduler_prediction_type
 from compose.schedule import NoiseSchedule
 
 COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer",
@@ -49,9 +49,7 @@ class ComposeModel:
 
     @property
     def prediction_type(self) -> str:
-        if "FlowMatch" in type(self.scheduler).__name__:  # its config has no prediction_type: it is the velocity
-            return "flow"
-        return compose.normalize_prediction_type(self.scheduler.config.get("prediction_type", "epsilon"))
+        return scheduler_prediction_type(self.scheduler)
 
     @property
     def is_text(self) -> bool:
