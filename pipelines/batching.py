@@ -67,7 +67,7 @@ class NetworkGroups:
     core: the expression's leaves in the core's order; their predictions are returned in that order. terms: the term
     leaves in the order the rows are batched. extra: the per-checkpoint unconditional rows, averaged into the
     expression's one unconditional leaf (index `u_index` of core; its `model` is None). conds: id(leaf) ->
-    conditioning; call_extra: keyword arguments every network call of the family gets (SDXL's time ids). routing
+    conditioning; call_extra: what every network call of the family gets (`Family.call_inputs`). routing
     (`pipelines.lora.Routing`, or None): the LoRA adapter of every row (`Leaf.adapter`) is set for each call by
     `routing.context`, so the terms of one base network stay in one call whatever their LoRA (`routing.split`: one
     call per network and adapter instead).

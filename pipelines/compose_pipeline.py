@@ -53,7 +53,7 @@ from compose.solvers import X0Clip
 
 from . import lora as lora_experts
 from .batching import UNCOND, Leaf, NetworkGroups, forward_ad_ready
-from .families import COMPONENTS, FLUX, ComposeModel
+from .families import COMPONENTS, ComposeModel
 from .loading import (
     MODELS_FILE,
     check_latent_spaces,
@@ -133,8 +133,7 @@ class ComposePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     # every component has a default (a checkpoint has a unet OR a transformer); listing them here is what makes
     # diffusers' from_pretrained load them as components rather than pass their model_index entries through
-    _optional_components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                            "transformer", "text_encoder_3", "tokenizer_3"]  # fmt: skip
+    _optional_components = list(COMPONENTS)
     _callback_tensor_inputs = ["latents", "log_q"]
 
     def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -557,7 +556,9 @@ class ComposePipeline(DiffusionPipeline):
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
         max_sequence_length = max_sequence_length or self.config.get("max_sequence_length")
         # guidance_scale is the CFG scale from here on; Flux's distilled guidance is embedded instead (`_guidance`)
-        guidance_scale, embedded_guidance = self._guidance(first, terms, guidance_scale, true_cfg_scale)
+        O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
+        text = any(m.is_text for m, _ in terms)
+        guidance_scale, embedded_guidance = first.family.guidance(guidance_scale, true_cfg_scale, text)
         smc = isinstance(operator, str) and O.operator_record(operator).particles
         P = self._particle_options(smc, operator, num_particles, ess_threshold, resample_window, method,
                                    langevin_steps, langevin_step, langevin_after)  # fmt: skip
@@ -593,10 +594,7 @@ class ComposePipeline(DiffusionPipeline):
         composer = Composer(expr, schedule=sch, method=method)
         core = composer.leaves
         u_index = next(i for i, lf in enumerate(core) if lf is u_leaf) if u_leaf is not None else None
-        extra = {"time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32),
-                 "guidance": embedded_guidance}  # fmt: skip
-        if hasattr(family, "img_ids"):
-            extra["img_ids"] = family.img_ids(height, width, f, device)
+        extra = family.call_inputs(first, height, width, f, device, embedded_guidance)
         groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
         groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
         term_index = [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
@@ -659,7 +657,7 @@ class ComposePipeline(DiffusionPipeline):
             m = leaf.model
             if not m.is_text:
                 continue
-            zero = leaf.unconditional and negative_prompt is None and m.is_xl
+            zero = leaf.unconditional and negative_prompt is None and m.family.zeros_for_empty_negative(m)
             text = negative_prompt if leaf.unconditional else leaf.prompt
             key = (id(m.text_encoder), id(m.text_encoder_2), text, zero)
             if key not in cache:
@@ -672,7 +670,7 @@ class ComposePipeline(DiffusionPipeline):
         """(grid ending at 0, learned network times or None, learned solver offsets or None). "scheduler": a
         flow-matching checkpoint's own sigmas (its shift / dynamic shift), as its diffusers pipeline samples."""
         t_net = offsets = None
-        if schedule_name == "scheduler" and timesteps is None and sigmas is None:
+        if schedule_name == O.SCHEDULER_GRID and timesteps is None and sigmas is None:
             steps = 50 if num_inference_steps is None else num_inference_steps
             ts = torch.cat([first.family.default_sigmas(first, steps, shape), torch.zeros(1, dtype=torch.float64)])
             ts = O.check_grid(ts, "the scheduler's sigmas")
@@ -689,7 +687,7 @@ class ComposePipeline(DiffusionPipeline):
                     f"({len(ts) - 1} network evaluations); drop num_inference_steps or learn a schedule for that NFE."
                 )
         else:
-            if sigmas is not None and hasattr(first.family, "default_sigmas"):
+            if sigmas is not None and first.family.scheduler_grid:
                 sigmas = self._shifted_sigmas(first, sigmas, shape)
             ts = grid_from_diffusers(sch, timesteps, sigmas, num_inference_steps)
         O.check_grid_length(ts, solver)
@@ -755,22 +753,6 @@ class ComposePipeline(DiffusionPipeline):
         return out
 
     @staticmethod
-    def _guidance(first: ComposeModel, terms, guidance_scale, true_cfg_scale) -> tuple[float, float | None]:
-        """(CFG scale, embedded guidance or None): Flux embeds guidance_scale and guides with true_cfg_scale."""
-        O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
-        if first.family is FLUX:
-            embedded = 3.5 if guidance_scale is None else float(guidance_scale)
-            return float(true_cfg_scale), embedded
-        if true_cfg_scale != 1.0:
-            raise ValueError(
-                f"true_cfg_scale={true_cfg_scale} is Flux's (its guidance_scale is embedded); for this checkpoint "
-                "classifier-free guidance is guidance_scale. Drop true_cfg_scale."
-            )
-        if guidance_scale is None:
-            guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
-        return float(guidance_scale), None
-
-    @staticmethod
     def _particle_options(smc, operator, num_particles, ess_threshold, resample_window, method, langevin_steps,
                           langevin_step, langevin_after) -> int:  # fmt: skip
         if smc:
@@ -791,10 +773,10 @@ class ComposePipeline(DiffusionPipeline):
         """The grid's name; flow-matching checkpoints default to "scheduler" (their scheduler's own sigmas)."""
         if grid is not None and schedule is not None and grid != schedule:
             raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
-        flow = hasattr(family, "default_sigmas")
-        names = (*O.GRIDS, "scheduler") if flow else O.GRIDS
-        name = schedule or grid or ("scheduler" if flow else "log_snr")
-        if name == "scheduler" and not flow:
+        own = family.scheduler_grid
+        names = (*O.GRIDS, O.SCHEDULER_GRID) if own else O.GRIDS
+        name = schedule or grid or (O.SCHEDULER_GRID if own else "log_snr")
+        if name == O.SCHEDULER_GRID and not own:
             raise ValueError(
                 "schedule='scheduler' (a flow-matching checkpoint's own sigmas) applies to SD3 / Flux checkpoints; "
                 f"for a UNet checkpoint give one of {O.GRIDS}, the path of a schedule file, or timesteps=."

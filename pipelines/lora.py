@@ -58,7 +58,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SLICE_ROUTING = True  # plain LoRA layers: add each adapter's update on its rows' slice (False: PEFT's mixed batch)
 FUSED_ROUTING = True  # slice routing in two stacked products per layer (`_fused_update`; False: a loop over slices)
-DENOISER_PREFIXES = ("unet", "transformer")
 TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -380,9 +379,11 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
     return str(p), files[0]
 
 
-def read_lora(name: str, folder: str, weight_name: str | None) -> tuple[dict, Any, Any, str | None]:
+def read_lora(name: str, folder: str, weight_name: str | None, prefix: str) -> tuple[dict, Any, Any, str | None]:
     """(state dict, network alphas, metadata, key prefix) of a LoRA file in diffusers' format (kohya / other
-    layouts are converted by diffusers' `lora_state_dict`). Text-encoder weights are refused."""
+    layouts are converted by diffusers' `lora_state_dict`). Text-encoder weights are refused. prefix: the key
+    prefix of the target network's family (`Family.lora_prefix`); the file's keys are read under it where they
+    carry it, as they are otherwise."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     try:
@@ -404,8 +405,7 @@ def read_lora(name: str, folder: str, weight_name: str | None) -> tuple[dict, An
             "composes denoiser LoRAs only (the text encoder is shared by every term). Save the denoiser part alone "
             "(its 'unet.' / 'transformer.' keys) and load that."
         )
-    prefix = next((p for p in DENOISER_PREFIXES if p in heads), None)
-    return state, alphas, meta, prefix
+    return state, alphas, meta, prefix if prefix in heads else None
 
 
 def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_name: str | None = None) -> list[str]:
@@ -444,7 +444,7 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
                 f"load_lora_experts: {name!r} is already loaded (from {reg[name].source}); unload it with "
                 f"pipe.unload_lora_experts([{name!r}]) or choose another name."
             )
-        state, alphas, meta, prefix = read_lora(name, folder, weight)
+        state, alphas, meta, prefix = read_lora(name, folder, weight, target.family.lora_prefix)
         try:
             kw = {"metadata": meta} if meta else {"network_alphas": alphas}
             with warnings.catch_warnings():  # several adapters on one network is the point here
