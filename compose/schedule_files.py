@@ -67,7 +67,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise ValueError(f"schedule file {path!r} does not exist; learn one with `python -m compose.learn_schedule`.")
+        raise ValueError(f"schedule file {path!r} does not exist; learn one with `compose learn-schedule`.")
     try:
         with open(path) as fh:
             info = json.load(fh)
@@ -86,7 +86,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
         if bad:
             raise ValueError(
                 f"schedule file {path!r} was learned for another set-up: " + ", ".join(bad) + ". Learn a schedule "
-                "for this call (python -m compose.learn_schedule) or pass a matching file."
+                "for this call (compose learn-schedule) or pass a matching file."
             )
     return info
 

@@ -495,7 +495,7 @@ class ComposePipeline(DiffusionPipeline):
                 matching; a trailing 0 is allowed). Every grid ends with the step to the data (x0_hat of the last
                 evaluation), so N steps cost N evaluations.
             schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
-                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
+                `compose.grids`) or the path of a learned JSON schedule file (`compose learn-schedule`),
                 refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
                 message names the keys that differ); its network times and learned solver coefficients, where it
                 has them, are used as learned. `grid` is an alias.

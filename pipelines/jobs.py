@@ -278,7 +278,7 @@ def _schedule_file(schedule: str, limits: Limits) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 -- a hostile file can break the reader in any way; name it
         raise ValueError(
             f"schedule: the file {show(schedule, 200)} cannot be read ({type(err).__name__}: {show(str(err), 200)}); "
-            "regenerate it with `python -m compose.learn_schedule`."
+            "regenerate it with `compose learn-schedule`."
         ) from None
     nfe = learned.get("nfe")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:

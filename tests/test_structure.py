@@ -1,6 +1,7 @@
-"""The shape of the code (issue 20): compose/ imports neither diffusers nor transformers, its modules import one
-another in one order without a cycle (function-level imports included), every section of docs/MATH.md the code
-cites exists, and no function of compose/ or pipelines/ grows past 100 lines of body."""
+"""The shape of the code (issues 20 and 32): compose/ imports neither pipelines nor diffusers nor transformers, at
+any level, its modules import one another in one order without a cycle (function-level imports included), every
+section of docs/MATH.md the code cites exists, and no function of compose/ or pipelines/ grows past 100 lines of
+body."""
 
 from __future__ import annotations
 
@@ -76,6 +77,24 @@ def test_import_compose_imports_neither_diffusers_nor_transformers():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_compose_imports_no_pipelines_diffusers_or_transformers_at_any_level():
+    """compose/ is the maths: no import of pipelines, diffusers or transformers anywhere in its files, inside
+    functions included (a function-level import runs the day the function is called)."""
+    bad = []
+    for path in COMPOSE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in ("pipelines", "diffusers", "transformers"):
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not bad, bad
 
 
 def test_option_names_load_without_torch():
