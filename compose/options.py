@@ -100,7 +100,10 @@ LANGEVIN_AFTER = ("resample", "every")
 # rows of several adapters are evaluated (`lora_calls`).
 LORA_MODES = ("merge", "switch", "composite")
 LORA_UNCOND = ("lora", "base")
-LORA_CALLS = ("batched", "separate")
+# lora_calls: "batched" (one call per base network, each row's update added by two stacked products per layer),
+# "batched_loop" (the same call, the updates added one adapter's rows at a time), "batched_peft" (the same call through
+# PEFT's mixed adapter batch) and "separate" (one call per network and adapter): the same numbers up to rounding.
+LORA_CALLS = ("batched", "batched_loop", "batched_peft", "separate")
 MAX_STEPS = 10_000  # a grid longer than this is a typo (1e9 steps would allocate gigabytes before the first step)
 
 

@@ -539,7 +539,9 @@ class ComposePipeline(DiffusionPipeline):
                 Composite: the average of each LoRA's guided prediction, mean_i [eps_u^i + w (eps_c^i - eps_u^i)]).
             lora_scale: multiplies every LoRA's update (diffusers' cross_attention_kwargs scale).
             lora_calls: "batched" (default: one call per base network) or "separate" (one call per network and LoRA,
-                as LoRA Composite is published; the same numbers up to rounding, for timing comparisons).
+                as LoRA Composite is published); "batched_loop" and "batched_peft" make the batched call add each
+                row's LoRA update one adapter at a time or through PEFT's mixed adapter batch. The same numbers up to
+                rounding, for timing comparisons.
         """
         # 1. check inputs (everything, before any network call)
         models, first = self.models, self.models[0]

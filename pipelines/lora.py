@@ -56,8 +56,11 @@ MAX_LORA_SCALE = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-SLICE_ROUTING = True  # plain LoRA layers: add each adapter's update on its rows' slice (False: PEFT's mixed batch)
-FUSED_ROUTING = True  # slice routing in two stacked products per layer (`_fused_update`; False: a loop over slices)
+# How a routed call adds each row's update (`adapter_call`): "stacked" (two stacked products per plain LoRA layer,
+# `_fused_update`), "loop" (each adapter's update on its rows' slice, one adapter at a time) or "peft" (PEFT's mixed
+# adapter batch). The first two fall back to the next where a layer does not allow them.
+ROUTED_UPDATES = ("stacked", "loop", "peft")
+UPDATE_OF_CALLS = {"batched": "stacked", "batched_loop": "loop", "batched_peft": "peft", "separate": "stacked"}
 TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -95,13 +98,16 @@ def lora_layers(net: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
+def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0, update: str = "stacked"):
     """Run `net` (inside the block) with chunk c of its n-row chunks under specs[c]: BASE (no LoRA), an adapter name
     (that LoRA alone, scaled by `scale`) or a `Merged` set; None leaves the network as it is (all specs None).
 
     One spec for every row: that adapter state is set for the call (PEFT's ordinary forward). Several: each row gets
-    its own adapter's update (`_routed`). The layers' active adapters, enabled flag and scales are restored on exit.
+    its own adapter's update (`_routed`, the way `update` of `ROUTED_UPDATES` says). The layers' active adapters,
+    enabled flag and scales are restored on exit.
     """
+    if update not in ROUTED_UPDATES:
+        raise ValueError(f"update={update!r} is not known; use one of {ROUTED_UPDATES}.")
     if all(s is None for s in specs):
         yield
         return
@@ -126,7 +132,7 @@ def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
         else:
             if any(isinstance(s, Merged) for s in kinds):
                 raise ValueError("a LoRA merge cannot share a network call with other adapters (internal error).")
-            hooks = _routed(net, layers, [BASE if s is None else s for s in specs], n, scale)
+            hooks = _routed(net, layers, [BASE if s is None else s for s in specs], n, scale, update)
         yield
     finally:
         for h in hooks:
@@ -137,7 +143,7 @@ def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
             m.scaling.update(scaling)
 
 
-def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale: float) -> list:
+def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale: float, update: str) -> list:
     """Per-row adapters for one call (chunk c of n rows: chunk_specs[c]); returns the hooks to remove afterwards.
 
     Plain LoRA layers (PEFT `Linear` / `Conv*d` without a variant such as DoRA): the layers run as the base (adapters
@@ -163,7 +169,7 @@ def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale
                 "that folds the batch into another axis); use lora_calls='separate'."
             )
 
-    plain = SLICE_ROUTING and all(
+    plain = update != "peft" and all(
         isinstance(m, (Linear, _ConvNd)) and not m.merged and not any(v in m.lora_variant for v in used)
         for m in layers
     )
@@ -187,7 +193,7 @@ def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale
 
         hooks = []
         for m in layers:
-            fused = _fused_update(m, ranges, rows, check) if FUSED_ROUTING else None
+            fused = _fused_update(m, ranges, rows, check) if update == "stacked" else None
             hooks.append(m.register_forward_hook(fused or add_updates, with_kwargs=True))
         return hooks
     names = [s for s in chunk_specs for _ in range(n)]
@@ -282,6 +288,7 @@ class Routing:
 
     split: bool = False
     scale: float = 1.0
+    update: str = "stacked"  # how a routed call adds each row's update (`ROUTED_UPDATES`)
     _held: dict | None = field(default=None, repr=False)  # in a session: id(net) -> (specs, n, ExitStack)
 
     @contextlib.contextmanager
@@ -301,14 +308,14 @@ class Routing:
 
     def context(self, net: torch.nn.Module, specs: list, n: int):
         if self._held is None:
-            return adapter_call(net, specs, n, self.scale)
+            return adapter_call(net, specs, n, self.scale, self.update)
         held = self._held.get(id(net))
         if held is None or held[0] != list(specs) or held[1] != n:
             if held is not None:
                 del self._held[id(net)]
                 held[2].close()  # restore before setting the new state
             stack = contextlib.ExitStack()
-            stack.enter_context(adapter_call(net, specs, n, self.scale))
+            stack.enter_context(adapter_call(net, specs, n, self.scale, self.update))
             self._held[id(net)] = (list(specs), n, stack)
         return contextlib.nullcontext()
 
@@ -649,7 +656,7 @@ def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: 
                 f"load it there with pipe.load_lora_experts({{{a!r}: ...}}, model={m.name!r})."
             )
         adapters.append(a if a is not None else (BASE if id(m.network) in managed else None))
-    routing = Routing(split=calls == "separate", scale=float(scale))
+    routing = Routing(split=calls == "separate", scale=float(scale), update=UPDATE_OF_CALLS[calls])
     if mode is None:
         return LoraPlan(terms, adapters, operator, weights, None, uncond, switch_steps, routing, managed)
     return _baseline(terms, adapters, entries, mode, uncond, switch_steps, routing, managed, operator, weights)
