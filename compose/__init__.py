@@ -56,8 +56,24 @@ _EXPORTS = {
     "sample_smc": "smc",
     "to_eps": "predictions",
 }
-_MODULES = ("composer", "grids", "ld3", "learn_schedule", "loop", "models", "operators", "options", "predictions",
-            "sampling", "schedule", "schedule_files", "smc", "solvers", "thermo", "toy")  # fmt: skip
+_MODULES = (
+    "composer",
+    "grids",
+    "ld3",
+    "learn_schedule",
+    "loop",
+    "models",
+    "operators",
+    "options",
+    "predictions",
+    "sampling",
+    "schedule",
+    "schedule_files",
+    "smc",
+    "solvers",
+    "thermo",
+    "toy",
+)
 
 __all__ = [
     "AND",

@@ -206,8 +206,19 @@ class Composer:
         eps_bar = out.eps if weight_grad or not eps.requires_grad else _combine(out.coeffs, eps)
         x0_bar = _composed_x0(out.coeffs, x0, tc) if from_noise else None
         step_noise = noise if self.method == "sde" and not final else None
-        out.x = solver_step(solver, x, eps_bar.to(x.dtype), t_cur, t_next, self.schedule, noise=step_noise,
-                            multistep=multistep, offsets=offsets, clip=clip, x0_bar=x0_bar)  # fmt: skip
+        out.x = solver_step(
+            solver,
+            x,
+            eps_bar.to(x.dtype),
+            t_cur,
+            t_next,
+            self.schedule,
+            noise=step_noise,
+            multistep=multistep,
+            offsets=offsets,
+            clip=clip,
+            x0_bar=x0_bar,
+        )
         if (record.multistep or clip is not None) and not from_noise:  # log q along the step actually taken
             base = first_order(record.density_step, x_w, out.eps.to(x.dtype), t_cur, t_next, self.schedule, step_noise)
             s = -eps_w.reshape(eps.shape[0], eps.shape[1], -1).to(torch.float64) / rates.sigma
@@ -406,8 +417,16 @@ def leaf_predictor(
         if divergence is not None:
             x_d, eps_d = (x, eps) if weight_grad else (x.detach(), eps.detach())
             with context() if context is not None else contextlib.nullcontext():
-                div = leaf_divergences(leaves, x_d, t_d, eps_d, divergence, zeta, fd_eps * float(schedule.sigma(t_d)),
-                                       detach=not weight_grad)  # fmt: skip
+                div = leaf_divergences(
+                    leaves,
+                    x_d,
+                    t_d,
+                    eps_d,
+                    divergence,
+                    zeta,
+                    fd_eps * float(schedule.sigma(t_d)),
+                    detach=not weight_grad,
+                )
         if float(schedule.alpha(t_d)) == 0.0:
             return eps, div, torch.stack([model_x0(m, x, t) for m in leaves])
         return eps, div

@@ -109,12 +109,24 @@ def solve(
     sch, leaves = composer.schedule, composer.leaves
     tracks = _tracks_density(expr)
     kind = _divergence_kind(divergence_kind, x)
-    predict = leaf_predictor(leaves, sch, divergence=kind if tracks else None, fd_eps=1e-3, weight_grad=weight_grad,
-                             context=_math_attention)  # fmt: skip
+    predict = leaf_predictor(
+        leaves, sch, divergence=kind if tracks else None, fd_eps=1e-3, weight_grad=weight_grad, context=_math_attention
+    )
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
     hutch = probes if tracks and kind != "exact" else None
-    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,
-             network_times=network_times, offsets=solver_offsets, weight_grad=weight_grad)  # fmt: skip
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        log_q,
+        solver=solver,
+        draws=TorchDraws(generator),
+        probes=hutch,
+        network_times=network_times,
+        offsets=solver_offsets,
+        weight_grad=weight_grad,
+    )
     return tr.x
 
 
@@ -212,8 +224,11 @@ def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters
     if isinstance(init, dict):
         if "grid" not in init:
             raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
-        start = (torch.as_tensor(init["grid"], dtype=torch.float64), init.get("network_times"),
-                 init.get("solver_offsets"))  # fmt: skip
+        start = (
+            torch.as_tensor(init["grid"], dtype=torch.float64),
+            init.get("network_times"),
+            init.get("solver_offsets"),
+        )
         init = str(init.get("path", "schedule"))
     elif init not in GRIDS and init != "best":
         raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
@@ -227,12 +242,24 @@ def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters
 class _StudentParams:
     """What LD3 learns: the grid's xi, the network times' s and the solver offsets o (the last two optional)."""
 
-    def __init__(self, sch: NoiseSchedule, nfe: int, solver: str, ts0: torch.Tensor, time_shift: bool,
-                 solver_offsets: bool, start: tuple | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sch: NoiseSchedule,
+        nfe: int,
+        solver: str,
+        ts0: torch.Tensor,
+        time_shift: bool,
+        solver_offsets: bool,
+        start: tuple | None,
+    ) -> None:
         self.sch, self.time_shift, self.use_offsets = sch, time_shift, solver_offsets
         t_max, t_min = sch.t_max, sch.t_min
-        if (ts0.shape != (nfe + 1,) or abs(float(ts0[0]) - t_max) > 1e-6 or abs(float(ts0[-2]) - t_min) > 1e-6
-                or float(ts0[-1]) != 0.0):  # fmt: skip
+        if (
+            ts0.shape != (nfe + 1,)
+            or abs(float(ts0[0]) - t_max) > 1e-6
+            or abs(float(ts0[-2]) - t_min) > 1e-6
+            or float(ts0[-1]) != 0.0
+        ):
             raise ValueError(
                 f"init: the start grid must have nfe + 1 = {nfe + 1} times from t_max = {t_max} through t_min = "
                 f"{t_min} (this schedule's ends) to 0; got {ts0.numel()} times from {float(ts0[0])} to "
@@ -269,6 +296,50 @@ class _StudentParams:
         with torch.no_grad():
             for v, saved in zip((self.xi, self.s, self.o), state, strict=True):
                 v.copy_(saved)
+
+
+def _fit(
+    params: _StudentParams,
+    student: Callable,
+    val_distance: Callable,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    init_loss: float,
+    radius: float,
+    lr: float,
+    iters: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    log: Callable[[str], None] | None,
+) -> tuple[float, list[float]]:
+    """Adam on the relaxed loss: the student's parameters and x'_T within `radius` of every training noise x_T.
+
+    Validates every iters / 10 steps and loads the parameters with the best validation distance (`init_loss` is
+    the start's). Returns (that distance, the training losses)."""
+    n = x_train.shape[0]
+    delta = torch.zeros_like(x_train, requires_grad=True)
+    opt = torch.optim.Adam(
+        [{"params": params.trainable(), "lr": lr}, {"params": [delta], "lr": lr * max(radius, 1e-12)}]
+    )
+    best, best_state, losses = init_loss, params.state(), []
+    for it in range(iters):
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+        loss = _distances(student(x_train[idx] + delta[idx], *params.current()), y_train[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # project x'_T back into its ball
+            norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+            delta.mul_(bcast((radius / norm).clamp(max=1.0), delta))
+        losses.append(float(loss.detach()))
+        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
+            v = val_distance(*params.current())
+            if v < best:
+                best, best_state = v, params.state()
+            if log is not None:
+                log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
+    params.load(best_state)
+    return best, losses
 
 
 def learn_schedule(
@@ -344,10 +415,11 @@ def learn_schedule(
     if progress:
         log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {time.time() - start:.1f} s")
 
+    solve_kw = dict(divergence_kind=divergence_kind, probes=probes)
+
     def student(x, ts, net=None, off=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
-        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen,
-                     probes=probes, solver_offsets=off)  # fmt: skip
+        return solve(expr, x, ts, solver, net, weight_grad=grad, generator=gen, solver_offsets=off, **solve_kw)
 
     def val_distance(ts, net=None, off=None) -> float:
         with torch.no_grad():
@@ -357,32 +429,25 @@ def learn_schedule(
     named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
     if init == "best":
         init = min(GRIDS, key=lambda k: named[k])
-    params = _StudentParams(sch, nfe, solver, make_grid(sch, nfe, init) if start_sched is None else start_sched[0],
-                            time_shift, solver_offsets, start_sched)  # fmt: skip
-    delta = torch.zeros_like(x_train, requires_grad=True)
-    opt = torch.optim.Adam([{"params": params.trainable(), "lr": lr},
-                            {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])  # fmt: skip
-    best = init_loss = val_distance(*params.current())
-    best_state, losses, n = params.state(), [], x_train.shape[0]
+    start_grid = make_grid(sch, nfe, init) if start_sched is None else start_sched[0]
+    params = _StudentParams(sch, nfe, solver, start_grid, time_shift, solver_offsets, start_sched)
+    init_loss = val_distance(*params.current())
     if progress:
         log(f"ld3: nfe {nfe}, solver {solver}, init {init}: validation distance {init_loss:.5f}")
-    for it in range(iters):
-        idx = torch.randperm(n, generator=generator)[:batch_size]
-        loss = _distances(student(x_train[idx] + delta[idx], *params.current()), y_train[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # project x'_T back into its ball
-            norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
-            delta.mul_(bcast((r * sigma_T / norm).clamp(max=1.0), delta))
-        losses.append(float(loss.detach()))
-        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
-            v = val_distance(*params.current())
-            if v < best:
-                best, best_state = v, params.state()
-            if progress:
-                log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
-    params.load(best_state)
+    best, losses = _fit(
+        params,
+        student,
+        val_distance,
+        x_train,
+        y_train,
+        init_loss,
+        r * sigma_T,
+        lr,
+        iters,
+        batch_size,
+        generator,
+        log if progress else None,
+    )
     with torch.no_grad():
         ts, net, off = params.current()
     seconds = time.time() - start

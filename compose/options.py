@@ -123,8 +123,9 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None, what: str =
     return v
 
 
-def check_float(value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-                what: str = "") -> float:  # fmt: skip
+def check_float(
+    value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False, what: str = ""
+) -> float:
     """`value` as a finite float in [lo, hi] ((lo, hi] with open_lo); ValueError naming `name` otherwise."""
     torch = sys.modules.get("torch")  # a tensor argument means torch is loaded; this module never loads it
     one_element = torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
@@ -280,8 +281,9 @@ def check_langevin_options(langevin_steps: Any, langevin_step: Any, langevin_aft
         raise ValueError(f"langevin_after={langevin_after!r} is not known; use one of {LANGEVIN_AFTER}.")
 
 
-def check_x0_clip(clip_sample: Any, clip_sample_range: Any, thresholding: Any, dynamic_thresholding_ratio: Any,
-                  sample_max_value: Any) -> None:  # fmt: skip
+def check_x0_clip(
+    clip_sample: Any, clip_sample_range: Any, thresholding: Any, dynamic_thresholding_ratio: Any, sample_max_value: Any
+) -> None:
     """The x0 clipping options (diffusers' scheduler semantics, see `compose.solvers.X0Clip`)."""
     for name, v in (("clip_sample", clip_sample), ("thresholding", thresholding)):
         if not isinstance(v, bool):

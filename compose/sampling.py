@@ -114,8 +114,18 @@ def sample(
         if not isinstance(expr, PoE):
             raise ValueError(f"{sorted(smc_options)} are options of particle products; wrap the models in PoE(...).")
         kw = dict(grid=grid, control_variate=control_variate, dtype=dtype, callback=callback, progress=progress)
-        return sample_smc(expr, num_samples, x_T=x_T, timesteps=timesteps, steps=steps, method=method,
-                          generator=generator, solver=solver, **kw, **smc_options)  # fmt: skip
+        return sample_smc(
+            expr,
+            num_samples,
+            x_T=x_T,
+            timesteps=timesteps,
+            steps=steps,
+            method=method,
+            generator=generator,
+            solver=solver,
+            **kw,
+            **smc_options,
+        )
     check_method(method)
     check_divergence(divergence)
     check_solver(solver, method)
@@ -158,11 +168,24 @@ def sample(
 
     predict = leaf_predictor(leaves, sch, divergence=divergence if method == "ode" else None, fd_eps=fd_eps)
     cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
-    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,
-             network_times=t_net, offsets=offsets, clip=clip, callback=cb,
-             progress=_progress(progress, len(ts) - 1, f"compose.sample ({method})"))  # fmt: skip
-    return SampleResult(samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts,
-                        node_kappa=tr.node_kappa)  # fmt: skip
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        log_q,
+        solver=solver,
+        draws=TorchDraws(generator),
+        probes=hutch,
+        network_times=t_net,
+        offsets=offsets,
+        clip=clip,
+        callback=cb,
+        progress=_progress(progress, len(ts) - 1, f"compose.sample ({method})"),
+    )
+    return SampleResult(
+        samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts, node_kappa=tr.node_kappa
+    )
 
 
 def _path_schedule(path: NoiseSchedule | str) -> NoiseSchedule:

@@ -28,11 +28,32 @@ from .options import SOLVER_TABLE, check_grid, solver_record
 
 FORMAT = "compose-schedule/2"
 FORMATS = ("compose-schedule/1", FORMAT)
-REQUIRED_KEYS = ("format", "model", "operator", "solver", "nfe", "guidance", "schedule", "grid", "train_size",
-                 "teacher", "loss", "date")  # fmt: skip
+REQUIRED_KEYS = (
+    "format",
+    "model",
+    "operator",
+    "solver",
+    "nfe",
+    "guidance",
+    "schedule",
+    "grid",
+    "train_size",
+    "teacher",
+    "loss",
+    "date",
+)
 CHECKED_KEYS = ("model", "operator", "solver", "nfe", "guidance", "schedule")
-SOURCE_ONLY_KEYS = ("val_distance", "val_distance_init", "val_distance_named", "test_size", "test_distance",
-                    "test_distance_named", "probes", "teacher_probes", "command")  # fmt: skip
+SOURCE_ONLY_KEYS = (
+    "val_distance",
+    "val_distance_init",
+    "val_distance_named",
+    "test_size",
+    "test_distance",
+    "test_distance_named",
+    "probes",
+    "teacher_probes",
+    "command",
+)
 
 
 def expression_keys(expr: Any) -> dict[str, Any]:
@@ -101,8 +122,10 @@ def check_schedule(info: dict, path: str) -> None:
     for key in ("model", "operator", "solver", "schedule"):
         if not isinstance(info[key], str):
             raise ValueError(f"schedule file {path!r}: {key} must be a string; got {info[key]!r}.")
-    if isinstance(info["guidance"], bool) or not isinstance(info["guidance"], (int, float)) or not math.isfinite(
-        info["guidance"]
+    if (
+        isinstance(info["guidance"], bool)
+        or not isinstance(info["guidance"], (int, float))
+        or not math.isfinite(info["guidance"])
     ):
         raise ValueError(f"schedule file {path!r}: guidance must be a finite number; got {info['guidance']!r}.")
     if isinstance(info["nfe"], bool) or not isinstance(info["nfe"], int) or info["nfe"] < 1:
@@ -139,8 +162,12 @@ def check_schedule(info: dict, path: str) -> None:
         if not bool(torch.isfinite(net_t).all()) or bool((net_t <= 0).any()) or bool((net_t > 1).any()):
             raise ValueError(f"schedule file {path!r}: network_times must be finite times in (0, 1]; got {net}.")
     if off is not None:
-        check_solver_offsets(_table(off, path, "solver_offsets"), info["solver"], info["nfe"],
-                             f"the solver_offsets of schedule file {path!r}")  # fmt: skip
+        check_solver_offsets(
+            _table(off, path, "solver_offsets"),
+            info["solver"],
+            info["nfe"],
+            f"the solver_offsets of schedule file {path!r}",
+        )
 
 
 def _table(value: Any, path: str, key: str) -> torch.Tensor:

@@ -378,8 +378,18 @@ def rejuvenate(
     n = groups.shape[0]
     K = x.shape[0] // n
     rows = groups.to(x.device).repeat_interleave(K)
-    mv = langevin_move(poe, eps_fn, x[rows], t, sigma, eps_fn(x[rows], t), log_q[rows],
-                       [z[rows] for z in noises], [u.to(x.device)[rows] for u in uniforms], step)  # fmt: skip
+    mv = langevin_move(
+        poe,
+        eps_fn,
+        x[rows],
+        t,
+        sigma,
+        eps_fn(x[rows], t),
+        log_q[rows],
+        [z[rows] for z in noises],
+        [u.to(x.device)[rows] for u in uniforms],
+        step,
+    )
     x, log_q = x.clone(), log_q.clone()
     x[rows], log_q[rows] = mv.x, mv.log_q
     eps = torch.zeros((mv.eps.shape[0], *x.shape), dtype=mv.eps.dtype, device=x.device)
@@ -405,9 +415,20 @@ class ParticleHooks(Hooks):
     langevin_steps > 0, rejuvenates (the predictions the moves leave at (x, t_next) serve the next step).
     """
 
-    def __init__(self, poe: PoE, schedule: Any, n: int, K: int, *, ess_threshold: float,
-                 resample_window: tuple[float, float], langevin_steps: int = 0, langevin_step: float = 0.5,
-                 langevin_after: str = "every", device: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        poe: PoE,
+        schedule: Any,
+        n: int,
+        K: int,
+        *,
+        ess_threshold: float,
+        resample_window: tuple[float, float],
+        langevin_steps: int = 0,
+        langevin_step: float = 0.5,
+        langevin_after: str = "every",
+        device: Any = None,
+    ) -> None:
         self.poe, self.schedule, self.n, self.K = poe, schedule, n, K
         self.ess_threshold, self.window = ess_threshold, resample_window
         self.langevin = (langevin_steps, langevin_step, langevin_after)
@@ -427,8 +448,9 @@ class ParticleHooks(Hooks):
     def predict(self, predict, x, t, zeta):
         if self.pending is None:
             return predict(x, t, zeta)
-        eps = self.pending.complete(lambda xr, tt: predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0],
-                                    x, t)  # fmt: skip
+        eps = self.pending.complete(
+            lambda xr, tt: predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0], x, t
+        )
         self.pending = None
         return eps, None
 
@@ -440,8 +462,16 @@ class ParticleHooks(Hooks):
         if step.final or math.isinf(step.rho):  # the steps to the data and from pure noise are not reweighted
             return step.x, step.log_q
         dl = factor_increment(self.poe, step.eps, step.log_q_prev, step.rho)
-        st = reweight_and_resample(step.x, step.log_q, self.log_w, dl, self.u, step.t_next,
-                                   ess_threshold=self.ess_threshold, resample_window=self.window)  # fmt: skip
+        st = reweight_and_resample(
+            step.x,
+            step.log_q,
+            self.log_w,
+            dl,
+            self.u,
+            step.t_next,
+            ess_threshold=self.ess_threshold,
+            resample_window=self.window,
+        )
         x, log_q, self.log_w = st.x, st.log_q, st.log_w
         self.lineage = torch.gather(self.lineage, 1, st.ancestors.to(self.lineage.device))
         self.ess.append(st.ess)
@@ -586,9 +616,18 @@ def sample_smc(
             raise ValueError(f"num_samples={num_samples} does not match x_T with {n} groups.")
         x = x_T.reshape(n * K, *x_T.shape[2:])
     predict = leaf_predictor(composer.leaves, sch)
-    hooks = ParticleHooks(expr, sch, n, K, ess_threshold=ess_threshold, resample_window=window,
-                          langevin_steps=langevin_steps, langevin_step=langevin_step, langevin_after=langevin_after,
-                          device=x.device)  # fmt: skip
+    hooks = ParticleHooks(
+        expr,
+        sch,
+        n,
+        K,
+        ess_threshold=ess_threshold,
+        resample_window=window,
+        langevin_steps=langevin_steps,
+        langevin_step=langevin_step,
+        langevin_after=langevin_after,
+        device=x.device,
+    )
     cb = None
     if callback is not None:
 
@@ -597,8 +636,18 @@ def sample_smc(
 
     bar = _progress(progress, len(ts) - 1, f"compose.sample_smc (K={K})")
     draws = TorchDraws(generator)
-    tr = run(composer, predict, x, ts, composer.initial_log_q(x, t0), solver=solver, draws=draws, hooks=hooks,
-             callback=cb, progress=bar)  # fmt: skip
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        composer.initial_log_q(x, t0),
+        solver=solver,
+        draws=draws,
+        hooks=hooks,
+        callback=cb,
+        progress=bar,
+    )
     x, log_q, lineage = tr.x, tr.log_q, hooks.lineage
     log_w = hooks.log_w - torch.logsumexp(hooks.log_w, -1, keepdim=True)
     if final == "resample":

@@ -255,9 +255,16 @@ class X0Clip:
         """The clipping a diffusers scheduler config asks for (None: none). Overrides: clip_sample, clip_sample_range,
         thresholding, dynamic_thresholding_ratio, sample_max_value (None leaves the config's value)."""
         get = (lambda k, d: config.get(k, d)) if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
-        val = {k: (get(k, d) if overrides.get(k) is None else overrides[k]) for k, d in (
-            ("clip_sample", False), ("clip_sample_range", 1.0), ("thresholding", False),
-            ("dynamic_thresholding_ratio", 0.995), ("sample_max_value", 1.0))}  # fmt: skip
+        val = {
+            k: (get(k, d) if overrides.get(k) is None else overrides[k])
+            for k, d in (
+                ("clip_sample", False),
+                ("clip_sample_range", 1.0),
+                ("thresholding", False),
+                ("dynamic_thresholding_ratio", 0.995),
+                ("sample_max_value", 1.0),
+            )
+        }
         if val["thresholding"]:
             return cls(None, float(val["dynamic_thresholding_ratio"]), float(val["sample_max_value"]))
         if val["clip_sample"]:

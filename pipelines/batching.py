@@ -32,8 +32,9 @@ UNCOND = _UncondMarker("")
 class Leaf:
     """A leaf of the compose expression: one term (checkpoint, prompt); the core only needs `schedule` and `name`."""
 
-    def __init__(self, schedule: NoiseSchedule, name: str, model: ComposeModel | None, prompt: str | None,
-                 adapter: Any = None):  # fmt: skip
+    def __init__(
+        self, schedule: NoiseSchedule, name: str, model: ComposeModel | None, prompt: str | None, adapter: Any = None
+    ):
         self.schedule = schedule
         self.name = name
         self.model = model
@@ -73,8 +74,16 @@ class NetworkGroups:
     call per network and adapter instead).
     """
 
-    def __init__(self, core: list[Leaf], terms: list[Leaf], extra: list[Leaf], conds: dict, u_index: int | None,
-                 call_extra: dict | None = None, routing: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        core: list[Leaf],
+        terms: list[Leaf],
+        extra: list[Leaf],
+        conds: dict,
+        u_index: int | None,
+        call_extra: dict | None = None,
+        routing: Any = None,
+    ) -> None:
         self.leaves = [*core, *extra]
         self.num_core = len(core)
         self.u_index = u_index

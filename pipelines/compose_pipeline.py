@@ -102,6 +102,56 @@ class ComposePipelineOutput(BaseOutput):
     evaluations: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """A call's sampler: solver, method, divergence estimate, probes, finite-difference step, x0 clipping."""
+
+    solver: str
+    method: str
+    divergence: str
+    probes: int
+    fd_eps: float
+    clip: X0Clip | None
+
+
+@dataclass(frozen=True)
+class Particles:
+    """A call's particle options (operator="product_smc"), checked by `check`."""
+
+    num_particles: int | None
+    ess_threshold: float
+    resample_window: tuple[float, float]
+    langevin_steps: int
+    langevin_step: float
+    langevin_after: str
+
+    def check(self, smc: bool, operator: Any, method: str) -> int:
+        """ValueError for particle options without a particle operator (or bad ones with it); the particles per
+        image (1 without particles)."""
+        if smc:
+            O.check_smc_options(self.num_particles, self.ess_threshold, self.resample_window, method)
+            O.check_langevin_options(self.langevin_steps, self.langevin_step, self.langevin_after)
+            return self.num_particles
+        if self.num_particles is not None:
+            raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
+        if self.langevin_steps != 0:
+            raise ValueError(
+                f"langevin_steps is used by operator='product_smc' (Langevin moves of the particles); got "
+                f"operator={operator!r}. Drop langevin_steps or use operator='product_smc' with num_particles."
+            )
+        return 1
+
+    def hook_options(self) -> dict[str, Any]:
+        """The keyword arguments of `compose.smc.ParticleHooks`."""
+        return dict(
+            ess_threshold=self.ess_threshold,
+            resample_window=self.resample_window,
+            langevin_steps=self.langevin_steps,
+            langevin_step=self.langevin_step,
+            langevin_after=self.langevin_after,
+        )
+
+
 class PipelineDraws:
     """`compose.loop.Draws` with diffusers' conventions: `randn_tensor` in float32, one generator or one per image
     (rows of one image drawn from its own generator, so an image does not depend on the others)."""
@@ -136,9 +186,20 @@ class ComposePipeline(DiffusionPipeline):
     _optional_components = list(COMPONENTS)
     _callback_tensor_inputs = ["latents", "log_q"]
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, transformer=None, text_encoder_3=None, tokenizer_3=None,
-                 max_sequence_length: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        unet=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        max_sequence_length: int | None = None,
+    ) -> None:
         """A UNet checkpoint (SD 1.x / 2.x, SDXL, pixel UNet2D) or a flow-matching transformer (SD3 / SD3.5, Flux) with
         its scheduler and text / latent components (a folder's other components, e.g. a safety checker or an
         IP-Adapter image encoder, are not loaded).
@@ -146,10 +207,19 @@ class ComposePipeline(DiffusionPipeline):
         overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512)."""
         super().__init__()
         # a component saved as absent comes back from model_index.json as [null, null]
-        comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in dict(
-            unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3).items()}  # fmt: skip
+        given = dict(
+            unet=unet,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in given.items()}
         unet, transformer = comps["unet"], comps["transformer"]
         if (unet is None) == (transformer is None):
             raise ValueError("give one network: unet= (a UNet checkpoint) or transformer= (SD3 / Flux), not both.")
@@ -280,8 +350,9 @@ class ComposePipeline(DiffusionPipeline):
         return out
 
     # ------------------------------------------------------------------ LoRA experts (pipelines/lora.py)
-    def load_lora_experts(self, experts: dict[str, str | os.PathLike], model: str | int | None = None,
-                          weight_name: str | None = None) -> list[str]:  # fmt: skip
+    def load_lora_experts(
+        self, experts: dict[str, str | os.PathLike], model: str | int | None = None, weight_name: str | None = None
+    ) -> list[str]:
         """Attach LoRA fine-tunes of one checkpoint as named experts, to be composed with `lora=` in a call.
 
         experts: {name: source}, each source a folder holding `pytorch_lora_weights.safetensors` (or one .safetensors
@@ -340,9 +411,28 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(f"prompt: {len(out)} terms; at most 64 can be composed in one call.")
         return out
 
-    def check_inputs(self, *, operator, n_terms, weights, temperature, guidance_scale, method, solver, divergence,
-                     probes, fd_eps, output_type, height, width, num_inference_steps, timesteps, sigmas,
-                     negative_prompt, callback_on_step_end_tensor_inputs) -> None:  # fmt: skip
+    def check_inputs(
+        self,
+        *,
+        operator,
+        n_terms,
+        weights,
+        temperature,
+        guidance_scale,
+        method,
+        solver,
+        divergence,
+        probes,
+        fd_eps,
+        output_type,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        negative_prompt,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
         """Every call argument checked once, before any network is called (ValueError naming it and the fix)."""
         record = None  # the named operator's record (None: no operator, or a callable)
         if operator is not None and not callable(operator):
@@ -546,64 +636,79 @@ class ComposePipeline(DiffusionPipeline):
         # 1. check inputs (everything, before any network call)
         models, first = self.models, self.models[0]
         terms = self._terms(prompt, models)
-        lora_plan = lora_experts.plan(self, terms, lora, mode=lora_mode, uncond=lora_uncond,
-                                      switch_steps=lora_switch_steps, scale=lora_scale, calls=lora_calls,
-                                      operator=operator, weights=weights)  # fmt: skip
+        lora_plan = lora_experts.plan(
+            self,
+            terms,
+            lora,
+            mode=lora_mode,
+            uncond=lora_uncond,
+            switch_steps=lora_switch_steps,
+            scale=lora_scale,
+            calls=lora_calls,
+            operator=operator,
+            weights=weights,
+        )
         terms, operator, weights = lora_plan.terms, lora_plan.operator, lora_plan.weights
-        self.check_inputs(operator=operator, n_terms=len(terms), weights=weights, temperature=temperature,
-                          guidance_scale=guidance_scale, method=method, solver=solver, divergence=divergence,
-                          probes=probes, fd_eps=fd_eps, output_type=output_type, height=height, width=width,
-                          num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                          negative_prompt=negative_prompt,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
+        self.check_inputs(
+            operator=operator,
+            n_terms=len(terms),
+            weights=weights,
+            temperature=temperature,
+            guidance_scale=guidance_scale,
+            method=method,
+            solver=solver,
+            divergence=divergence,
+            probes=probes,
+            fd_eps=fd_eps,
+            output_type=output_type,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         max_sequence_length = max_sequence_length or self.config.get("max_sequence_length")
-        # guidance_scale is the CFG scale from here on; Flux's distilled guidance is embedded instead (`_guidance`)
-        O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
-        text = any(m.is_text for m, _ in terms)
-        guidance_scale, embedded_guidance = first.family.guidance(guidance_scale, true_cfg_scale, text)
+        # guidance_scale is the CFG scale from here on; a guidance-distilled family embeds its guidance instead
+        guidance_scale, embedded_guidance = self._guidance(first, terms, guidance_scale, true_cfg_scale)
         smc = isinstance(operator, str) and O.operator_record(operator).particles
-        P = self._particle_options(smc, operator, num_particles, ess_threshold, resample_window, method,
-                                   langevin_steps, langevin_step, langevin_after)  # fmt: skip
+        particles = Particles(
+            num_particles, ess_threshold, resample_window, langevin_steps, langevin_step, langevin_after
+        )
+        P = particles.check(smc, operator, method)
         schedule_name = self._schedule_name(grid, schedule, first.family)
-        clip = X0Clip.from_config(first.scheduler.config, clip_sample=clip_sample,
-                                  clip_sample_range=clip_sample_range, thresholding=thresholding)  # fmt: skip
+        clip = X0Clip.from_config(
+            first.scheduler.config,
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+            thresholding=thresholding,
+        )
         use_cfg = guidance_scale > 1.0
         n = self._num_images(num_images_per_prompt, batch_size, latents, P, generator)
         family, f = first.family, self.vae_scale_factor
-        height = family.native_size(first, f) if height is None else height
-        width = family.native_size(first, f) if width is None else width
+        height, width, shape = self._sizes(first, n * P, height, width)
         device = self._execution_device
-        shape = family.latent_shape(first, n * P, height, width, f)
         if latents is not None:
             self._check_latents(latents, shape, smc, P)
 
         # 2. terms -> leaves on the shared schedule, their conditioning (each prompt encoded once)
         sch = first.schedule
-        leaves, uncond, conds = self.encode_terms(terms, use_cfg, negative_prompt, len(models), device, guidance_scale,
-                                                  max_sequence_length)  # fmt: skip
+        leaves, uncond, conds = self.encode_terms(
+            terms, use_cfg, negative_prompt, len(models), device, guidance_scale, max_sequence_length
+        )
         uncond = lora_plan.attach(leaves, uncond, conds)  # each term's LoRA; the unconditional rows per lora_uncond
-        u_leaf = Leaf(sch, "uncond", None, UNCOND) if use_cfg else None
 
-        # 3. the expression: operator over the terms, CFG around it (product_smc: the particles' PoE)
-        poe = None
-        if smc:
-            a = torch.ones(len(leaves)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-            poe = compose.PoE(*leaves, exponents=a * guidance_scale if use_cfg else a, unconditional=u_leaf)
-            expr = poe.product
-        else:
-            expr = self._expression(operator, leaves, weights, temperature)
-            expr = compose.Guided(expr, u_leaf, guidance_scale) if use_cfg else expr
-        composer = Composer(expr, schedule=sch, method=method)
-        core = composer.leaves
-        u_index = next(i for i, lf in enumerate(core) if lf is u_leaf) if u_leaf is not None else None
+        # 3. the expression: operator over the terms, CFG around it (product_smc: the particles' PoE), its rows
         extra = family.call_inputs(first, height, width, f, device, embedded_guidance)
-        groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
-        groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
-        term_index = [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
+        expr, poe = self._composition(operator, leaves, weights, temperature, guidance_scale, smc)
+        composer = Composer(expr, schedule=sch, method=method)
+        groups, term_index = self._groups(composer.leaves, leaves, uncond, conds, extra, lora_plan)
 
         # 4. the grid
-        ts, t_net, offsets = self.prepare_grid(sch, expr, schedule_name, num_inference_steps, timesteps, sigmas,
-                                               method, solver, probes, smc, first, shape)  # fmt: skip
+        ts, t_net, offsets = self.prepare_grid(
+            sch, expr, schedule_name, num_inference_steps, timesteps, sigmas, method, solver, probes, smc, first, shape
+        )
 
         # 5. initial latents and their log q
         if latents is None:
@@ -614,23 +719,11 @@ class ComposePipeline(DiffusionPipeline):
         log_q = composer.initial_log_q(x, float(ts[0]))
 
         # 6. sample: one batched call per network and step, the maths in compose.loop.run
-        def predict(x_in: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-            fd_e = fd_eps * float(sch.sigma(t))
-            return groups.predict(x_in, t, sch, zeta=zeta, divergence=divergence if zeta is not None else None,
-                                  fd_e=fd_e)  # fmt: skip
-
-        hooks = None
-        if smc:
-            hooks = ParticleHooks(poe, sch, n, P, ess_threshold=ess_threshold, resample_window=resample_window,
-                                  langevin_steps=langevin_steps, langevin_step=langevin_step,
-                                  langevin_after=langevin_after, device=x.device)  # fmt: skip
+        hooks = ParticleHooks(poe, sch, n, P, device=x.device, **particles.hook_options()) if smc else None
         draws = PipelineDraws(generator, device)
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sch)
-        held = lora_plan.routing.session() if lora_plan.routing is not None else contextlib.nullcontext()
-        with self.progress_bar(total=len(ts) - 1) as bar, held:  # LoRA states set once for the run, restored after
-            tr = run(composer, predict, x, ts, log_q, solver=solver, draws=draws, probes=probes if method == "ode"
-                     else None, network_times=t_net, offsets=offsets, clip=clip, hooks=hooks, callback=callback,
-                     progress=bar.update)  # fmt: skip
+        sampler = Sampler(solver, method, divergence, probes, fd_eps, clip)
+        tr = self._run(composer, groups, x, (ts, t_net, offsets), log_q, sampler, draws, hooks, callback, lora_plan)
 
         # 7. decode (product_smc: one particle per image, drawn by its weights)
         pick = None if not smc else hooks.pick(draws.uniforms(n))
@@ -640,9 +733,68 @@ class ComposePipeline(DiffusionPipeline):
         return out if return_dict else (out.images, out.kappa, out.log_q)
 
     # ------------------------------------------------------------------ the steps of __call__
-    def encode_terms(self, terms, use_cfg: bool, negative_prompt: str | None, num_models: int, device,
-                     guidance_scale: float, max_sequence_length: int | None = None
-                     ) -> tuple[list[Leaf], list[Leaf], dict]:  # fmt: skip
+    def _composition(self, operator, leaves, weights, temperature, guidance_scale, smc) -> tuple[Any, Any]:
+        """(expression, PoE or None): the operator over the term leaves with CFG around it (guidance_scale > 1: an
+        unconditional leaf, the mean of the checkpoints' unconditional rows), or for product_smc the particles'
+        PoE (the exponents times guidance_scale around the unconditional leaf) and its product."""
+        use_cfg = guidance_scale > 1.0
+        u_leaf = Leaf(leaves[0].schedule, "uncond", None, UNCOND) if use_cfg else None
+        if smc:
+            a = torch.ones(len(leaves)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+            poe = compose.PoE(*leaves, exponents=a * guidance_scale if use_cfg else a, unconditional=u_leaf)
+            return poe.product, poe
+        expr = self._expression(operator, leaves, weights, temperature)
+        return (compose.Guided(expr, u_leaf, guidance_scale) if use_cfg else expr), None
+
+    @staticmethod
+    def _groups(core, leaves, uncond, conds, extra, lora_plan) -> tuple[Any, list[int]]:
+        """(the row groups of every step, the index in `core` of every term leaf); core: the composer's leaves."""
+        u_index = next((i for i, lf in enumerate(core) if lf.model is None), None)  # the unconditional leaf
+        groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
+        groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
+        return groups, [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
+
+    def _run(self, composer, groups, x, grid, log_q, sampler: Sampler, draws, hooks, callback, lora_plan):
+        """The sampling loop (`compose.loop.run`) with one batched call per network and step (`groups.predict`);
+        grid: (ts, learned network times or None, learned solver offsets or None). LoRA adapter states are set once
+        for the run and restored after it (`Routing.session`)."""
+        sch = composer.schedule
+        ts, t_net, offsets = grid
+
+        def predict(x_in: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
+            fd_e = sampler.fd_eps * float(sch.sigma(t))
+            divergence = sampler.divergence if zeta is not None else None
+            return groups.predict(x_in, t, sch, zeta=zeta, divergence=divergence, fd_e=fd_e)
+
+        held = lora_plan.routing.session() if lora_plan.routing is not None else contextlib.nullcontext()
+        with self.progress_bar(total=len(ts) - 1) as bar, held:
+            return run(
+                composer,
+                predict,
+                x,
+                ts,
+                log_q,
+                solver=sampler.solver,
+                draws=draws,
+                probes=sampler.probes if sampler.method == "ode" else None,
+                network_times=t_net,
+                offsets=offsets,
+                clip=sampler.clip,
+                hooks=hooks,
+                callback=callback,
+                progress=bar.update,
+            )
+
+    def encode_terms(
+        self,
+        terms,
+        use_cfg: bool,
+        negative_prompt: str | None,
+        num_models: int,
+        device,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+    ) -> tuple[list[Leaf], list[Leaf], dict]:
         """The term leaves, the per-checkpoint unconditional leaves (with CFG) and id(leaf) -> conditioning."""
         sch = terms[0][0].schedule
         leaves = [Leaf(sch, _term_name(m, p, num_models), m, p) for m, p in terms]
@@ -667,8 +819,21 @@ class ComposePipeline(DiffusionPipeline):
             conds[id(leaf)] = cache[key]
         return leaves, uncond, conds
 
-    def prepare_grid(self, sch, expr, schedule_name, num_inference_steps, timesteps, sigmas, method, solver, probes,
-                     smc, first, shape) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    def prepare_grid(
+        self,
+        sch,
+        expr,
+        schedule_name,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        method,
+        solver,
+        probes,
+        smc,
+        first,
+        shape,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(grid ending at 0, learned network times or None, learned solver offsets or None). "scheduler": a
         flow-matching checkpoint's own sigmas (its shift / dynamic shift), as its diffusers pipeline samples."""
         t_net = offsets = None
@@ -681,8 +846,9 @@ class ComposePipeline(DiffusionPipeline):
             explicit = is_schedule_file(schedule_name)
             steps = 50 if num_inference_steps is None and not explicit else num_inference_steps
             hutch = probes if method == "ode" else None
-            ts, t_net, offsets = resolve_grid(sch, schedule_name, None if explicit else steps, expect=expect,
-                                              probes=hutch)  # fmt: skip
+            ts, t_net, offsets = resolve_grid(
+                sch, schedule_name, None if explicit else steps, expect=expect, probes=hutch
+            )
             if explicit and num_inference_steps is not None and len(ts) - 1 != num_inference_steps:
                 raise ValueError(
                     f"num_inference_steps={num_inference_steps} does not match the schedule file {schedule_name} "
@@ -755,20 +921,18 @@ class ComposePipeline(DiffusionPipeline):
         return out
 
     @staticmethod
-    def _particle_options(smc, operator, num_particles, ess_threshold, resample_window, method, langevin_steps,
-                          langevin_step, langevin_after) -> int:  # fmt: skip
-        if smc:
-            O.check_smc_options(num_particles, ess_threshold, resample_window, method)
-            O.check_langevin_options(langevin_steps, langevin_step, langevin_after)
-            return num_particles
-        if num_particles is not None:
-            raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
-        if langevin_steps != 0:
-            raise ValueError(
-                f"langevin_steps is used by operator='product_smc' (Langevin moves of the particles); got "
-                f"operator={operator!r}. Drop langevin_steps or use operator='product_smc' with num_particles."
-            )
-        return 1
+    def _guidance(first: ComposeModel, terms, guidance_scale, true_cfg_scale) -> tuple[float, float | None]:
+        """(CFG scale, embedded guidance or None): what the first checkpoint's family makes of the arguments."""
+        O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
+        text = any(m.is_text for m, _ in terms)
+        return first.family.guidance(guidance_scale, true_cfg_scale, text)
+
+    def _sizes(self, first: ComposeModel, rows: int, height, width) -> tuple[int, int, tuple]:
+        """(height, width, the shape of `rows` states): the family's native size where not given."""
+        family, f = first.family, self.vae_scale_factor
+        height = family.native_size(first, f) if height is None else height
+        width = family.native_size(first, f) if width is None else width
+        return height, width, family.latent_shape(first, rows, height, width, f)
 
     @staticmethod
     def _schedule_name(grid, schedule, family) -> str:

@@ -403,8 +403,9 @@ def _models_and_prompts(raw: dict, limits: Limits) -> tuple[list[str], list[str]
     return models, prompts, terms
 
 
-def _operator(raw: dict, terms: int, limits: Limits, lora_mode: str | None = None
-              ) -> tuple[str | None, list[float] | None, float]:  # fmt: skip
+def _operator(
+    raw: dict, terms: int, limits: Limits, lora_mode: str | None = None
+) -> tuple[str | None, list[float] | None, float]:
     """The operator (a name of `compose.options.OPERATORS`), its weights and temperature. With a lora_mode (a LoRA
     baseline: the mode is the combination) the operator must be left out; weights are then the merge weights."""
     from compose.options import OPERATORS
@@ -539,8 +540,11 @@ def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
     scale = _float(raw, "lora_scale", None)
     if scale is not None and not 0 <= scale <= 10:
         raise ValueError(f"lora_scale={scale:g} is out of range; give a number from 0 to 10 (1: as trained).")
-    given = [k for k, v in (("lora_mode", mode), ("lora_uncond", uncond), ("lora_switch_steps", steps),
-                            ("lora_scale", scale)) if v is not None]  # fmt: skip
+    given = [
+        k
+        for k, v in (("lora_mode", mode), ("lora_uncond", uncond), ("lora_switch_steps", steps), ("lora_scale", scale))
+        if v is not None
+    ]
     if lora is None and given:
         raise ValueError(f"{given[0]} needs lora (the LoRA of every term); add lora or drop {given[0]}.")
     if mode is not None and (len(lora) < 2 or any(v is None for v in lora)):

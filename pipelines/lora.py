@@ -224,8 +224,10 @@ def _fused_update(m, ranges: list, rows: int, check):
     if any(u.bias is not None or d.bias is not None for d, u in zip(downs, ups, strict=True)):
         return None
     drops = [m.lora_dropout[a] for a in names]  # the loop applies them: fuse only where they are the identity
-    if not all(isinstance(d, torch.nn.Identity) or (type(d) is torch.nn.Dropout and (d.p == 0 or not d.training))
-               for d in drops):  # fmt: skip
+    if not all(
+        isinstance(d, torch.nn.Identity) or (type(d) is torch.nn.Dropout and (d.p == 0 or not d.training))
+        for d in drops
+    ):
         return None
     conv = downs[0].weight.dim() > 2
     if conv:
@@ -353,8 +355,11 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
         if not isinstance(weight_name, str) or Path(weight_name).name != weight_name:
             raise ValueError(f"weight_name must be a file name (no folder); got {weight_name!r}.")
         if Path(weight_name).suffix.lower() != ".safetensors":
-            raise ValueError(pickled if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES else
-                             f"weight_name={weight_name!r} must name a .safetensors file.")  # fmt: skip
+            raise ValueError(
+                pickled
+                if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES
+                else f"weight_name={weight_name!r} must name a .safetensors file."
+            )
     looks_local = p.exists() or p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
     if not looks_local:
         return text, weight_name  # a hub id (owner/name); diffusers downloads safetensors only
@@ -423,7 +428,8 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
     if not isinstance(experts, Mapping) or not experts:
         raise ValueError(
             "load_lora_experts takes a dict {name: folder, .safetensors file or hub id}, e.g. {'style': "
-            "'model_cards/shapes-lora-outline'}; got " + (type(experts).__name__ if experts is not None else "None")
+            "'model_cards/shapes-lora-outline'}; got "
+            + (type(experts).__name__ if experts is not None else "None")
             + "."
         )
     target = _target_model(pipe.models, model)
@@ -574,8 +580,9 @@ class LoraPlan:
         """The row groups `predict` uses: `groups` itself, or for lora_mode "switch" the per-step switch."""
         if self.mode != "switch":
             return groups
-        return SwitchGroups(type(groups), core, leaves, uncond, conds, u_index, groups.call_extra, self.routing,
-                            self.switch_steps)  # fmt: skip
+        return SwitchGroups(
+            type(groups), core, leaves, uncond, conds, u_index, groups.call_extra, self.routing, self.switch_steps
+        )
 
 
 class SwitchGroups:
@@ -616,8 +623,19 @@ class SwitchGroups:
         return out
 
 
-def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: Any, scale: Any, calls: Any,
-         operator: Any, weights: Any) -> LoraPlan:  # fmt: skip
+def plan(
+    pipe,
+    terms: list,
+    lora: Any,
+    *,
+    mode: Any,
+    uncond: Any,
+    switch_steps: Any,
+    scale: Any,
+    calls: Any,
+    operator: Any,
+    weights: Any,
+) -> LoraPlan:
     """Check the LoRA arguments of a call and pair the terms with their adapters (ValueError naming the argument and
     the fix); a call without LoRA experts loaded and without `lora` is returned unchanged."""
     reg = registry(pipe)
@@ -665,8 +683,11 @@ def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: 
 def _baseline(terms, adapters, entries, mode, uncond, switch_steps, routing, managed, operator, weights) -> LoraPlan:
     """merge / switch / composite: the mode is the combination, so `operator` must be None."""
     if operator is not None:
-        what = {"merge": "one merged network", "switch": "the active LoRA's guided prediction",
-                "composite": "the average of each LoRA's guided prediction"}[mode]  # fmt: skip
+        what = {
+            "merge": "one merged network",
+            "switch": "the active LoRA's guided prediction",
+            "composite": "the average of each LoRA's guided prediction",
+        }[mode]
         raise ValueError(f"lora_mode={mode!r} is itself the combination ({what}); drop operator={_show(operator)}.")
     if uncond != "lora":
         raise ValueError(
@@ -729,8 +750,9 @@ def _entries(lora: Any, reg: dict) -> list | None:
 
 def _check_options(mode, uncond, switch_steps, scale, calls) -> None:
     if mode is not None and mode not in LORA_MODES:
-        raise ValueError(f"lora_mode={_show(mode)} is not known; use None (compose with operator=) or one of "
-                         f"{LORA_MODES}.")  # fmt: skip
+        raise ValueError(
+            f"lora_mode={_show(mode)} is not known; use None (compose with operator=) or one of {LORA_MODES}."
+        )
     if uncond not in LORA_UNCOND:
         raise ValueError(f"lora_uncond={_show(uncond)} is not known; use one of {LORA_UNCOND}.")
     if calls not in LORA_CALLS:
