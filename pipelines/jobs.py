@@ -487,8 +487,10 @@ def _sampler(raw: dict, schedule: str, learned: dict | None) -> tuple[str, str |
 
 def _particles(raw: dict, operator: str | None, limits: Limits) -> tuple[int | None, int | None]:
     """num_particles and langevin_steps, which only operator 'product_smc' takes."""
+    from compose.options import operator_record
+
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
-    if num_particles is not None and operator != "product_smc":
+    if num_particles is not None and not (operator is not None and operator_record(operator).particles):
         raise ValueError(
             f"num_particles is used by operator 'product_smc' only; got operator={operator!r}. Drop num_particles or "
             "use operator 'product_smc'."
