@@ -206,7 +206,6 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
     restored after it stops. The N separate calls switch the adapter between calls, as LoRA Composite must, so their
     time includes the switching. `setup` is the once-per-run cost of setting and restoring the routed state.
     """
-    import pipelines.lora as PL
     from pipelines.lora import BASE, adapter_call
 
     N = len(loras)
@@ -228,29 +227,25 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
             with adapter_call(unet, [a], 2 * n):
                 net(*one)
 
-    # variant -> (adapter state held while timing: (specs, rows per chunk) or None, the timed function, whether the
-    # routed update is stacked: `pipelines.lora.FUSED_ROUTING`)
+    # variant -> (adapter state held while timing: (specs, rows per chunk) or None, the timed function, how a routed
+    # call adds the updates: `pipelines.lora.ROUTED_UPDATES`)
     variants = {
-        "routed": ((specs, n), lambda: net(*allrows), True),
-        "routed_loop": ((specs, n), lambda: net(*allrows), False),  # the updates added one adapter at a time
-        "single": (([loras[0]], 2 * n), lambda: net(*one), True),
-        "separate": (None, separate, True),
-        "single_all_rows": (([loras[0]], 2 * N * n), lambda: net(*allrows), True),
-        "base": (([BASE], 2 * n), lambda: net(*one), True),
+        "routed": ((specs, n), lambda: net(*allrows), "stacked"),
+        "routed_loop": ((specs, n), lambda: net(*allrows), "loop"),  # the updates added one adapter at a time
+        "single": (([loras[0]], 2 * n), lambda: net(*one), "stacked"),
+        "separate": (None, separate, "stacked"),
+        "single_all_rows": (([loras[0]], 2 * N * n), lambda: net(*allrows), "stacked"),
+        "base": (([BASE], 2 * n), lambda: net(*one), "stacked"),
     }
 
     def timed(key: str) -> float:
-        state, fn, fused = variants[key]
-        PL.FUSED_ROUTING = fused
-        try:
-            with adapter_call(unet, *state) if state else contextlib.nullcontext():
-                sync(dev)
-                t = time.perf_counter()
-                fn()
-                sync(dev)
-                return time.perf_counter() - t
-        finally:
-            PL.FUSED_ROUTING = True
+        state, fn, update = variants[key]
+        with adapter_call(unet, *state, update=update) if state else contextlib.nullcontext():
+            sync(dev)
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            return time.perf_counter() - t
 
     def setup() -> float:
         sync(dev)
@@ -285,30 +280,31 @@ def cost_case(unet, loras: list[str], n: int, ctx_c, ctx_u, g, rnd, reps: int) -
 def run_cost(pipe, names: list[str], reps: int, steps: int, seed: int = 0) -> list[dict]:
     """Whole pipeline runs (AND of the first two LoRAs on "a square", one image, CFG 4) under three routings, paired
     and shuffled: the adapter state set at every call with the slice loop (before `Routing.session`), the state held
-    for the run with the slice loop, and held with the stacked update (what the pipeline does)."""
+    for the run with the slice loop, and held with the stacked update (what the pipeline does). The slice loop is
+    lora_calls="batched_loop"; the state set at every call is the code before `Routing.session`, simulated by
+    replacing that method with an empty context for the run."""
     import pipelines.lora as PL
 
     session = PL.Routing.session
     modes = {
-        "state set at every call, slice loop": (False, False),
-        "state held for the run, slice loop": (True, False),
-        "state held for the run, stacked update": (True, True),
+        "state set at every call, slice loop": (False, "batched_loop"),
+        "state held for the run, slice loop": (True, "batched_loop"),
+        "state held for the run, stacked update": (True, "batched"),
     }
 
     def one(mode: str) -> float:
-        held, fused = modes[mode]
+        held, calls = modes[mode]
         PL.Routing.session = session if held else (lambda self: contextlib.nullcontext())
-        PL.FUSED_ROUTING = fused
         try:
             sync(pipe.device)
             t = time.perf_counter()
             g = torch.Generator().manual_seed(seed)
             pipe(prompt="a square", lora=list(names[:2]), operator="and", num_inference_steps=steps,
-                 guidance_scale=4.0, batch_size=1, output_type="pt", generator=g)  # fmt: skip
+                 guidance_scale=4.0, batch_size=1, output_type="pt", generator=g, lora_calls=calls)  # fmt: skip
             sync(pipe.device)
             return time.perf_counter() - t
         finally:
-            PL.Routing.session, PL.FUSED_ROUTING = session, True
+            PL.Routing.session = session
 
     for mode in modes:  # warm-up
         one(mode)

@@ -38,7 +38,7 @@ if __package__ in (None, ""):
 
 import compose  # noqa: E402
 from compose import ld3  # noqa: E402
-from pipelines.compose_models import DiffusersUnconditional  # noqa: E402
+from pipelines.unconditional import DiffusersUnconditional  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
@@ -556,7 +556,7 @@ def parse_args(argv=None):
     for name in ("train", "select", "test", "teacher_steps", "iters", "batch", "chunk", "probes", "teacher_probes"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1; got {getattr(a, name)}.")
-    order = max(compose.options.SOLVER_ORDER[s] for s in [a.solver, *a.compare_solvers])
+    order = max(compose.options.SOLVER_TABLE[s].order for s in [a.solver, *a.compare_solvers])
     if min(a.nfe) < order:
         raise SystemExit(
             f"--nfe: the solvers {[a.solver, *a.compare_solvers]} need at least {order} steps; got {a.nfe}"

@@ -124,6 +124,48 @@ def _strict(ts: torch.Tensor, kind: str) -> torch.Tensor:
     return ts
 
 
+def grid_from_diffusers(
+    schedule: NoiseSchedule,
+    timesteps: Any = None,
+    sigmas: Any = None,
+    num_inference_steps: int | None = None,
+) -> torch.Tensor:
+    """The grid in t (ending at 0, the data) of diffusers' `timesteps=` or `sigmas=` (give one).
+
+    timesteps: the network's timestep inputs, one evaluation each (`NoiseSchedule.t_from_timestep`). sigmas:
+    diffusers' sigmas, sigma / alpha (the k-diffusion VE scale) for DDPM-family schedulers and t itself for flow
+    matching, with an optional trailing 0 (diffusers' "denoise to the data", the last step of every grid here).
+    num_inference_steps, when given, must equal the number of entries. ValueError naming the argument otherwise.
+    """
+    name = "timesteps" if timesteps is not None else "sigmas"
+    try:
+        vals = torch.as_tensor(timesteps if timesteps is not None else sigmas, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        given = timesteps if sigmas is None else sigmas
+        raise ValueError(f"{name} must be a list of numbers; got {given!r}.") from None
+    if not bool(torch.isfinite(vals).all()) or vals.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty list of finite numbers; got {vals.tolist()[:8]}.")
+    if timesteps is not None:
+        t = schedule.t_from_timestep(vals)
+    else:
+        if float(vals[-1]) == 0.0:
+            vals = vals[:-1]
+        if not bool(torch.all(vals > 0)):
+            raise ValueError(f"sigmas must be positive (a trailing 0 is allowed); got {vals.tolist()[:8]}...")
+        t = vals.clone() if schedule.kind == "ot" else schedule.t_from_log_snr(-2.0 * vals.log())
+    if not bool(((t > 0) & (t <= 1)).all()):
+        raise ValueError(f"{name} lie outside this model's range; got {vals.tolist()[:8]}...")
+    ts = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+    if num_inference_steps is not None and num_inference_steps != t.numel():
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} but {name} has {t.numel()} entries; give one of them."
+        )
+    try:
+        return check_grid(ts, name)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+
+
 def is_schedule_file(grid: Any) -> bool:
     """True when `grid` names a schedule file (a path ending in .json or containing a path separator)."""
     return isinstance(grid, (str, os.PathLike)) and (str(grid).endswith(".json") or os.path.sep in str(grid))

@@ -34,13 +34,12 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, leaf_divergences
+from .composer import Composer, leaf_predictor
 from .grids import make_grid
-from .models import model_eps, model_x0
-from .operators import AND, OR, Expr
-from .options import GRIDS, SOLVER_ORDER, check_probes, check_solver
+from .loop import TorchDraws, run
+from .operators import Expr
+from .options import GRIDS, SOLVER_TABLE, check_probes, check_solver
 from .predictions import bcast
-from .sampler import TorchDraws, run
 from .schedule import NoiseSchedule
 
 # Schedule files live in compose.schedule_files; their names are kept here, where LD3's users look for them.
@@ -72,7 +71,7 @@ def _math_attention():
 
 
 def _tracks_density(expr: Any) -> bool:
-    return isinstance(expr, Expr) and any(isinstance(n, (OR, AND)) for n in expr.nodes())
+    return isinstance(expr, Expr) and any(n.reads_log_q for n in expr.nodes())
 
 
 def solve(
@@ -90,7 +89,7 @@ def solve(
     solver_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Probability-flow ODE along ts with `solver` ("euler", "ddim", "dpm2m" or "unipc"), differentiable in x, ts
-    and the solver offsets: `compose.sampler.run`, the loop every sampler uses.
+    and the solver offsets: `compose.loop.run`, the loop every sampler uses.
 
     x: (n, ...) states at ts[0]; ts: (N + 1,) decreasing times (may require grad; ending at 0: the data);
     network_times: (N,) times fed to the models (default ts[:-1]). Returns (n, ...) states at ts[-1]. OR / AND
@@ -110,22 +109,24 @@ def solve(
     sch, leaves = composer.schedule, composer.leaves
     tracks = _tracks_density(expr)
     kind = _divergence_kind(divergence_kind, x)
-
-    def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-        eps = torch.stack([model_eps(m, x_, t) for m in leaves])
-        x0 = [torch.stack([model_x0(m, x_, t) for m in leaves])] if float(sch.alpha(t.detach())) == 0.0 else []
-        if not tracks:
-            return eps, None, *x0
-        xd, t_d = (x_ if weight_grad else x_.detach()), t.detach()
-        with _math_attention():
-            div = leaf_divergences(leaves, xd, t_d, eps if weight_grad else eps.detach(), kind, zeta,
-                                   1e-3 * float(sch.sigma(t_d)), detach=not weight_grad)  # fmt: skip
-        return eps, div, *x0
-
+    predict = leaf_predictor(
+        leaves, sch, divergence=kind if tracks else None, fd_eps=1e-3, weight_grad=weight_grad, context=_math_attention
+    )
     log_q = composer.initial_log_q(x if weight_grad else x.detach(), float(ts[0].detach()))
     hutch = probes if tracks and kind != "exact" else None
-    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=TorchDraws(generator), probes=hutch,
-             network_times=network_times, offsets=solver_offsets, weight_grad=weight_grad)  # fmt: skip
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        log_q,
+        solver=solver,
+        draws=TorchDraws(generator),
+        probes=hutch,
+        network_times=network_times,
+        offsets=solver_offsets,
+        weight_grad=weight_grad,
+    )
     return tr.x
 
 
@@ -210,19 +211,24 @@ def _distances(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters, lr, batch_size) -> tuple:
     """ValueError for bad `learn_schedule` arguments; returns (init name, (grid, network times, offsets) or None)."""
     check_solver(solver, "ode")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, SOLVER_ORDER[solver]):
+    order = SOLVER_TABLE[solver].order
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < max(2, order):
         raise ValueError(
-            f"nfe={nfe!r} is too small for solver={solver!r} (order {SOLVER_ORDER[solver]}); use "
-            f"nfe >= {max(2, SOLVER_ORDER[solver])} (network evaluations, the last one before the step to the data)."
+            f"nfe={nfe!r} is too small for solver={solver!r} (order {order}); use nfe >= {max(2, order)} (network "
+            "evaluations, the last one before the step to the data)."
         )
-    if solver_offsets and solver not in ("dpm2m", "unipc"):
-        raise ValueError(f"solver_offsets=True needs solver 'dpm2m' or 'unipc' (multistep); got solver={solver!r}.")
+    if solver_offsets and not SOLVER_TABLE[solver].learnable_offsets:
+        names = " or ".join(repr(s.name) for s in SOLVER_TABLE.values() if s.learnable_offsets)
+        raise ValueError(f"solver_offsets=True needs solver {names} (multistep); got solver={solver!r}.")
     start = None
     if isinstance(init, dict):
         if "grid" not in init:
             raise ValueError("init: a schedule dict needs a 'grid' (e.g. compose.ld3.load_schedule(path)).")
-        start = (torch.as_tensor(init["grid"], dtype=torch.float64), init.get("network_times"),
-                 init.get("solver_offsets"))  # fmt: skip
+        start = (
+            torch.as_tensor(init["grid"], dtype=torch.float64),
+            init.get("network_times"),
+            init.get("solver_offsets"),
+        )
         init = str(init.get("path", "schedule"))
     elif init not in GRIDS and init != "best":
         raise ValueError(f"init={init!r} is not a named grid; use one of {GRIDS}, 'best' or a schedule dict.")
@@ -236,12 +242,24 @@ def _check_learn_inputs(nfe, solver, solver_offsets, init, x_train, x_val, iters
 class _StudentParams:
     """What LD3 learns: the grid's xi, the network times' s and the solver offsets o (the last two optional)."""
 
-    def __init__(self, sch: NoiseSchedule, nfe: int, solver: str, ts0: torch.Tensor, time_shift: bool,
-                 solver_offsets: bool, start: tuple | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sch: NoiseSchedule,
+        nfe: int,
+        solver: str,
+        ts0: torch.Tensor,
+        time_shift: bool,
+        solver_offsets: bool,
+        start: tuple | None,
+    ) -> None:
         self.sch, self.time_shift, self.use_offsets = sch, time_shift, solver_offsets
         t_max, t_min = sch.t_max, sch.t_min
-        if (ts0.shape != (nfe + 1,) or abs(float(ts0[0]) - t_max) > 1e-6 or abs(float(ts0[-2]) - t_min) > 1e-6
-                or float(ts0[-1]) != 0.0):  # fmt: skip
+        if (
+            ts0.shape != (nfe + 1,)
+            or abs(float(ts0[0]) - t_max) > 1e-6
+            or abs(float(ts0[-2]) - t_min) > 1e-6
+            or float(ts0[-1]) != 0.0
+        ):
             raise ValueError(
                 f"init: the start grid must have nfe + 1 = {nfe + 1} times from t_max = {t_max} through t_min = "
                 f"{t_min} (this schedule's ends) to 0; got {ts0.numel()} times from {float(ts0[0])} to "
@@ -278,6 +296,50 @@ class _StudentParams:
         with torch.no_grad():
             for v, saved in zip((self.xi, self.s, self.o), state, strict=True):
                 v.copy_(saved)
+
+
+def _fit(
+    params: _StudentParams,
+    student: Callable,
+    val_distance: Callable,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    init_loss: float,
+    radius: float,
+    lr: float,
+    iters: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    log: Callable[[str], None] | None,
+) -> tuple[float, list[float]]:
+    """Adam on the relaxed loss: the student's parameters and x'_T within `radius` of every training noise x_T.
+
+    Validates every iters / 10 steps and loads the parameters with the best validation distance (`init_loss` is
+    the start's). Returns (that distance, the training losses)."""
+    n = x_train.shape[0]
+    delta = torch.zeros_like(x_train, requires_grad=True)
+    opt = torch.optim.Adam(
+        [{"params": params.trainable(), "lr": lr}, {"params": [delta], "lr": lr * max(radius, 1e-12)}]
+    )
+    best, best_state, losses = init_loss, params.state(), []
+    for it in range(iters):
+        idx = torch.randperm(n, generator=generator)[:batch_size]
+        loss = _distances(student(x_train[idx] + delta[idx], *params.current()), y_train[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # project x'_T back into its ball
+            norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+            delta.mul_(bcast((radius / norm).clamp(max=1.0), delta))
+        losses.append(float(loss.detach()))
+        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
+            v = val_distance(*params.current())
+            if v < best:
+                best, best_state = v, params.state()
+            if log is not None:
+                log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
+    params.load(best_state)
+    return best, losses
 
 
 def learn_schedule(
@@ -353,10 +415,11 @@ def learn_schedule(
     if progress:
         log(f"ld3: teacher on {x_train.shape[0]} + {x_val.shape[0]} noises in {time.time() - start:.1f} s")
 
+    solve_kw = dict(divergence_kind=divergence_kind, probes=probes)
+
     def student(x, ts, net=None, off=None, gen=generator):
         grad = weight_grad and torch.is_grad_enabled()
-        return solve(expr, x, ts, solver, net, divergence_kind=divergence_kind, weight_grad=grad, generator=gen,
-                     probes=probes, solver_offsets=off)  # fmt: skip
+        return solve(expr, x, ts, solver, net, weight_grad=grad, generator=gen, solver_offsets=off, **solve_kw)
 
     def val_distance(ts, net=None, off=None) -> float:
         with torch.no_grad():
@@ -366,32 +429,25 @@ def learn_schedule(
     named = {k: val_distance(make_grid(sch, nfe, k)) for k in GRIDS}
     if init == "best":
         init = min(GRIDS, key=lambda k: named[k])
-    params = _StudentParams(sch, nfe, solver, make_grid(sch, nfe, init) if start_sched is None else start_sched[0],
-                            time_shift, solver_offsets, start_sched)  # fmt: skip
-    delta = torch.zeros_like(x_train, requires_grad=True)
-    opt = torch.optim.Adam([{"params": params.trainable(), "lr": lr},
-                            {"params": [delta], "lr": lr * max(r * sigma_T, 1e-12)}])  # fmt: skip
-    best = init_loss = val_distance(*params.current())
-    best_state, losses, n = params.state(), [], x_train.shape[0]
+    start_grid = make_grid(sch, nfe, init) if start_sched is None else start_sched[0]
+    params = _StudentParams(sch, nfe, solver, start_grid, time_shift, solver_offsets, start_sched)
+    init_loss = val_distance(*params.current())
     if progress:
         log(f"ld3: nfe {nfe}, solver {solver}, init {init}: validation distance {init_loss:.5f}")
-    for it in range(iters):
-        idx = torch.randperm(n, generator=generator)[:batch_size]
-        loss = _distances(student(x_train[idx] + delta[idx], *params.current()), y_train[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # project x'_T back into its ball
-            norm = delta.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
-            delta.mul_(bcast((r * sigma_T / norm).clamp(max=1.0), delta))
-        losses.append(float(loss.detach()))
-        if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
-            v = val_distance(*params.current())
-            if v < best:
-                best, best_state = v, params.state()
-            if progress:
-                log(f"ld3: iter {it + 1}/{iters} train {sum(losses[-10:]) / len(losses[-10:]):.5f} val {v:.5f}")
-    params.load(best_state)
+    best, losses = _fit(
+        params,
+        student,
+        val_distance,
+        x_train,
+        y_train,
+        init_loss,
+        r * sigma_T,
+        lr,
+        iters,
+        batch_size,
+        generator,
+        log if progress else None,
+    )
     with torch.no_grad():
         ts, net, off = params.current()
     seconds = time.time() - start

@@ -46,6 +46,20 @@ def model_name(model: Any) -> str:
     return str(getattr(model, "name", None) or type(model).__name__)
 
 
+def schedule_change(model_schedule: NoiseSchedule, schedule: NoiseSchedule, t: Tensorish):
+    """(t_m, log_scale): where a model trained on `model_schedule` answers for time t of `schedule` (`OnSchedule`).
+
+    t_m is the time of `model_schedule` with the log-SNR `schedule` has at t, lambda_m(t_m) = lambda(t), and
+    log_scale = log(alpha_m(t_m) / alpha(t)): the state x at t is x_m = exp(log_scale) x for the model, with the same
+    noise eps. Equal schedules give (t, 0) exactly. Float64 tensors shaped like t.
+    """
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if model_schedule == schedule:
+        return t, torch.zeros_like(t)
+    t_m = model_schedule.t_from_log_snr(schedule.log_snr(t))
+    return t_m, model_schedule.log_alpha(t_m) - schedule.log_alpha(t)
+
+
 class OnSchedule:
     """`model` (trained on its own schedule) answering on `schedule` instead.
 
@@ -67,9 +81,7 @@ class OnSchedule:
             self.x0 = lambda x, t: self.model.x0(*self._convert(x, t)[:2])
 
     def _convert(self, x: torch.Tensor, t: Tensorish):
-        t = torch.as_tensor(t, dtype=torch.float64)
-        t_m = self.model.schedule.t_from_log_snr(self.schedule.log_snr(t))
-        log_scale = self.model.schedule.log_alpha(t_m) - self.schedule.log_alpha(t)
+        t_m, log_scale = schedule_change(self.model.schedule, self.schedule, t)
         return x * bcast(log_scale.exp(), x), t_m, log_scale
 
     def eps(self, x: torch.Tensor, t: Tensorish) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Every node reduces, at one (x, t), to coefficients c (n, L) over the L leaf predictions: the composed prediction
 is eps_bar = sum_l c_l eps_l. Each leaf's log-density increment over the step is affine in c,
-    dlogq = Q c + r        (Q: (n, L, L), r: (n, L); see `compose.engine`),
+    dlogq = Q c + r        (Q: (n, L, L), r: (n, L); see `compose.composer`),
 so every operator is a cheap function of (Q, r, log q) and never touches the big tensors.
 
 Tracked log-density of an inner node (what a parent sees when operators nest):
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .models import model_name
+from .options import operator_record
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Expr:
 
     children: tuple
     path: str = "root"
+    reads_log_q = False  # its coefficients depend on the tracked densities (OR, AND): samplers must track them
+    has_density = True  # it has a density a product of experts can multiply (not AND, Guided, PoE)
 
     def __init__(self, *children: Any, name: str) -> None:
         if len(children) == 1 and isinstance(children[0], (list, tuple)):
@@ -207,6 +210,8 @@ class OR(Expr):
     sharpens (T > 1) or flattens the choice, a heuristic. The log-weights log w stay outside T.
     """
 
+    reads_log_q = True
+
     def __init__(self, *models: Any, weights: Any = None, temperature: float = 1.0) -> None:
         super().__init__(*models, name="OR")
         _check_count(self.children, "OR", 2)
@@ -273,6 +278,9 @@ class AND(Expr):
         rcond: the cut-off of the rule above (>= 0; 0 drops only exactly singular directions).
         clamp: optional (lo, hi): clamp each kappa to [lo, hi], then renormalise to sum 1. Requires lo < 1/M < hi.
     """
+
+    reads_log_q = True
+    has_density = False  # its children are equal by construction; there is no density to multiply
 
     def __init__(self, *models: Any, bias: Any = None, rcond: float = 1e-10, clamp: tuple | None = None) -> None:
         super().__init__(*models, name="AND")
@@ -388,6 +396,8 @@ class Guided(Expr):
     Composable Diffusion's eps_u + w sum_i w_i (eps_i - eps_u)). scale = 1 returns the condition unchanged.
     """
 
+    has_density = False  # guidance is written PoE(..., unconditional=u)
+
     def __init__(self, cond: Any, unconditional: Any, scale: float) -> None:
         super().__init__(cond, unconditional, name="Guided")
         if not math.isfinite(scale):
@@ -434,3 +444,21 @@ def operator_root(expr: Expr) -> Expr:
     while isinstance(expr, Guided) and isinstance(expr.children[0], Expr):
         expr = expr.children[0]
     return expr
+
+
+def named_operator(name: str, leaves: list, *, weights: Any = None, temperature: float = 1.0) -> Expr:
+    """The expression of an operator named in `compose.options.OPERATORS` over `leaves` (an operator sampled with
+    particles, "product_smc", is a `compose.PoE`, built by its sampler)."""
+    record = operator_record(name)
+    if record.particles:
+        raise ValueError(f"operator={name!r} is sampled with particles; build it as compose.PoE(...).")
+    return _NAMED[record.name](leaves, weights, temperature)
+
+
+# One constructor per named operator (`compose.options.OPERATOR_TABLE` says which arguments each takes).
+_NAMED = {
+    "or": lambda leaves, weights, temperature: OR(*leaves, weights=weights, temperature=temperature),
+    "and": lambda leaves, weights, temperature: AND(*leaves),
+    "average": lambda leaves, weights, temperature: Average(*leaves),
+    "product": lambda leaves, weights, temperature: Product(*leaves, weights=weights),
+}

@@ -2,30 +2,108 @@
 
 `compose.sample`, `compose.sample_smc`, `compose.ld3`, `ComposePipeline` and the batch / Space jobs all validate
 through these functions, so an option has one spelling, one range and one error message everywhere. Each check
-raises `ValueError` naming the argument and the fix, before any network is called. This module is the bottom of
-the `compose` dependency order: it imports nothing from the package.
+raises `ValueError` naming the argument and the fix, before any network is called. A choice is a table here (a
+solver is one `Solver` record, an operator one `Operator` record) that the code asks, never a string test scattered
+through files. This module is the bottom of the `compose` dependency order: it imports nothing from the package,
+and it imports torch only inside the checks that take tensors, so its names load without torch (`pipelines.jobs`
+reads them to check a job file).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("sde", "ode")
+
+
+@dataclass(frozen=True)
+class Solver:
+    """What the sampler, LD3 and the schedule files ask of a solver (`compose.solvers` holds the steps).
+
+    order: the steps it needs at least (a shorter grid is refused).
+    sde: it has an SDE form (method="sde"); the others are ODE-only.
+    multistep: it keeps a history of composed data predictions (`compose.solvers.Multistep`).
+    corrector: the history also recomputes the current state (UniPC's UniC corrector).
+    learnable_offsets: its coefficients take learned offsets (`compose.ld3`, a schedule file's `solver_offsets`).
+    density_step: the first-order step whose rate the density bookkeeping uses ("euler" or "ddim").
+    """
+
+    name: str
+    order: int
+    sde: bool
+    multistep: bool = False
+    corrector: bool = False
+    learnable_offsets: bool = False
+    density_step: str = "euler"
+
+
 # First-order steps: "euler" in the time t of the shared schedule (VP Euler / Euler-Maruyama), "ddim" in the
 # variance-exploding variable s = sigma / alpha (DDIM with eta = 0, EulerDiscreteScheduler; under method="sde" the
-# Euler-Maruyama step in s, SuperDiff's reference update). Multistep ODE solvers: "dpm2m", "unipc".
-SOLVER_ORDER = {"euler": 1, "ddim": 1, "dpm2m": 2, "unipc": 3}
-SOLVERS = tuple(SOLVER_ORDER)
-SDE_SOLVERS = ("euler", "ddim")
+# Euler-Maruyama step in s, SuperDiff's reference update). Multistep ODE solvers: "dpm2m" (DPM-Solver++(2M)) and
+# "unipc" (the 2M predictor and the UniC corrector).
+SOLVER_TABLE = {
+    s.name: s
+    for s in (
+        Solver("euler", order=1, sde=True, density_step="euler"),
+        Solver("ddim", order=1, sde=True, density_step="ddim"),
+        Solver("dpm2m", order=2, sde=False, multistep=True, learnable_offsets=True),
+        Solver("unipc", order=3, sde=False, multistep=True, corrector=True, learnable_offsets=True),
+    )
+}
+SOLVERS = tuple(SOLVER_TABLE)
+
+
+@dataclass(frozen=True)
+class Operator:
+    """What the pipeline and the job files ask of an operator used by name (`compose.operators` builds it).
+
+    weights: it takes per-term weights ("or": mixture weights, "product": signed, "product_smc": exponents).
+    temperature: it takes an OR temperature.
+    min_terms: the terms it needs at least.
+    particles: it is sampled with particles (`compose.smc.PoE`).
+    """
+
+    name: str
+    weights: bool = False
+    temperature: bool = False
+    min_terms: int = 2
+    particles: bool = False
+
+
+OPERATOR_TABLE = {
+    o.name: o
+    for o in (
+        Operator("or", weights=True, temperature=True),
+        Operator("and"),
+        Operator("average"),
+        Operator("product", weights=True),
+        Operator("product_smc", weights=True, min_terms=1, particles=True),
+    )
+}
+OPERATORS = tuple(OPERATOR_TABLE)
+# Divergence estimates for the ODE's density tracking. The Hutchinson ones cost a fixed number of network calls
+# whatever the dimension (what a pipeline or a job affords); "exact" costs d calls per model (small d only).
 DIVERGENCES = ("hutchinson", "hutchinson_fd", "exact")
-OPERATORS = ("or", "and", "average", "product", "product_smc")
+HUTCHINSON = ("hutchinson", "hutchinson_fd")
 GRIDS = ("uniform", "log_snr", "karras", "ays_sd15", "ays_sdxl")
+SCHEDULER_GRID = "scheduler"  # the grid of a family's own scheduler (flow matching: its sigmas with their shift)
 SMC_FINALS = ("resample", "weights")
 LANGEVIN_AFTER = ("resample", "every")
+# LoRA experts (`pipelines.lora`): the baselines of `lora_mode`, the unconditional rows of `lora_uncond`, and how the
+# rows of several adapters are evaluated (`lora_calls`).
+LORA_MODES = ("merge", "switch", "composite")
+LORA_UNCOND = ("lora", "base")
+# lora_calls: "batched" (one call per base network, each row's update added by two stacked products per layer),
+# "batched_loop" (the same call, the updates added one adapter's rows at a time), "batched_peft" (the same call through
+# PEFT's mixed adapter batch) and "separate" (one call per network and adapter): the same numbers up to rounding.
+LORA_CALLS = ("batched", "batched_loop", "batched_peft", "separate")
 MAX_STEPS = 10_000  # a grid longer than this is a typo (1e9 steps would allocate gigabytes before the first step)
 
 
@@ -45,12 +123,13 @@ def check_int(value: Any, name: str, lo: int, hi: int | None = None, what: str =
     return v
 
 
-def check_float(value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False,
-                what: str = "") -> float:  # fmt: skip
+def check_float(
+    value: Any, name: str, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False, what: str = ""
+) -> float:
     """`value` as a finite float in [lo, hi] ((lo, hi] with open_lo); ValueError naming `name` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    ):
+    torch = sys.modules.get("torch")  # a tensor argument means torch is loaded; this module never loads it
+    one_element = torch is not None and isinstance(value, torch.Tensor) and value.numel() == 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not one_element:
         raise ValueError(f"{name} must be a number{what}; got {value!r}.")
     v = float(value)
     if not math.isfinite(v):
@@ -72,15 +151,28 @@ def check_method(method: Any) -> str:
     return method
 
 
+def solver_record(solver: Any) -> Solver:
+    """The `Solver` record of a solver name (ValueError for an unknown one)."""
+    if not isinstance(solver, str) or solver not in SOLVER_TABLE:
+        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
+    return SOLVER_TABLE[solver]
+
+
 def check_solver(solver: Any, method: str) -> str:
     """`solver` must be known and fit `method` (the multistep solvers are ODE-only)."""
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is not known; use one of {SOLVERS}.")
-    if method == "sde" and solver not in SDE_SOLVERS:
-        raise ValueError(
-            f"solver={solver!r} is an ODE solver; use method='ode' with it, or solver='euler' / 'ddim' with 'sde'."
-        )
+    if not solver_record(solver).sde and method == "sde":
+        sde = " / ".join(repr(s.name) for s in SOLVER_TABLE.values() if s.sde)
+        raise ValueError(f"solver={solver!r} is an ODE solver; use method='ode' with it, or solver={sde} with 'sde'.")
     return solver
+
+
+def check_grid_length(ts: Any, solver: str) -> None:
+    """A grid of N + 1 times must have at least the solver's order in steps."""
+    order = solver_record(solver).order
+    if len(ts) - 1 < order:
+        raise ValueError(
+            f"solver={solver!r} (order {order}) needs at least {order} steps; the grid has {len(ts) - 1}."
+        )
 
 
 def check_divergence(divergence: Any, allowed: tuple = DIVERGENCES) -> str:
@@ -104,12 +196,17 @@ def check_steps(steps: Any, name: str = "num_inference_steps", hi: int = MAX_STE
 
 def check_operator(operator: Any) -> str:
     """A named operator (case-insensitive) -> its canonical lower-case name."""
-    if not isinstance(operator, str) or operator.lower() not in OPERATORS:
+    return operator_record(operator).name
+
+
+def operator_record(operator: Any) -> Operator:
+    """The `Operator` record of a named operator (case-insensitive; ValueError for an unknown one)."""
+    if not isinstance(operator, str) or operator.lower() not in OPERATOR_TABLE:
         raise ValueError(
             f"operator={operator!r} is not known; use one of {OPERATORS}, or a callable that builds a compose "
             "expression from the terms, e.g. lambda a, b, c: compose.OR(compose.AND(a, b), c)."
         )
-    return operator.lower()
+    return OPERATOR_TABLE[operator.lower()]
 
 
 def check_grid(timesteps: Any, name: str = "timesteps") -> torch.Tensor:
@@ -118,6 +215,8 @@ def check_grid(timesteps: Any, name: str = "timesteps") -> torch.Tensor:
     A grid of N + 1 times is N steps and N network evaluations (at every time but the last). Ending at 0 makes the
     last step land on the data: x0_hat of the last evaluation (DDIM's step to sigma = 0).
     """
+    import torch
+
     try:
         ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError) as err:
@@ -182,8 +281,9 @@ def check_langevin_options(langevin_steps: Any, langevin_step: Any, langevin_aft
         raise ValueError(f"langevin_after={langevin_after!r} is not known; use one of {LANGEVIN_AFTER}.")
 
 
-def check_x0_clip(clip_sample: Any, clip_sample_range: Any, thresholding: Any, dynamic_thresholding_ratio: Any,
-                  sample_max_value: Any) -> None:  # fmt: skip
+def check_x0_clip(
+    clip_sample: Any, clip_sample_range: Any, thresholding: Any, dynamic_thresholding_ratio: Any, sample_max_value: Any
+) -> None:
     """The x0 clipping options (diffusers' scheduler semantics, see `compose.solvers.X0Clip`)."""
     for name, v in (("clip_sample", clip_sample), ("thresholding", thresholding)):
         if not isinstance(v, bool):

@@ -5,9 +5,11 @@ Shapes: `x` and predictions are (n, ...); `t` is a float, a 0-d tensor or a (n,)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .schedule import NoiseSchedule, Tensorish
+from .schedule import NoiseSchedule, Tensorish, is_flow_matching
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 _ALIASES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction", "velocity": "flow", "flow_prediction": "flow"}
@@ -22,6 +24,15 @@ def normalize_prediction_type(prediction_type: str) -> str:
             f"(aliases: {sorted(_ALIASES)})."
         )
     return name
+
+
+def scheduler_prediction_type(scheduler: Any) -> str:
+    """The prediction type of the network a diffusers scheduler (or its config) belongs to: "flow" for flow matching
+    (whose config names none: the network predicts the velocity), else the config's `prediction_type`."""
+    if is_flow_matching(scheduler):
+        return "flow"
+    config = scheduler.config if hasattr(scheduler, "config") else scheduler
+    return normalize_prediction_type(config.get("prediction_type", "epsilon"))
 
 
 def bcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`compose.sample`: a composed expression of callable models along one shared trajectory (`compose.sampler.run`)."""
+"""`compose.sample`: a composed expression of callable models along one shared trajectory (`compose.loop.run`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,19 @@ from typing import Any
 
 import torch
 
-from .engine import Composer, leaf_divergences
+from .composer import Composer, leaf_predictor
 from .grids import resolve_grid
-from .models import model_eps, model_x0, on_schedule
-from .options import SOLVER_ORDER, check_divergence, check_fd_eps, check_grid, check_method, check_probes, check_solver
-from .sampler import TorchDraws, run
+from .loop import TorchDraws, run
+from .models import on_schedule
+from .options import (
+    check_divergence,
+    check_fd_eps,
+    check_grid,
+    check_grid_length,
+    check_method,
+    check_probes,
+    check_solver,
+)
 from .schedule import NoiseSchedule
 from .schedule_files import expression_keys
 from .smc import PoE, SMCResult, _progress, choose_one, sample_smc
@@ -101,7 +109,7 @@ def sample(
         probes: number of Hutchinson probes per step.
         generator: a torch.Generator for x_T, the SDE noise and the probes (same seed, same output).
         fd_eps: the finite-difference step of "hutchinson_fd", relative to sigma_t (e = fd_eps * sigma_t).
-        control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.engine`).
+        control_variate: the common-mode variance reduction of the SDE density estimate (see `compose.composer`).
         clip: clip the composed x0_hat at every step (`compose.X0Clip`, diffusers' clip_sample / thresholding).
         dtype: dtype of the states when x_T is not given (densities are always accumulated in float64).
         callback: called as callback(step_index, t_next, x, log_q) after every step.
@@ -118,8 +126,18 @@ def sample(
         if not isinstance(expr, PoE):
             raise ValueError(f"{sorted(smc_options)} are options of particle products; wrap the models in PoE(...).")
         kw = dict(grid=grid, control_variate=control_variate, dtype=dtype, callback=callback, progress=progress)
-        return sample_smc(expr, num_samples, x_T=x_T, timesteps=timesteps, steps=steps, method=method,
-                          generator=generator, solver=solver, **kw, **smc_options)  # fmt: skip
+        return sample_smc(
+            expr,
+            num_samples,
+            x_T=x_T,
+            timesteps=timesteps,
+            steps=steps,
+            method=method,
+            generator=generator,
+            solver=solver,
+            **kw,
+            **smc_options,
+        )
     check_method(method)
     check_divergence(divergence)
     check_solver(solver, method)
@@ -146,12 +164,54 @@ def sample(
         ts, t_net, offsets = check_grid(timesteps, "timesteps"), None, None
     else:
         ts, t_net, offsets = resolve_grid(sch, grid, steps, expect=expect, default_steps=500, probes=hutch)
-    if len(ts) - 1 < SOLVER_ORDER[solver]:
-        raise ValueError(
-            f"solver={solver!r} (order {SOLVER_ORDER[solver]}) needs at least {SOLVER_ORDER[solver]} steps; the grid "
-            f"has {len(ts) - 1}."
-        )
+    check_grid_length(ts, solver)
     t0 = float(ts[0])
+    x = _start(x_T, num_samples, K, composer, generator, dtype, float(sch.sigma(t0)))
+    if all(hasattr(m, "log_prob") for m in leaves):
+        log_q = torch.stack([m.log_prob(x, t0).to(torch.float64) for m in leaves], dim=-1)
+    else:
+        log_q = composer.initial_log_q(x, t0)
+
+    predict = leaf_predictor(leaves, sch, divergence=divergence if method == "ode" else None, fd_eps=fd_eps)
+    cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
+    n = x.shape[0] // K
+    hooks = None
+    if verify is not None and verify.steer:
+        hooks = LiftSteering(
+            n,
+            K,
+            term_idx,
+            ref_idx,
+            rule=verify.rule,
+            strength=verify.steer,
+            ess_threshold=verify.ess_threshold,
+            window=verify.window,
+        )
+    draws = TorchDraws(generator)
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        log_q,
+        solver=solver,
+        draws=draws,
+        probes=hutch,
+        network_times=t_net,
+        offsets=offsets,
+        clip=clip,
+        callback=cb,
+        hooks=hooks,
+        progress=_progress(progress, len(ts) - 1, f"compose.sample ({method})"),
+    )
+    res = SampleResult(
+        samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts, node_kappa=tr.node_kappa
+    )
+    return res if verify is None else _verified(res, verify, term_idx, ref_idx, n, K, hooks, draws)
+
+
+def _start(x_T, num_samples, K: int, composer, generator, dtype, sigma0: float) -> torch.Tensor:
+    """The starting states: x_T (checked against num_samples x K candidates) or N(0, sigma0^2 I) draws."""
     if x_T is None:
         if num_samples is None:
             raise ValueError("give num_samples= (or a starting x_T=).")
@@ -159,40 +219,12 @@ def sample(
         if shape is None:
             raise ValueError("the models have no `sample_shape`; pass x_T= with the starting states.")
         x = torch.randn((num_samples * K, *shape), generator=generator, dtype=torch.float64).to(dtype)
-        x = x * float(sch.sigma(t0))
-    else:
-        x = x_T
-        if num_samples is not None and num_samples * K != x.shape[0]:
-            raise ValueError(f"num_samples={num_samples} x {K} candidates does not match x_T with {x.shape[0]} rows.")
-        if x.shape[0] % K:
-            raise ValueError(f"x_T has {x.shape[0]} rows, not a multiple of candidates={K}.")
-    if all(hasattr(m, "log_prob") for m in leaves):
-        log_q = torch.stack([m.log_prob(x, t0).to(torch.float64) for m in leaves], dim=-1)
-    else:
-        log_q = composer.initial_log_q(x, t0)
-
-    def predict(x_: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-        eps = torch.stack([model_eps(m, x_, t) for m in leaves])
-        div = None
-        if method == "ode":
-            div = leaf_divergences(leaves, x_, t, eps, divergence, zeta, fd_eps * float(sch.sigma(t)))
-        if float(sch.alpha(t)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
-            return eps, div, torch.stack([model_x0(m, x_, t) for m in leaves])
-        return eps, div
-
-    cb = None if callback is None else (lambda k, t_cur, t_next, x_, lq: callback(k, t_next, x_, lq))
-    n = x.shape[0] // K
-    hooks = None
-    if verify is not None and verify.steer:
-        hooks = LiftSteering(n, K, term_idx, ref_idx, rule=verify.rule, strength=verify.steer,
-                             ess_threshold=verify.ess_threshold, window=verify.window)  # fmt: skip
-    draws = TorchDraws(generator)
-    tr = run(composer, predict, x, ts, log_q, solver=solver, draws=draws, probes=hutch,
-             network_times=t_net, offsets=offsets, clip=clip, callback=cb, hooks=hooks,
-             progress=_progress(progress, len(ts) - 1, f"compose.sample ({method})"))  # fmt: skip
-    res = SampleResult(samples=tr.x, log_q=tr.log_q, kappa=tr.kappa, coeffs=tr.coeffs, timesteps=ts,
-                       node_kappa=tr.node_kappa)  # fmt: skip
-    return res if verify is None else _verified(res, verify, term_idx, ref_idx, n, K, hooks, draws)
+        return x * sigma0
+    if num_samples is not None and num_samples * K != x_T.shape[0]:
+        raise ValueError(f"num_samples={num_samples} x {K} candidates does not match x_T with {x_T.shape[0]} rows.")
+    if x_T.shape[0] % K:
+        raise ValueError(f"x_T has {x_T.shape[0]} rows, not a multiple of candidates={K}.")
+    return x_T
 
 
 def _verified(res: SampleResult, verify: Verify, term_idx, ref_idx, n: int, K: int, hooks, draws) -> SampleResult:

@@ -110,9 +110,9 @@ class NoiseSchedule:
         take that step with the models' data predictions, docs/MATH.md section 3); its `shift` is a property of the
         time grid, not of the path (`compose.grids.flow_sigmas`).
         """
-        config, class_name = _config_of(scheduler_or_config)
+        config, _ = _config_of(scheduler_or_config)
         n = int(config.get("num_train_timesteps", 1000))
-        if "FlowMatch" in class_name or config.get("prediction_type") == "flow":
+        if is_flow_matching(scheduler_or_config):
             return cls.ot(num_train_timesteps=n, t_max=1.0)
         ac = getattr(scheduler_or_config, "alphas_cumprod", None)
         if ac is None:
@@ -222,6 +222,16 @@ class NoiseSchedule:
             return n * t
         return (n - 1) * t
 
+    def t_from_timestep(self, timestep: Tensorish) -> torch.Tensor:
+        """Inverse of `timestep`: the time t at which the network is fed `timestep` (diffusers' `timesteps=`)."""
+        v = _as_t(timestep)
+        n = self.num_train_timesteps
+        if self.kind == "discrete":
+            return (v + 1.0) / n
+        if self.kind == "ot":
+            return v / n
+        return v / (n - 1)
+
     # ------------------------------------------------------------------ helpers
     def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         knots = self._knots_t
@@ -248,6 +258,13 @@ class NoiseSchedule:
         if self.kind == "discrete":
             return f"NoiseSchedule(discrete, N={self.num_train_timesteps})"
         return f"NoiseSchedule.{self.kind}()"
+
+
+def is_flow_matching(scheduler_or_config: Any) -> bool:
+    """True for a flow-matching scheduler (diffusers' FlowMatch* classes, or a config whose prediction type is "flow"):
+    the path alpha = 1 - t, sigma = t and a network that predicts the velocity. The one place a class name is read."""
+    config, class_name = _config_of(scheduler_or_config)
+    return "FlowMatch" in class_name or config.get("prediction_type") == "flow"
 
 
 def _config_of(scheduler_or_config: Any) -> tuple[Mapping[str, Any], str]:

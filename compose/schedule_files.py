@@ -21,18 +21,39 @@ from typing import Any
 
 import torch
 
-from .engine import common_schedule
+from .composer import common_schedule
 from .models import model_name
 from .operators import Expr, Guided
-from .options import check_grid
+from .options import SOLVER_TABLE, check_grid, solver_record
 
 FORMAT = "compose-schedule/2"
 FORMATS = ("compose-schedule/1", FORMAT)
-REQUIRED_KEYS = ("format", "model", "operator", "solver", "nfe", "guidance", "schedule", "grid", "train_size",
-                 "teacher", "loss", "date")  # fmt: skip
+REQUIRED_KEYS = (
+    "format",
+    "model",
+    "operator",
+    "solver",
+    "nfe",
+    "guidance",
+    "schedule",
+    "grid",
+    "train_size",
+    "teacher",
+    "loss",
+    "date",
+)
 CHECKED_KEYS = ("model", "operator", "solver", "nfe", "guidance", "schedule")
-SOURCE_ONLY_KEYS = ("val_distance", "val_distance_init", "val_distance_named", "test_size", "test_distance",
-                    "test_distance_named", "probes", "teacher_probes", "command")  # fmt: skip
+SOURCE_ONLY_KEYS = (
+    "val_distance",
+    "val_distance_init",
+    "val_distance_named",
+    "test_size",
+    "test_distance",
+    "test_distance_named",
+    "probes",
+    "teacher_probes",
+    "command",
+)
 
 
 def expression_keys(expr: Any) -> dict[str, Any]:
@@ -67,7 +88,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
     """
     path = str(path)
     if not os.path.isfile(path):
-        raise ValueError(f"schedule file {path!r} does not exist; learn one with `python -m compose.learn_schedule`.")
+        raise ValueError(f"schedule file {path!r} does not exist; learn one with `compose learn-schedule`.")
     try:
         with open(path) as fh:
             info = json.load(fh)
@@ -86,7 +107,7 @@ def load_schedule(path: str | os.PathLike, expect: dict[str, Any] | None = None)
         if bad:
             raise ValueError(
                 f"schedule file {path!r} was learned for another set-up: " + ", ".join(bad) + ". Learn a schedule "
-                "for this call (python -m compose.learn_schedule) or pass a matching file."
+                "for this call (compose learn-schedule) or pass a matching file."
             )
     return info
 
@@ -101,8 +122,10 @@ def check_schedule(info: dict, path: str) -> None:
     for key in ("model", "operator", "solver", "schedule"):
         if not isinstance(info[key], str):
             raise ValueError(f"schedule file {path!r}: {key} must be a string; got {info[key]!r}.")
-    if isinstance(info["guidance"], bool) or not isinstance(info["guidance"], (int, float)) or not math.isfinite(
-        info["guidance"]
+    if (
+        isinstance(info["guidance"], bool)
+        or not isinstance(info["guidance"], (int, float))
+        or not math.isfinite(info["guidance"])
     ):
         raise ValueError(f"schedule file {path!r}: guidance must be a finite number; got {info['guidance']!r}.")
     if isinstance(info["nfe"], bool) or not isinstance(info["nfe"], int) or info["nfe"] < 1:
@@ -139,8 +162,12 @@ def check_schedule(info: dict, path: str) -> None:
         if not bool(torch.isfinite(net_t).all()) or bool((net_t <= 0).any()) or bool((net_t > 1).any()):
             raise ValueError(f"schedule file {path!r}: network_times must be finite times in (0, 1]; got {net}.")
     if off is not None:
-        check_solver_offsets(_table(off, path, "solver_offsets"), info["solver"], info["nfe"],
-                             f"the solver_offsets of schedule file {path!r}")  # fmt: skip
+        check_solver_offsets(
+            _table(off, path, "solver_offsets"),
+            info["solver"],
+            info["nfe"],
+            f"the solver_offsets of schedule file {path!r}",
+        )
 
 
 def _table(value: Any, path: str, key: str) -> torch.Tensor:
@@ -159,7 +186,7 @@ def solver_offset_mask(solver: str, nfe: int) -> torch.Tensor:
     """
     mask = torch.zeros(nfe, 3, dtype=torch.float64)
     mask[1 : nfe - 1, 0] = 1.0
-    if solver == "unipc":
+    if solver_record(solver).corrector:
         mask[1 : nfe - 1, 2] = 1.0
         mask[2 : nfe - 1, 1] = 1.0
     return mask
@@ -167,8 +194,9 @@ def solver_offset_mask(solver: str, nfe: int) -> torch.Tensor:
 
 def check_solver_offsets(off: Any, solver: str, nfe: int, name: str) -> None:
     """Learned solver coefficients must be a finite (nfe, 3) table, zero where the solver uses none."""
-    if solver not in ("dpm2m", "unipc"):
-        raise ValueError(f"{name}: learned solver coefficients exist for 'dpm2m' and 'unipc', not solver={solver!r}.")
+    if not solver_record(solver).learnable_offsets:
+        names = " and ".join(repr(s.name) for s in SOLVER_TABLE.values() if s.learnable_offsets)
+        raise ValueError(f"{name}: learned solver coefficients exist for {names}, not solver={solver!r}.")
     off = torch.as_tensor(off, dtype=torch.float64)
     if off.shape != (nfe, 3):
         raise ValueError(f"{name} must have shape ({nfe}, 3) (one row per step); got {tuple(off.shape)}.")

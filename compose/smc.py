@@ -46,12 +46,12 @@ from typing import Any
 
 import torch
 
-from .engine import Composer
+from .composer import Composer, leaf_predictor
 from .grids import resolve_grid
-from .models import model_eps, model_name, model_x0
-from .operators import AND, OR, Average, Expr, Guided, Product, StepContext
+from .loop import Draws, Hooks, StepInfo, TorchDraws, run
+from .models import model_name
+from .operators import OR, Average, Expr, Product, StepContext
 from .options import SMC_FINALS, check_grid, check_langevin_options, check_smc_options, check_solver
-from .sampler import Draws, Hooks, StepInfo, TorchDraws, run
 
 
 class PoE(Expr):
@@ -67,13 +67,15 @@ class PoE(Expr):
     A PoE is always the outermost operator (it needs particles); nested inside another operator it is refused.
     """
 
+    has_density = False  # a product with particles is sampled, not multiplied again
+
     def __init__(self, *models: Any, exponents: Any = None, unconditional: Any = None) -> None:
         super().__init__(*models, name="PoE")
         if len(self.children) < 1:
             raise ValueError("PoE needs at least one model (one model with an exponent is tempering).")
         for c in self.children:
             if isinstance(c, Expr):
-                bad = [n for n in c.nodes() if isinstance(n, (AND, Guided, PoE))]
+                bad = [n for n in c.nodes() if not n.has_density]
                 if bad:
                     raise ValueError(
                         f"PoE: the factor {c!r} contains {bad[0].op_name}, which has no density to multiply. Use "
@@ -214,8 +216,6 @@ class ParticleStep:
     ancestors: torch.Tensor  # (n, K) index (within the group) of every particle's parent at this step
     ess: torch.Tensor  # (n,) ESS before resampling, in particles
     resampled: torch.Tensor  # (n,) bool
-    coeffs: torch.Tensor | None = None  # (n K, L) leaf coefficients of the move (particle_step only)
-    kappa: dict | None = None
 
 
 def factor_increment(poe: PoE, eps: torch.Tensor, log_q: torch.Tensor, rho: float) -> torch.Tensor:
@@ -257,39 +257,6 @@ def reweight_and_resample(
         x, log_q = x[flat.to(x.device)], log_q[flat.to(log_q.device)]
         log_w = torch.where(resampled[:, None], torch.zeros_like(log_w), log_w)
     return ParticleStep(x, log_q, log_w, idx, ess, resampled)
-
-
-def particle_step(
-    composer: Composer,
-    poe: PoE,
-    x: torch.Tensor,
-    t_cur: float,
-    t_next: float,
-    eps: torch.Tensor,
-    log_q: torch.Tensor,
-    log_w: torch.Tensor,
-    noise: torch.Tensor,
-    u: torch.Tensor,
-    *,
-    ess_threshold: float = 0.5,
-    resample_window: tuple[float, float] = (0.0, 1.0),
-) -> ParticleStep:
-    """One Euler-Maruyama particle step on its own: move every particle (`Composer.step` of the PoE's Product), add
-    its log-weight increment, resample if needed (what `sample_smc`'s loop does at every step but the last).
-
-    Args:
-        composer: `Composer(poe.product, method="sde")`.
-        x: (n K, ...) particles at t_cur, group-major (the K particles of group i are rows i K .. i K + K - 1).
-        eps: (L, n K, ...) leaf predictions at (x, t_cur), leaves in `composer.leaves` order.
-        log_q: (n K, L) leaf log-densities; log_w: (n, K) float64 log-weights; noise: (n K, ...) standard normal.
-        u: (n,) uniforms in [0, 1) for systematic resampling (drawn every step, used where a group resamples).
-    """
-    dl = factor_increment(poe, eps, log_q, (t_cur - t_next) * float(composer.schedule.g2_over_sigma2(t_cur)))
-    out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise)
-    st = reweight_and_resample(out.x, out.log_q, log_w, dl, u, t_next, ess_threshold=ess_threshold,
-                               resample_window=resample_window)  # fmt: skip
-    st.coeffs, st.kappa = out.coeffs, out.kappa
-    return st
 
 
 @dataclass
@@ -411,8 +378,18 @@ def rejuvenate(
     n = groups.shape[0]
     K = x.shape[0] // n
     rows = groups.to(x.device).repeat_interleave(K)
-    mv = langevin_move(poe, eps_fn, x[rows], t, sigma, eps_fn(x[rows], t), log_q[rows],
-                       [z[rows] for z in noises], [u.to(x.device)[rows] for u in uniforms], step)  # fmt: skip
+    mv = langevin_move(
+        poe,
+        eps_fn,
+        x[rows],
+        t,
+        sigma,
+        eps_fn(x[rows], t),
+        log_q[rows],
+        [z[rows] for z in noises],
+        [u.to(x.device)[rows] for u in uniforms],
+        step,
+    )
     x, log_q = x.clone(), log_q.clone()
     x[rows], log_q[rows] = mv.x, mv.log_q
     eps = torch.zeros((mv.eps.shape[0], *x.shape), dtype=mv.eps.dtype, device=x.device)
@@ -431,16 +408,27 @@ def langevin_groups(after: str, resampled: torch.Tensor, t_next: float, window: 
 
 # ---------------------------------------------------------------------- the sampler
 class ParticleHooks(Hooks):
-    """The particle sampler as hooks of `compose.sampler.run`: Feynman-Kac weights, resampling, Langevin moves.
+    """The particle sampler as hooks of `compose.loop.run`: Feynman-Kac weights, resampling, Langevin moves.
 
     x in the loop holds the n K particles group-major. Every step but the last (the step to the data, which maps
     each particle to its x0_hat) adds the log-weight increment, resamples the groups whose ESS fell, and, with
     langevin_steps > 0, rejuvenates (the predictions the moves leave at (x, t_next) serve the next step).
     """
 
-    def __init__(self, poe: PoE, schedule: Any, n: int, K: int, *, ess_threshold: float,
-                 resample_window: tuple[float, float], langevin_steps: int = 0, langevin_step: float = 0.5,
-                 langevin_after: str = "every", device: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        poe: PoE,
+        schedule: Any,
+        n: int,
+        K: int,
+        *,
+        ess_threshold: float,
+        resample_window: tuple[float, float],
+        langevin_steps: int = 0,
+        langevin_step: float = 0.5,
+        langevin_after: str = "every",
+        device: Any = None,
+    ) -> None:
         self.poe, self.schedule, self.n, self.K = poe, schedule, n, K
         self.ess_threshold, self.window = ess_threshold, resample_window
         self.langevin = (langevin_steps, langevin_step, langevin_after)
@@ -460,8 +448,9 @@ class ParticleHooks(Hooks):
     def predict(self, predict, x, t, zeta):
         if self.pending is None:
             return predict(x, t, zeta)
-        eps = self.pending.complete(lambda xr, tt: predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0],
-                                    x, t)  # fmt: skip
+        eps = self.pending.complete(
+            lambda xr, tt: predict(xr, torch.as_tensor(tt, dtype=torch.float64), None)[0], x, t
+        )
         self.pending = None
         return eps, None
 
@@ -473,8 +462,16 @@ class ParticleHooks(Hooks):
         if step.final or math.isinf(step.rho):  # the steps to the data and from pure noise are not reweighted
             return step.x, step.log_q
         dl = factor_increment(self.poe, step.eps, step.log_q_prev, step.rho)
-        st = reweight_and_resample(step.x, step.log_q, self.log_w, dl, self.u, step.t_next,
-                                   ess_threshold=self.ess_threshold, resample_window=self.window)  # fmt: skip
+        st = reweight_and_resample(
+            step.x,
+            step.log_q,
+            self.log_w,
+            dl,
+            self.u,
+            step.t_next,
+            ess_threshold=self.ess_threshold,
+            resample_window=self.window,
+        )
         x, log_q, self.log_w = st.x, st.log_q, st.log_w
         self.lineage = torch.gather(self.lineage, 1, st.ancestors.to(self.lineage.device))
         self.ess.append(st.ess)
@@ -618,17 +615,19 @@ def sample_smc(
         if num_samples is not None and num_samples != n:
             raise ValueError(f"num_samples={num_samples} does not match x_T with {n} groups.")
         x = x_T.reshape(n * K, *x_T.shape[2:])
-    leaves = composer.leaves
-
-    def predict(x_: torch.Tensor, t_: torch.Tensor, zeta: Any = None) -> tuple:
-        eps = torch.stack([model_eps(m, x_, t_) for m in leaves])
-        if float(sch.alpha(t_)) == 0.0:  # t = 1 of a flow path: the step needs the data predictions
-            return eps, None, torch.stack([model_x0(m, x_, t_) for m in leaves])
-        return eps, None
-
-    hooks = ParticleHooks(expr, sch, n, K, ess_threshold=ess_threshold, resample_window=window,
-                          langevin_steps=langevin_steps, langevin_step=langevin_step, langevin_after=langevin_after,
-                          device=x.device)  # fmt: skip
+    predict = leaf_predictor(composer.leaves, sch)
+    hooks = ParticleHooks(
+        expr,
+        sch,
+        n,
+        K,
+        ess_threshold=ess_threshold,
+        resample_window=window,
+        langevin_steps=langevin_steps,
+        langevin_step=langevin_step,
+        langevin_after=langevin_after,
+        device=x.device,
+    )
     cb = None
     if callback is not None:
 
@@ -637,8 +636,18 @@ def sample_smc(
 
     bar = _progress(progress, len(ts) - 1, f"compose.sample_smc (K={K})")
     draws = TorchDraws(generator)
-    tr = run(composer, predict, x, ts, composer.initial_log_q(x, t0), solver=solver, draws=draws, hooks=hooks,
-             callback=cb, progress=bar)  # fmt: skip
+    tr = run(
+        composer,
+        predict,
+        x,
+        ts,
+        composer.initial_log_q(x, t0),
+        solver=solver,
+        draws=draws,
+        hooks=hooks,
+        callback=cb,
+        progress=bar,
+    )
     x, log_q, lineage = tr.x, tr.log_q, hooks.lineage
     log_w = hooks.log_w - torch.logsumexp(hooks.log_w, -1, keepdim=True)
     if final == "resample":

@@ -9,7 +9,7 @@ A step goes from t_cur to t_next of the shared schedule. Two first-order steps, 
         SDE  y' = y + 2 (s' - s) eps_bar + sqrt(2 s (s - s')) z  (Euler-Maruyama in s: SuperDiff's reference update).
 Both are written, for the density bookkeeping, with one rate rho in eps units (`StepRates`): the SDE moves x by
 sigma (-rho eps_bar + sqrt(rho) z) and the ODE by -sigma rho eps_bar / 2 beside the linear part, with
-rho = h g^2 / sigma^2 (euler) or rho = 2 (s - s') / s (ddim). Every density formula of `compose.engine` then holds
+rho = h g^2 / sigma^2 (euler) or rho = 2 (s - s') / s (ddim). Every density formula of `compose.composer` then holds
 for both with that rho.
 
 The step to the data (t_next = 0) is always x' = x0_hat of the composed prediction, the first-order step to
@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .options import check_float
+from .options import check_float, solver_record
 from .predictions import bcast, eps_to_x0
 from .schedule import NoiseSchedule
 
@@ -188,30 +188,39 @@ def unic_step(
 class Multistep:
     """The history of "dpm2m" / "unipc" along one run (the state the step started from and the last x0_hats).
 
-    `step(k, x, x0_bar, ts, schedule, offsets)` goes from ts[k] to ts[k + 1] given x0_bar, the composed x0_hat at
-    (x, ts[k]). For "unipc" the UniC corrector first recomputes the state at ts[k] from that of ts[k - 1] with the
-    new x0_bar; the 2M step then goes from it. offsets: None or the (N, 3) learned solver coefficients of a
-    schedule file (`compose.ld3`): row k holds the 2M step's rho offset from ts[k] and the corrector's
-    (d_rho0, d_rho1) at ts[k].
+    `step(x, x0_bar, t_cur, t_next, schedule, offsets)` goes from t_cur to t_next given x0_bar, the composed x0_hat
+    at (x, t_cur); the steps of one run come in grid order (the history holds the earlier times). For "unipc" the
+    UniC corrector first recomputes the state at t_cur from that of the previous time with the new x0_bar; the 2M
+    step then goes from it. offsets: None or this step's row (3,) of the (N, 3) learned solver coefficients of a
+    schedule file (`compose.ld3`): the 2M step's rho offset from t_cur and the corrector's (d_rho0, d_rho1) at t_cur.
     """
 
     def __init__(self, solver: str) -> None:
         self.solver = solver
-        self.x_c = self.m_prev = self.m_prev2 = self.h_prev = None
+        self.corrector = solver_record(solver).corrector
+        self.x_c = self.m_prev = self.m_prev2 = self.h_prev = self.t_prev = self.t_prev2 = None
 
-    def step(self, k: int, x: torch.Tensor, x0_bar: torch.Tensor, ts: torch.Tensor, schedule: NoiseSchedule,
-             offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        t_cur, t_next = ts[k], ts[k + 1]
+    def step(
+        self,
+        x: torch.Tensor,
+        x0_bar: torch.Tensor,
+        t_cur: torch.Tensor,
+        t_next: torch.Tensor,
+        schedule: NoiseSchedule,
+        offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         pred_off = corr_off = None
         if offsets is not None:
-            pred_off, corr_off = offsets[k, 0], offsets[k, 1:]
+            pred_off, corr_off = offsets[0], offsets[1:]
         x_from = x
-        if self.m_prev is not None and self.solver == "unipc":
-            t_prev2 = ts[k - 2] if self.m_prev2 is not None else None
-            x_from = unic_step(self.x_c, self.m_prev, x0_bar, self.m_prev2, t_prev2, ts[k - 1], t_cur, schedule,
-                               corr_off)  # fmt: skip
+        if self.m_prev is not None and self.corrector:
+            t_prev2 = self.t_prev2 if self.m_prev2 is not None else None
+            x_from = unic_step(
+                self.x_c, self.m_prev, x0_bar, self.m_prev2, t_prev2, self.t_prev, t_cur, schedule, corr_off
+            )
         x_next = dpm2m_step(x_from, x0_bar, self.m_prev, t_cur, t_next, schedule, self.h_prev, pred_off)
         self.x_c, self.m_prev2, self.m_prev = x_from, self.m_prev, x0_bar
+        self.t_prev2, self.t_prev = self.t_prev, t_cur
         self.h_prev = 0.5 * (schedule.log_snr(t_next) - schedule.log_snr(t_cur))
         return x_next
 
@@ -225,7 +234,7 @@ class X0Clip:
         s = the ratio-quantile of |x0| clamped to [1, sample_max_value], x0 -> clamp(x0, -s, s) / s. It takes
         precedence over clip_sample, as in diffusers.
     How a step uses the clipped x0_hat: `solver_step`. The operators' weights are solved for the unclipped step and
-    every model's log q is then moved along the clipped step actually taken (`compose.sampler`: the Ito and ODE
+    every model's log q is then moved along the clipped step actually taken (`compose.loop`: the Ito and ODE
     increments hold for any displacement, to first order), so the tracked densities are those of the path the
     samples follow, not of the unclipped drift.
     """
@@ -246,9 +255,16 @@ class X0Clip:
         """The clipping a diffusers scheduler config asks for (None: none). Overrides: clip_sample, clip_sample_range,
         thresholding, dynamic_thresholding_ratio, sample_max_value (None leaves the config's value)."""
         get = (lambda k, d: config.get(k, d)) if hasattr(config, "get") else (lambda k, d: getattr(config, k, d))
-        val = {k: (get(k, d) if overrides.get(k) is None else overrides[k]) for k, d in (
-            ("clip_sample", False), ("clip_sample_range", 1.0), ("thresholding", False),
-            ("dynamic_thresholding_ratio", 0.995), ("sample_max_value", 1.0))}  # fmt: skip
+        val = {
+            k: (get(k, d) if overrides.get(k) is None else overrides[k])
+            for k, d in (
+                ("clip_sample", False),
+                ("clip_sample_range", 1.0),
+                ("thresholding", False),
+                ("dynamic_thresholding_ratio", 0.995),
+                ("sample_max_value", 1.0),
+            )
+        }
         if val["thresholding"]:
             return cls(None, float(val["dynamic_thresholding_ratio"]), float(val["sample_max_value"]))
         if val["clip_sample"]:
@@ -269,10 +285,10 @@ class X0Clip:
 
 def solver_step(
     solver: str,
-    k: int,
     x: torch.Tensor,
     eps_bar: torch.Tensor,
-    ts: torch.Tensor,
+    t_cur: torch.Tensor,
+    t_next: torch.Tensor,
     schedule: NoiseSchedule,
     *,
     noise: torch.Tensor | None = None,
@@ -281,7 +297,10 @@ def solver_step(
     clip: X0Clip | None = None,
     x0_bar: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The step `solver` takes from ts[k] to ts[k + 1] with the composed eps_bar at (x, ts[k]).
+    """The step `solver` takes from t_cur to t_next (float64 0-d tensors) with the composed eps_bar at (x, t_cur).
+
+    multistep: the run's `Multistep` history (multistep solvers); offsets: this step's row (3,) of learned solver
+    coefficients (`Multistep.step`).
 
     x0_bar: the composed data prediction, required where alpha(ts[k]) = 0 (t = 1 of a flow path), where it cannot be
     had from eps_bar; the step from there is x' = alpha' x0_bar + sigma' eps_bar (DDIM's, also for the SDE and the
@@ -293,7 +312,6 @@ def solver_step(
     i.e. it starts from alpha clip(x0_hat) + sigma eps_hat; the multistep solvers take the clipped x0_hat as their
     data prediction (as DPMSolverMultistep / UniPC do).
     """
-    t_cur, t_next = ts[k], ts[k + 1]
     final = float(t_next.detach()) == 0.0
     alpha_zero = float(schedule.alpha(t_cur.detach())) == 0.0
     if alpha_zero and x0_bar is None:
@@ -301,13 +319,16 @@ def solver_step(
             f"the grid starts at t = {float(t_cur):.6g}, where alpha = 0 and x0_hat cannot be had from eps_hat; the "
             "models must give their data predictions there (flow-matching families do), or start the grid below it."
         )
-    if clip is not None or final or alpha_zero or solver in ("dpm2m", "unipc"):
+    multistep_solver = solver_record(solver).multistep
+    if clip is not None or final or alpha_zero or multistep_solver:
         x0 = x0_bar if alpha_zero else eps_to_x0(eps_bar, x, t_cur, schedule)
         x0_used = clip(x0) if clip is not None else x0
         if final:
             return x0_used
-        if solver in ("dpm2m", "unipc"):
-            return multistep.step(k, x, x0_used, ts, schedule, offsets)
+        if multistep_solver:
+            if multistep is None:
+                raise ValueError(f"solver={solver!r} keeps a history: pass multistep=Multistep({solver!r}).")
+            return multistep.step(x, x0_used, t_cur, t_next, schedule, offsets)
         if alpha_zero:
             c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731
             return c(schedule.alpha(t_next)) * x0_used + c(schedule.sigma(t_next)) * eps_bar

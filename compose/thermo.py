@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .engine import Composer
+from .composer import Composer
 from .grids import make_grid, noise_levels
 from .ld3 import solve
 from .models import model_eps

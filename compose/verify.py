@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .sampler import Draws, Hooks, StepInfo
+from .loop import Draws, Hooks, StepInfo
 from .smc import reweight_and_resample
 
 RULES = ("min", "max", "mean")

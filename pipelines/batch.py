@@ -281,8 +281,12 @@ class FolderLock:
                 "one folder would run rows twice. Wait for it to finish (then rerun this command to resume), or give "
                 "another --out."
             ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": " ".join(sys.argv)[:500]}  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(info) + "\n").encode())
         self.fd = fd

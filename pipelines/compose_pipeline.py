@@ -3,7 +3,7 @@
 The pipeline is thin (house style 6): it maps prompts / checkpoints to the leaves of a `compose` expression, encodes
 their conditioning once (`pipelines.families`), evaluates every network once per step on all of its rows (the terms
 that use it, the unconditional branch of classifier-free guidance and, for `divergence="hutchinson_fd"`, the probe
-points; `NetworkGroups`), and hands the rest to the one sampling loop, `compose.sampler.run` (docs/MATH.md sections
+points; `NetworkGroups`), and hands the rest to the one sampling loop, `compose.loop.run` (docs/MATH.md sections
 3-5).
 
 Terms. `prompt` is the list of things to compose, not a batch: one checkpoint and several prompts gives one term per
@@ -43,16 +43,17 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import compose
 from compose import options as O
-from compose.engine import Composer
-from compose.grids import is_schedule_file, resolve_grid
-from compose.operators import Expr
-from compose.sampler import run
+from compose.composer import Composer
+from compose.grids import grid_from_diffusers, is_schedule_file, resolve_grid
+from compose.loop import run
+from compose.operators import Expr, named_operator
 from compose.schedule_files import expression_keys
 from compose.smc import ParticleHooks
 from compose.solvers import X0Clip
 
 from . import lora as lora_experts
-from .families import COMPONENTS, FLUX, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
+from .batching import UNCOND, Leaf, NetworkGroups, forward_ad_ready
+from .families import COMPONENTS, ComposeModel
 from .loading import (
     MODELS_FILE,
     check_latent_spaces,
@@ -64,7 +65,6 @@ from .loading import (
 
 OPERATORS = O.OPERATORS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-DIVERGENCES = ("hutchinson", "hutchinson_fd")
 MAX_IMAGES = 4096  # rows of one call (images x particles)
 MAX_GUIDANCE = 100.0
 
@@ -102,8 +102,58 @@ class ComposePipelineOutput(BaseOutput):
     evaluations: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """A call's sampler: solver, method, divergence estimate, probes, finite-difference step, x0 clipping."""
+
+    solver: str
+    method: str
+    divergence: str
+    probes: int
+    fd_eps: float
+    clip: X0Clip | None
+
+
+@dataclass(frozen=True)
+class Particles:
+    """A call's particle options (operator="product_smc"), checked by `check`."""
+
+    num_particles: int | None
+    ess_threshold: float
+    resample_window: tuple[float, float]
+    langevin_steps: int
+    langevin_step: float
+    langevin_after: str
+
+    def check(self, smc: bool, operator: Any, method: str) -> int:
+        """ValueError for particle options without a particle operator (or bad ones with it); the particles per
+        image (1 without particles)."""
+        if smc:
+            O.check_smc_options(self.num_particles, self.ess_threshold, self.resample_window, method)
+            O.check_langevin_options(self.langevin_steps, self.langevin_step, self.langevin_after)
+            return self.num_particles
+        if self.num_particles is not None:
+            raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
+        if self.langevin_steps != 0:
+            raise ValueError(
+                f"langevin_steps is used by operator='product_smc' (Langevin moves of the particles); got "
+                f"operator={operator!r}. Drop langevin_steps or use operator='product_smc' with num_particles."
+            )
+        return 1
+
+    def hook_options(self) -> dict[str, Any]:
+        """The keyword arguments of `compose.smc.ParticleHooks`."""
+        return dict(
+            ess_threshold=self.ess_threshold,
+            resample_window=self.resample_window,
+            langevin_steps=self.langevin_steps,
+            langevin_step=self.langevin_step,
+            langevin_after=self.langevin_after,
+        )
+
+
 class PipelineDraws:
-    """`compose.sampler.Draws` with diffusers' conventions: `randn_tensor` in float32, one generator or one per image
+    """`compose.loop.Draws` with diffusers' conventions: `randn_tensor` in float32, one generator or one per image
     (rows of one image drawn from its own generator, so an image does not depend on the others)."""
 
     def __init__(self, generator: Any, device: Any) -> None:
@@ -133,13 +183,23 @@ class ComposePipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
     # every component has a default (a checkpoint has a unet OR a transformer); listing them here is what makes
     # diffusers' from_pretrained load them as components rather than pass their model_index entries through
-    _optional_components = ["unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                            "transformer", "text_encoder_3", "tokenizer_3"]  # fmt: skip
+    _optional_components = list(COMPONENTS)
     _callback_tensor_inputs = ["latents", "log_q"]
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, transformer=None, text_encoder_3=None, tokenizer_3=None,
-                 max_sequence_length: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        unet=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        max_sequence_length: int | None = None,
+    ) -> None:
         """A UNet checkpoint (SD 1.x / 2.x, SDXL, pixel UNet2D) or a flow-matching transformer (SD3 / SD3.5, Flux) with
         its scheduler and text / latent components (a folder's other components, e.g. a safety checker or an
         IP-Adapter image encoder, are not loaded).
@@ -147,10 +207,19 @@ class ComposePipeline(DiffusionPipeline):
         overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512)."""
         super().__init__()
         # a component saved as absent comes back from model_index.json as [null, null]
-        comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in dict(
-            unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3).items()}  # fmt: skip
+        given = dict(
+            unet=unet,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in given.items()}
         unet, transformer = comps["unet"], comps["transformer"]
         if (unet is None) == (transformer is None):
             raise ValueError("give one network: unet= (a UNet checkpoint) or transformer= (SD3 / Flux), not both.")
@@ -281,8 +350,9 @@ class ComposePipeline(DiffusionPipeline):
         return out
 
     # ------------------------------------------------------------------ LoRA experts (pipelines/lora.py)
-    def load_lora_experts(self, experts: dict[str, str | os.PathLike], model: str | int | None = None,
-                          weight_name: str | None = None) -> list[str]:  # fmt: skip
+    def load_lora_experts(
+        self, experts: dict[str, str | os.PathLike], model: str | int | None = None, weight_name: str | None = None
+    ) -> list[str]:
         """Attach LoRA fine-tunes of one checkpoint as named experts, to be composed with `lora=` in a call.
 
         experts: {name: source}, each source a folder holding `pytorch_lora_weights.safetensors` (or one .safetensors
@@ -341,35 +411,56 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(f"prompt: {len(out)} terms; at most 64 can be composed in one call.")
         return out
 
-    def check_inputs(self, *, operator, n_terms, weights, temperature, guidance_scale, method, solver, divergence,
-                     probes, fd_eps, output_type, height, width, num_inference_steps, timesteps, sigmas,
-                     negative_prompt, callback_on_step_end_tensor_inputs) -> None:  # fmt: skip
+    def check_inputs(
+        self,
+        *,
+        operator,
+        n_terms,
+        weights,
+        temperature,
+        guidance_scale,
+        method,
+        solver,
+        divergence,
+        probes,
+        fd_eps,
+        output_type,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        negative_prompt,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
         """Every call argument checked once, before any network is called (ValueError naming it and the fix)."""
+        record = None  # the named operator's record (None: no operator, or a callable)
         if operator is not None and not callable(operator):
-            name = O.check_operator(operator)
-            if n_terms < 2 and name != "product_smc":
+            record = O.operator_record(operator)
+            if n_terms < record.min_terms:
                 raise ValueError(
-                    f"operator={operator!r} needs at least two terms (prompts or checkpoints); got {n_terms}. "
-                    "Give more prompts / checkpoints, or operator=None for a single term."
+                    f"operator={operator!r} needs at least {record.min_terms} terms (prompts or checkpoints); got "
+                    f"{n_terms}. Give more prompts / checkpoints, or operator=None for a single term."
                 )
         if operator is None and n_terms > 1:
             raise ValueError(
                 f"operator is None but there are {n_terms} terms; choose how to compose them: one of {OPERATORS}."
             )
-        named = operator.lower() if isinstance(operator, str) else None
         if weights is not None:
-            if named not in ("or", "product", "product_smc"):
+            if record is None or not record.weights:
+                names = " / ".join(repr(o.name) for o in O.OPERATOR_TABLE.values() if o.weights)
                 raise ValueError(
-                    f"weights are used by operator='or' (mixture weights) and 'product' (signed); got operator="
-                    f"{operator!r}. For AND biases build the expression yourself (operator=callable)."
+                    f"weights are used by operator={names} (mixture weights, signed weights, exponents); got "
+                    f"operator={operator!r}. For AND biases build the expression yourself (operator=callable)."
                 )
             k = torch.as_tensor(weights).numel()
             if k != n_terms:
                 raise ValueError(f"weights has {k} entries but there are {n_terms} terms; give one weight per term.")
         O.check_float(temperature, "temperature", 0.0, None, open_lo=True)
-        if temperature != 1.0 and named != "or" and not callable(operator):
+        if temperature != 1.0 and not callable(operator) and not (record is not None and record.temperature):
+            names = " / ".join(repr(o.name) for o in O.OPERATOR_TABLE.values() if o.temperature)
             raise ValueError(
-                f"temperature={temperature} is used by operator='or' only; got operator={operator!r}. Drop "
+                f"temperature={temperature} is used by operator={names} only; got operator={operator!r}. Drop "
                 "temperature."
             )
         if guidance_scale is not None:
@@ -377,7 +468,7 @@ class ComposePipeline(DiffusionPipeline):
             O.check_float(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, what=what)
         O.check_method(method)
         O.check_solver(solver, method)
-        O.check_divergence(divergence, DIVERGENCES)
+        O.check_divergence(divergence, O.HUTCHINSON)
         O.check_probes(probes)
         O.check_fd_eps(fd_eps)
         if output_type not in OUTPUT_TYPES:
@@ -404,38 +495,6 @@ class ComposePipeline(DiffusionPipeline):
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs has {bad}; allowed are {self._callback_tensor_inputs}."
             )
-
-    def _grid(self, schedule, num_inference_steps, timesteps, sigmas) -> torch.Tensor:
-        """The grid in t of the shared schedule from diffusers `timesteps` / `sigmas`, ending at 0 (the data)."""
-        name = "timesteps" if timesteps is not None else "sigmas"
-        try:
-            vals = torch.as_tensor(timesteps if timesteps is not None else sigmas, dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError):
-            given = timesteps if sigmas is None else sigmas
-            raise ValueError(f"{name} must be a list of numbers; got {given!r}.") from None
-        if not bool(torch.isfinite(vals).all()) or vals.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty list of finite numbers; got {vals.tolist()[:8]}.")
-        if timesteps is not None:
-            n = schedule.num_train_timesteps
-            t = {"discrete": (vals + 1.0) / n, "ot": vals / n}.get(schedule.kind, vals / (n - 1))
-        else:
-            if float(vals[-1]) == 0.0:
-                vals = vals[:-1]  # diffusers' trailing 0: "denoise to the data", the last step of every grid here
-            if not bool(torch.all(vals > 0)):
-                raise ValueError(f"sigmas must be positive (a trailing 0 is allowed); got {vals.tolist()[:8]}...")
-            # diffusers sigmas are sigma / alpha (k-diffusion VE scale); flow-matching sigmas are t itself.
-            t = vals.clone() if schedule.kind == "ot" else schedule.t_from_log_snr(-2.0 * vals.log())
-        if not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(f"{name} lie outside this model's range; got {vals.tolist()[:8]}...")
-        ts = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-        if num_inference_steps is not None and num_inference_steps != t.numel():
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} but {name} has {t.numel()} entries; give one of them."
-            )
-        try:
-            return O.check_grid(ts, name)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, x0: torch.Tensor, output_type: str, height: int | None = None, width: int | None = None):
@@ -526,7 +585,7 @@ class ComposePipeline(DiffusionPipeline):
                 matching; a trailing 0 is allowed). Every grid ends with the step to the data (x0_hat of the last
                 evaluation), so N steps cost N evaluations.
             schedule: the grid by name ("log_snr" (default), "uniform", "karras", "ays_sd15", "ays_sdxl"; see
-                `compose.grids`) or the path of a learned JSON schedule file (`python -m compose.learn_schedule`),
+                `compose.grids`) or the path of a learned JSON schedule file (`compose learn-schedule`),
                 refused unless it was learned for these checkpoints, operator, solver, guidance and NFE (the
                 message names the keys that differ); its network times and learned solver coefficients, where it
                 has them, are used as learned. `grid` is an alias.
@@ -570,70 +629,86 @@ class ComposePipeline(DiffusionPipeline):
                 Composite: the average of each LoRA's guided prediction, mean_i [eps_u^i + w (eps_c^i - eps_u^i)]).
             lora_scale: multiplies every LoRA's update (diffusers' cross_attention_kwargs scale).
             lora_calls: "batched" (default: one call per base network) or "separate" (one call per network and LoRA,
-                as LoRA Composite is published; the same numbers up to rounding, for timing comparisons).
+                as LoRA Composite is published); "batched_loop" and "batched_peft" make the batched call add each
+                row's LoRA update one adapter at a time or through PEFT's mixed adapter batch. The same numbers up to
+                rounding, for timing comparisons.
         """
         # 1. check inputs (everything, before any network call)
         models, first = self.models, self.models[0]
         terms = self._terms(prompt, models)
-        lora_plan = lora_experts.plan(self, terms, lora, mode=lora_mode, uncond=lora_uncond,
-                                      switch_steps=lora_switch_steps, scale=lora_scale, calls=lora_calls,
-                                      operator=operator, weights=weights)  # fmt: skip
+        lora_plan = lora_experts.plan(
+            self,
+            terms,
+            lora,
+            mode=lora_mode,
+            uncond=lora_uncond,
+            switch_steps=lora_switch_steps,
+            scale=lora_scale,
+            calls=lora_calls,
+            operator=operator,
+            weights=weights,
+        )
         terms, operator, weights = lora_plan.terms, lora_plan.operator, lora_plan.weights
-        self.check_inputs(operator=operator, n_terms=len(terms), weights=weights, temperature=temperature,
-                          guidance_scale=guidance_scale, method=method, solver=solver, divergence=divergence,
-                          probes=probes, fd_eps=fd_eps, output_type=output_type, height=height, width=width,
-                          num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
-                          negative_prompt=negative_prompt,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)  # fmt: skip
+        self.check_inputs(
+            operator=operator,
+            n_terms=len(terms),
+            weights=weights,
+            temperature=temperature,
+            guidance_scale=guidance_scale,
+            method=method,
+            solver=solver,
+            divergence=divergence,
+            probes=probes,
+            fd_eps=fd_eps,
+            output_type=output_type,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            negative_prompt=negative_prompt,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         max_sequence_length = max_sequence_length or self.config.get("max_sequence_length")
-        # guidance_scale is the CFG scale from here on; Flux's distilled guidance is embedded instead (`_guidance`)
+        # guidance_scale is the CFG scale from here on; a guidance-distilled family embeds its guidance instead
         guidance_scale, embedded_guidance = self._guidance(first, terms, guidance_scale, true_cfg_scale)
-        smc = isinstance(operator, str) and operator.lower() == "product_smc"
-        P = self._particle_options(smc, operator, num_particles, ess_threshold, resample_window, method,
-                                   langevin_steps, langevin_step, langevin_after)  # fmt: skip
+        smc = isinstance(operator, str) and O.operator_record(operator).particles
+        particles = Particles(
+            num_particles, ess_threshold, resample_window, langevin_steps, langevin_step, langevin_after
+        )
+        P = particles.check(smc, operator, method)
         schedule_name = self._schedule_name(grid, schedule, first.family)
-        clip = X0Clip.from_config(first.scheduler.config, clip_sample=clip_sample,
-                                  clip_sample_range=clip_sample_range, thresholding=thresholding)  # fmt: skip
+        clip = X0Clip.from_config(
+            first.scheduler.config,
+            clip_sample=clip_sample,
+            clip_sample_range=clip_sample_range,
+            thresholding=thresholding,
+        )
         use_cfg = guidance_scale > 1.0
         n = self._num_images(num_images_per_prompt, batch_size, latents, P, generator)
         family, f = first.family, self.vae_scale_factor
-        height = family.native_size(first, f) if height is None else height
-        width = family.native_size(first, f) if width is None else width
+        height, width, shape = self._sizes(first, n * P, height, width)
         device = self._execution_device
-        shape = family.latent_shape(first, n * P, height, width, f)
         if latents is not None:
             self._check_latents(latents, shape, smc, P)
 
         # 2. terms -> leaves on the shared schedule, their conditioning (each prompt encoded once)
         sch = first.schedule
-        leaves, uncond, conds = self.encode_terms(terms, use_cfg, negative_prompt, len(models), device, guidance_scale,
-                                                  max_sequence_length)  # fmt: skip
+        leaves, uncond, conds = self.encode_terms(
+            terms, use_cfg, negative_prompt, len(models), device, guidance_scale, max_sequence_length
+        )
         uncond = lora_plan.attach(leaves, uncond, conds)  # each term's LoRA; the unconditional rows per lora_uncond
-        u_leaf = Leaf(sch, "uncond", None, UNCOND) if use_cfg else None
 
-        # 3. the expression: operator over the terms, CFG around it (product_smc: the particles' PoE)
-        poe = None
-        if smc:
-            a = torch.ones(len(leaves)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-            poe = compose.PoE(*leaves, exponents=a * guidance_scale if use_cfg else a, unconditional=u_leaf)
-            expr = poe.product
-        else:
-            expr = self._expression(operator, leaves, weights, temperature)
-            expr = compose.Guided(expr, u_leaf, guidance_scale) if use_cfg else expr
+        # 3. the expression: operator over the terms, CFG around it (product_smc: the particles' PoE), its rows
+        extra = family.call_inputs(first, height, width, f, device, embedded_guidance)
+        expr, poe = self._composition(operator, leaves, weights, temperature, guidance_scale, smc)
         composer = Composer(expr, schedule=sch, method=method)
-        core = composer.leaves
-        u_index = next(i for i, lf in enumerate(core) if lf is u_leaf) if u_leaf is not None else None
-        extra = {"time_ids": torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32),
-                 "guidance": embedded_guidance}  # fmt: skip
-        if hasattr(family, "img_ids"):
-            extra["img_ids"] = family.img_ids(height, width, f, device)
-        groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
-        groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
-        term_index = [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
+        groups, term_index = self._groups(composer.leaves, leaves, uncond, conds, extra, lora_plan)
 
         # 4. the grid
-        ts, t_net, offsets = self.prepare_grid(sch, expr, schedule_name, num_inference_steps, timesteps, sigmas,
-                                               method, solver, probes, smc, first, shape)  # fmt: skip
+        ts, t_net, offsets = self.prepare_grid(
+            sch, expr, schedule_name, num_inference_steps, timesteps, sigmas, method, solver, probes, smc, first, shape
+        )
 
         # 5. initial latents and their log q
         if latents is None:
@@ -643,24 +718,12 @@ class ComposePipeline(DiffusionPipeline):
             x = x / math.sqrt(poe.total_exponent)  # the product of M priors N(0, sigma^2) is N(0, sigma^2 / A)
         log_q = composer.initial_log_q(x, float(ts[0]))
 
-        # 6. sample: one batched call per network and step, the maths in compose.sampler.run
-        def predict(x_in: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
-            fd_e = fd_eps * float(sch.sigma(t))
-            return groups.predict(x_in, t, sch, zeta=zeta, divergence=divergence if zeta is not None else None,
-                                  fd_e=fd_e)  # fmt: skip
-
-        hooks = None
-        if smc:
-            hooks = ParticleHooks(poe, sch, n, P, ess_threshold=ess_threshold, resample_window=resample_window,
-                                  langevin_steps=langevin_steps, langevin_step=langevin_step,
-                                  langevin_after=langevin_after, device=x.device)  # fmt: skip
+        # 6. sample: one batched call per network and step, the maths in compose.loop.run
+        hooks = ParticleHooks(poe, sch, n, P, device=x.device, **particles.hook_options()) if smc else None
         draws = PipelineDraws(generator, device)
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sch)
-        held = lora_plan.routing.session() if lora_plan.routing is not None else contextlib.nullcontext()
-        with self.progress_bar(total=len(ts) - 1) as bar, held:  # LoRA states set once for the run, restored after
-            tr = run(composer, predict, x, ts, log_q, solver=solver, draws=draws, probes=probes if method == "ode"
-                     else None, network_times=t_net, offsets=offsets, clip=clip, hooks=hooks, callback=callback,
-                     progress=bar.update)  # fmt: skip
+        sampler = Sampler(solver, method, divergence, probes, fd_eps, clip)
+        tr = self._run(composer, groups, x, (ts, t_net, offsets), log_q, sampler, draws, hooks, callback, lora_plan)
 
         # 7. decode (product_smc: one particle per image, drawn by its weights)
         pick = None if not smc else hooks.pick(draws.uniforms(n))
@@ -670,9 +733,68 @@ class ComposePipeline(DiffusionPipeline):
         return out if return_dict else (out.images, out.kappa, out.log_q)
 
     # ------------------------------------------------------------------ the steps of __call__
-    def encode_terms(self, terms, use_cfg: bool, negative_prompt: str | None, num_models: int, device,
-                     guidance_scale: float, max_sequence_length: int | None = None
-                     ) -> tuple[list[Leaf], list[Leaf], dict]:  # fmt: skip
+    def _composition(self, operator, leaves, weights, temperature, guidance_scale, smc) -> tuple[Any, Any]:
+        """(expression, PoE or None): the operator over the term leaves with CFG around it (guidance_scale > 1: an
+        unconditional leaf, the mean of the checkpoints' unconditional rows), or for product_smc the particles'
+        PoE (the exponents times guidance_scale around the unconditional leaf) and its product."""
+        use_cfg = guidance_scale > 1.0
+        u_leaf = Leaf(leaves[0].schedule, "uncond", None, UNCOND) if use_cfg else None
+        if smc:
+            a = torch.ones(len(leaves)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+            poe = compose.PoE(*leaves, exponents=a * guidance_scale if use_cfg else a, unconditional=u_leaf)
+            return poe.product, poe
+        expr = self._expression(operator, leaves, weights, temperature)
+        return (compose.Guided(expr, u_leaf, guidance_scale) if use_cfg else expr), None
+
+    @staticmethod
+    def _groups(core, leaves, uncond, conds, extra, lora_plan) -> tuple[Any, list[int]]:
+        """(the row groups of every step, the index in `core` of every term leaf); core: the composer's leaves."""
+        u_index = next((i for i, lf in enumerate(core) if lf.model is None), None)  # the unconditional leaf
+        groups = NetworkGroups(core, leaves, uncond, conds, u_index, extra, routing=lora_plan.routing)
+        groups = lora_plan.wrap(groups, core, leaves, uncond, conds, u_index)  # lora_mode="switch": one LoRA a step
+        return groups, [next(i for i, lf in enumerate(core) if lf is leaf) for leaf in leaves]
+
+    def _run(self, composer, groups, x, grid, log_q, sampler: Sampler, draws, hooks, callback, lora_plan):
+        """The sampling loop (`compose.loop.run`) with one batched call per network and step (`groups.predict`);
+        grid: (ts, learned network times or None, learned solver offsets or None). LoRA adapter states are set once
+        for the run and restored after it (`Routing.session`)."""
+        sch = composer.schedule
+        ts, t_net, offsets = grid
+
+        def predict(x_in: torch.Tensor, t: torch.Tensor, zeta: torch.Tensor | None):
+            fd_e = sampler.fd_eps * float(sch.sigma(t))
+            divergence = sampler.divergence if zeta is not None else None
+            return groups.predict(x_in, t, sch, zeta=zeta, divergence=divergence, fd_e=fd_e)
+
+        held = lora_plan.routing.session() if lora_plan.routing is not None else contextlib.nullcontext()
+        with self.progress_bar(total=len(ts) - 1) as bar, held:
+            return run(
+                composer,
+                predict,
+                x,
+                ts,
+                log_q,
+                solver=sampler.solver,
+                draws=draws,
+                probes=sampler.probes if sampler.method == "ode" else None,
+                network_times=t_net,
+                offsets=offsets,
+                clip=sampler.clip,
+                hooks=hooks,
+                callback=callback,
+                progress=bar.update,
+            )
+
+    def encode_terms(
+        self,
+        terms,
+        use_cfg: bool,
+        negative_prompt: str | None,
+        num_models: int,
+        device,
+        guidance_scale: float,
+        max_sequence_length: int | None = None,
+    ) -> tuple[list[Leaf], list[Leaf], dict]:
         """The term leaves, the per-checkpoint unconditional leaves (with CFG) and id(leaf) -> conditioning."""
         sch = terms[0][0].schedule
         leaves = [Leaf(sch, _term_name(m, p, num_models), m, p) for m, p in terms]
@@ -689,7 +811,7 @@ class ComposePipeline(DiffusionPipeline):
             m = leaf.model
             if not m.is_text:
                 continue
-            zero = leaf.unconditional and negative_prompt is None and m.is_xl
+            zero = leaf.unconditional and negative_prompt is None and m.family.zeros_for_empty_negative(m)
             text = negative_prompt if leaf.unconditional else leaf.prompt
             key = (id(m.text_encoder), id(m.text_encoder_2), text, zero)
             if key not in cache:
@@ -697,12 +819,25 @@ class ComposePipeline(DiffusionPipeline):
             conds[id(leaf)] = cache[key]
         return leaves, uncond, conds
 
-    def prepare_grid(self, sch, expr, schedule_name, num_inference_steps, timesteps, sigmas, method, solver, probes,
-                     smc, first, shape) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    def prepare_grid(
+        self,
+        sch,
+        expr,
+        schedule_name,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        method,
+        solver,
+        probes,
+        smc,
+        first,
+        shape,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(grid ending at 0, learned network times or None, learned solver offsets or None). "scheduler": a
         flow-matching checkpoint's own sigmas (its shift / dynamic shift), as its diffusers pipeline samples."""
         t_net = offsets = None
-        if schedule_name == "scheduler" and timesteps is None and sigmas is None:
+        if schedule_name == O.SCHEDULER_GRID and timesteps is None and sigmas is None:
             steps = 50 if num_inference_steps is None else num_inference_steps
             ts = torch.cat([first.family.default_sigmas(first, steps, shape), torch.zeros(1, dtype=torch.float64)])
             ts = O.check_grid(ts, "the scheduler's sigmas")
@@ -711,19 +846,19 @@ class ComposePipeline(DiffusionPipeline):
             explicit = is_schedule_file(schedule_name)
             steps = 50 if num_inference_steps is None and not explicit else num_inference_steps
             hutch = probes if method == "ode" else None
-            ts, t_net, offsets = resolve_grid(sch, schedule_name, None if explicit else steps, expect=expect,
-                                              probes=hutch)  # fmt: skip
+            ts, t_net, offsets = resolve_grid(
+                sch, schedule_name, None if explicit else steps, expect=expect, probes=hutch
+            )
             if explicit and num_inference_steps is not None and len(ts) - 1 != num_inference_steps:
                 raise ValueError(
                     f"num_inference_steps={num_inference_steps} does not match the schedule file {schedule_name} "
                     f"({len(ts) - 1} network evaluations); drop num_inference_steps or learn a schedule for that NFE."
                 )
         else:
-            if sigmas is not None and hasattr(first.family, "default_sigmas"):
+            if sigmas is not None and first.family.scheduler_grid:
                 sigmas = self._shifted_sigmas(first, sigmas, shape)
-            ts = self._grid(sch, num_inference_steps, timesteps, sigmas)
-        if len(ts) - 1 < O.SOLVER_ORDER[solver]:
-            raise ValueError(f"solver={solver!r} needs at least {O.SOLVER_ORDER[solver]} steps; got {len(ts) - 1}.")
+            ts = grid_from_diffusers(sch, timesteps, sigmas, num_inference_steps)
+        O.check_grid_length(ts, solver)
         if smc and t_net is not None:
             raise ValueError(
                 f"schedule={schedule_name!r} carries learned network times, which operator='product_smc' does not "
@@ -787,45 +922,27 @@ class ComposePipeline(DiffusionPipeline):
 
     @staticmethod
     def _guidance(first: ComposeModel, terms, guidance_scale, true_cfg_scale) -> tuple[float, float | None]:
-        """(CFG scale, embedded guidance or None): Flux embeds guidance_scale and guides with true_cfg_scale."""
+        """(CFG scale, embedded guidance or None): what the first checkpoint's family makes of the arguments."""
         O.check_float(true_cfg_scale, "true_cfg_scale", 0.0, 100.0)
-        if first.family is FLUX:
-            embedded = 3.5 if guidance_scale is None else float(guidance_scale)
-            return float(true_cfg_scale), embedded
-        if true_cfg_scale != 1.0:
-            raise ValueError(
-                f"true_cfg_scale={true_cfg_scale} is Flux's (its guidance_scale is embedded); for this checkpoint "
-                "classifier-free guidance is guidance_scale. Drop true_cfg_scale."
-            )
-        if guidance_scale is None:
-            guidance_scale = 7.5 if any(m.is_text for m, _ in terms) else 1.0
-        return float(guidance_scale), None
+        text = any(m.is_text for m, _ in terms)
+        return first.family.guidance(guidance_scale, true_cfg_scale, text)
 
-    @staticmethod
-    def _particle_options(smc, operator, num_particles, ess_threshold, resample_window, method, langevin_steps,
-                          langevin_step, langevin_after) -> int:  # fmt: skip
-        if smc:
-            O.check_smc_options(num_particles, ess_threshold, resample_window, method)
-            O.check_langevin_options(langevin_steps, langevin_step, langevin_after)
-            return num_particles
-        if num_particles is not None:
-            raise ValueError(f"num_particles is used by operator='product_smc'; got operator={operator!r}.")
-        if langevin_steps != 0:
-            raise ValueError(
-                f"langevin_steps is used by operator='product_smc' (Langevin moves of the particles); got "
-                f"operator={operator!r}. Drop langevin_steps or use operator='product_smc' with num_particles."
-            )
-        return 1
+    def _sizes(self, first: ComposeModel, rows: int, height, width) -> tuple[int, int, tuple]:
+        """(height, width, the shape of `rows` states): the family's native size where not given."""
+        family, f = first.family, self.vae_scale_factor
+        height = family.native_size(first, f) if height is None else height
+        width = family.native_size(first, f) if width is None else width
+        return height, width, family.latent_shape(first, rows, height, width, f)
 
     @staticmethod
     def _schedule_name(grid, schedule, family) -> str:
         """The grid's name; flow-matching checkpoints default to "scheduler" (their scheduler's own sigmas)."""
         if grid is not None and schedule is not None and grid != schedule:
             raise ValueError(f"grid={grid!r} and schedule={schedule!r} disagree; give one (grid is an alias).")
-        flow = hasattr(family, "default_sigmas")
-        names = (*O.GRIDS, "scheduler") if flow else O.GRIDS
-        name = schedule or grid or ("scheduler" if flow else "log_snr")
-        if name == "scheduler" and not flow:
+        own = family.scheduler_grid
+        names = (*O.GRIDS, O.SCHEDULER_GRID) if own else O.GRIDS
+        name = schedule or grid or (O.SCHEDULER_GRID if own else "log_snr")
+        if name == O.SCHEDULER_GRID and not own:
             raise ValueError(
                 "schedule='scheduler' (a flow-matching checkpoint's own sigmas) applies to SD3 / Flux checkpoints; "
                 f"for a UNet checkpoint give one of {O.GRIDS}, the path of a schedule file, or timesteps=."
@@ -871,14 +988,7 @@ class ComposePipeline(DiffusionPipeline):
                 if unknown:
                     raise ValueError("operator (a callable) used leaves that are not the pipeline's terms.")
             return expr
-        name = operator.lower()
-        if name == "or":
-            return compose.OR(*leaves, weights=weights, temperature=temperature)
-        if name == "and":
-            return compose.AND(*leaves)
-        if name == "average":
-            return compose.Average(*leaves)
-        return compose.Product(*leaves, weights=weights)
+        return named_operator(operator, leaves, weights=weights, temperature=temperature)
 
 
 def _rademacher(shape: tuple, generator, device) -> torch.Tensor:

@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to p
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
-DIVERGENCES = ("hutchinson", "hutchinson_fd")  # the pipeline's (compose.options.DIVERGENCES less "exact")
 FIELDS = (
     "id",
     "models",
@@ -62,8 +61,6 @@ FIELDS = (
     "lora_switch_steps",
     "lora_scale",
 )
-LORA_MODES = ("merge", "switch", "composite")  # pipelines.lora's (not imported here: no torch at parse time)
-LORA_UNCOND = ("lora", "base")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -281,7 +278,7 @@ def _schedule_file(schedule: str, limits: Limits) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 -- a hostile file can break the reader in any way; name it
         raise ValueError(
             f"schedule: the file {show(schedule, 200)} cannot be read ({type(err).__name__}: {show(str(err), 200)}); "
-            "regenerate it with `python -m compose.learn_schedule`."
+            "regenerate it with `compose learn-schedule`."
         ) from None
     nfe = learned.get("nfe")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
@@ -406,8 +403,9 @@ def _models_and_prompts(raw: dict, limits: Limits) -> tuple[list[str], list[str]
     return models, prompts, terms
 
 
-def _operator(raw: dict, terms: int, limits: Limits, lora_mode: str | None = None
-              ) -> tuple[str | None, list[float] | None, float]:  # fmt: skip
+def _operator(
+    raw: dict, terms: int, limits: Limits, lora_mode: str | None = None
+) -> tuple[str | None, list[float] | None, float]:
     """The operator (a name of `compose.options.OPERATORS`), its weights and temperature. With a lora_mode (a LoRA
     baseline: the mode is the combination) the operator must be left out; weights are then the merge weights."""
     from compose.options import OPERATORS
@@ -448,9 +446,9 @@ def _operator(raw: dict, terms: int, limits: Limits, lora_mode: str | None = Non
 def _schedule(raw: dict, limits: Limits) -> tuple[str | None, dict | None]:
     """The grid name or schedule file (None: the checkpoint's default), and the file's keys (None for a name)."""
     from compose.grids import is_schedule_file
-    from compose.options import GRIDS
+    from compose.options import GRIDS, SCHEDULER_GRID
 
-    names = (*GRIDS, "scheduler")  # "scheduler": a flow-matching checkpoint's own sigmas
+    names = (*GRIDS, SCHEDULER_GRID)  # a flow-matching checkpoint's own sigmas
     schedule = raw.get("schedule")
     if schedule is None:
         return None, None
@@ -472,10 +470,10 @@ def _schedule(raw: dict, limits: Limits) -> tuple[str | None, dict | None]:
 
 def _sampler(raw: dict, schedule: str, learned: dict | None) -> tuple[str, str | None, str | None]:
     """method, divergence and solver; a schedule file brings its ODE method and solver as defaults."""
-    from compose.options import METHODS, SOLVERS
+    from compose.options import HUTCHINSON, METHODS, SOLVERS
 
     method = _choice(raw, "method", METHODS, "ode" if learned is not None else "sde")
-    divergence = _choice(raw, "divergence", DIVERGENCES, None, " (method 'ode')")
+    divergence = _choice(raw, "divergence", HUTCHINSON, None, " (method 'ode')")
     default = learned["solver"] if learned is not None else None
     solver = _choice(raw, "solver", SOLVERS, default, " ('dpm2m' and 'unipc' need method 'ode')")
     if learned is not None and (method != "ode" or solver != learned["solver"]):
@@ -489,8 +487,10 @@ def _sampler(raw: dict, schedule: str, learned: dict | None) -> tuple[str, str |
 
 def _particles(raw: dict, operator: str | None, limits: Limits) -> tuple[int | None, int | None]:
     """num_particles and langevin_steps, which only operator 'product_smc' takes."""
+    from compose.options import operator_record
+
     num_particles = _int(raw, "num_particles", None, 2, limits.max_particles)
-    if num_particles is not None and operator != "product_smc":
+    if num_particles is not None and not (operator is not None and operator_record(operator).particles):
         raise ValueError(
             f"num_particles is used by operator 'product_smc' only; got operator={operator!r}. Drop num_particles or "
             "use operator 'product_smc'."
@@ -534,14 +534,19 @@ def _loras(raw: dict, terms: int, limits: Limits) -> tuple[list[str | None] | No
 
 def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
     """lora_mode, lora_uncond, lora_switch_steps, lora_scale (None when not given)."""
+    from compose.options import LORA_MODES, LORA_UNCOND
+
     mode = _choice(raw, "lora_mode", LORA_MODES, None, " (or leave it out to compose the LoRA terms with operator)")
     uncond = _choice(raw, "lora_uncond", LORA_UNCOND, None)
     steps = _int(raw, "lora_switch_steps", None, 1, 10_000)
     scale = _float(raw, "lora_scale", None)
     if scale is not None and not 0 <= scale <= 10:
         raise ValueError(f"lora_scale={scale:g} is out of range; give a number from 0 to 10 (1: as trained).")
-    given = [k for k, v in (("lora_mode", mode), ("lora_uncond", uncond), ("lora_switch_steps", steps),
-                            ("lora_scale", scale)) if v is not None]  # fmt: skip
+    given = [
+        k
+        for k, v in (("lora_mode", mode), ("lora_uncond", uncond), ("lora_switch_steps", steps), ("lora_scale", scale))
+        if v is not None
+    ]
     if lora is None and given:
         raise ValueError(f"{given[0]} needs lora (the LoRA of every term); add lora or drop {given[0]}.")
     if mode is not None and (len(lora) < 2 or any(v is None for v in lora)):

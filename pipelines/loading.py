@@ -54,8 +54,10 @@ def check_source(name: Any) -> None:
     close: list[str] = []
     if os.path.isdir(parent):
         names = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))]
-        close = [os.path.join(os.path.dirname(os.path.normpath(name)), c)
-                 for c in difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=3)]  # fmt: skip
+        close = [
+            os.path.join(os.path.dirname(os.path.normpath(name)), c)
+            for c in difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=3)
+        ]
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(
         f"pretrained_model_name_or_path={name!r}: {what}.{hint} Give a checkpoint folder (with model_index.json) or "

@@ -49,17 +49,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from compose.options import LORA_CALLS, LORA_MODES, LORA_UNCOND
+
 BASE = "__base__"  # PEFT's row name for "no adapter" in a mixed batch
-LORA_MODES = ("merge", "switch", "composite")
-LORA_UNCOND = ("lora", "base")
-LORA_CALLS = ("batched", "separate")
 MAX_LORA_SCALE = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-SLICE_ROUTING = True  # plain LoRA layers: add each adapter's update on its rows' slice (False: PEFT's mixed batch)
-FUSED_ROUTING = True  # slice routing in two stacked products per layer (`_fused_update`; False: a loop over slices)
-DENOISER_PREFIXES = ("unet", "transformer")
+# How a routed call adds each row's update (`adapter_call`): "stacked" (two stacked products per plain LoRA layer,
+# `_fused_update`), "loop" (each adapter's update on its rows' slice, one adapter at a time) or "peft" (PEFT's mixed
+# adapter batch). The first two fall back to the next where a layer does not allow them.
+ROUTED_UPDATES = ("stacked", "loop", "peft")
+UPDATE_OF_CALLS = {"batched": "stacked", "batched_loop": "loop", "batched_peft": "peft", "separate": "stacked"}
 TEXT_PREFIXES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -97,13 +98,16 @@ def lora_layers(net: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
+def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0, update: str = "stacked"):
     """Run `net` (inside the block) with chunk c of its n-row chunks under specs[c]: BASE (no LoRA), an adapter name
     (that LoRA alone, scaled by `scale`) or a `Merged` set; None leaves the network as it is (all specs None).
 
     One spec for every row: that adapter state is set for the call (PEFT's ordinary forward). Several: each row gets
-    its own adapter's update (`_routed`). The layers' active adapters, enabled flag and scales are restored on exit.
+    its own adapter's update (`_routed`, the way `update` of `ROUTED_UPDATES` says). The layers' active adapters,
+    enabled flag and scales are restored on exit.
     """
+    if update not in ROUTED_UPDATES:
+        raise ValueError(f"update={update!r} is not known; use one of {ROUTED_UPDATES}.")
     if all(s is None for s in specs):
         yield
         return
@@ -128,7 +132,7 @@ def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
         else:
             if any(isinstance(s, Merged) for s in kinds):
                 raise ValueError("a LoRA merge cannot share a network call with other adapters (internal error).")
-            hooks = _routed(net, layers, [BASE if s is None else s for s in specs], n, scale)
+            hooks = _routed(net, layers, [BASE if s is None else s for s in specs], n, scale, update)
         yield
     finally:
         for h in hooks:
@@ -139,7 +143,7 @@ def adapter_call(net: torch.nn.Module, specs: list, n: int, scale: float = 1.0):
             m.scaling.update(scaling)
 
 
-def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale: float) -> list:
+def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale: float, update: str) -> list:
     """Per-row adapters for one call (chunk c of n rows: chunk_specs[c]); returns the hooks to remove afterwards.
 
     Plain LoRA layers (PEFT `Linear` / `Conv*d` without a variant such as DoRA): the layers run as the base (adapters
@@ -165,7 +169,7 @@ def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale
                 "that folds the batch into another axis); use lora_calls='separate'."
             )
 
-    plain = SLICE_ROUTING and all(
+    plain = update != "peft" and all(
         isinstance(m, (Linear, _ConvNd)) and not m.merged and not any(v in m.lora_variant for v in used)
         for m in layers
     )
@@ -189,7 +193,7 @@ def _routed(net: torch.nn.Module, layers: list, chunk_specs: list, n: int, scale
 
         hooks = []
         for m in layers:
-            fused = _fused_update(m, ranges, rows, check) if FUSED_ROUTING else None
+            fused = _fused_update(m, ranges, rows, check) if update == "stacked" else None
             hooks.append(m.register_forward_hook(fused or add_updates, with_kwargs=True))
         return hooks
     names = [s for s in chunk_specs for _ in range(n)]
@@ -220,8 +224,10 @@ def _fused_update(m, ranges: list, rows: int, check):
     if any(u.bias is not None or d.bias is not None for d, u in zip(downs, ups, strict=True)):
         return None
     drops = [m.lora_dropout[a] for a in names]  # the loop applies them: fuse only where they are the identity
-    if not all(isinstance(d, torch.nn.Identity) or (type(d) is torch.nn.Dropout and (d.p == 0 or not d.training))
-               for d in drops):  # fmt: skip
+    if not all(
+        isinstance(d, torch.nn.Identity) or (type(d) is torch.nn.Dropout and (d.p == 0 or not d.training))
+        for d in drops
+    ):
         return None
     conv = downs[0].weight.dim() > 2
     if conv:
@@ -284,6 +290,7 @@ class Routing:
 
     split: bool = False
     scale: float = 1.0
+    update: str = "stacked"  # how a routed call adds each row's update (`ROUTED_UPDATES`)
     _held: dict | None = field(default=None, repr=False)  # in a session: id(net) -> (specs, n, ExitStack)
 
     @contextlib.contextmanager
@@ -303,14 +310,14 @@ class Routing:
 
     def context(self, net: torch.nn.Module, specs: list, n: int):
         if self._held is None:
-            return adapter_call(net, specs, n, self.scale)
+            return adapter_call(net, specs, n, self.scale, self.update)
         held = self._held.get(id(net))
         if held is None or held[0] != list(specs) or held[1] != n:
             if held is not None:
                 del self._held[id(net)]
                 held[2].close()  # restore before setting the new state
             stack = contextlib.ExitStack()
-            stack.enter_context(adapter_call(net, specs, n, self.scale))
+            stack.enter_context(adapter_call(net, specs, n, self.scale, self.update))
             self._held[id(net)] = (list(specs), n, stack)
         return contextlib.nullcontext()
 
@@ -348,8 +355,11 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
         if not isinstance(weight_name, str) or Path(weight_name).name != weight_name:
             raise ValueError(f"weight_name must be a file name (no folder); got {weight_name!r}.")
         if Path(weight_name).suffix.lower() != ".safetensors":
-            raise ValueError(pickled if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES else
-                             f"weight_name={weight_name!r} must name a .safetensors file.")  # fmt: skip
+            raise ValueError(
+                pickled
+                if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES
+                else f"weight_name={weight_name!r} must name a .safetensors file."
+            )
     looks_local = p.exists() or p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
     if not looks_local:
         return text, weight_name  # a hub id (owner/name); diffusers downloads safetensors only
@@ -381,9 +391,11 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
     return str(p), files[0]
 
 
-def read_lora(name: str, folder: str, weight_name: str | None) -> tuple[dict, Any, Any, str | None]:
+def read_lora(name: str, folder: str, weight_name: str | None, prefix: str) -> tuple[dict, Any, Any, str | None]:
     """(state dict, network alphas, metadata, key prefix) of a LoRA file in diffusers' format (kohya / other
-    layouts are converted by diffusers' `lora_state_dict`). Text-encoder weights are refused."""
+    layouts are converted by diffusers' `lora_state_dict`). Text-encoder weights are refused. prefix: the key
+    prefix of the target network's family (`Family.lora_prefix`); the file's keys are read under it where they
+    carry it, as they are otherwise."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     try:
@@ -405,8 +417,7 @@ def read_lora(name: str, folder: str, weight_name: str | None) -> tuple[dict, An
             "composes denoiser LoRAs only (the text encoder is shared by every term). Save the denoiser part alone "
             "(its 'unet.' / 'transformer.' keys) and load that."
         )
-    prefix = next((p for p in DENOISER_PREFIXES if p in heads), None)
-    return state, alphas, meta, prefix
+    return state, alphas, meta, prefix if prefix in heads else None
 
 
 def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_name: str | None = None) -> list[str]:
@@ -417,7 +428,8 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
     if not isinstance(experts, Mapping) or not experts:
         raise ValueError(
             "load_lora_experts takes a dict {name: folder, .safetensors file or hub id}, e.g. {'style': "
-            "'model_cards/shapes-lora-outline'}; got " + (type(experts).__name__ if experts is not None else "None")
+            "'model_cards/shapes-lora-outline'}; got "
+            + (type(experts).__name__ if experts is not None else "None")
             + "."
         )
     target = _target_model(pipe.models, model)
@@ -445,7 +457,7 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
                 f"load_lora_experts: {name!r} is already loaded (from {reg[name].source}); unload it with "
                 f"pipe.unload_lora_experts([{name!r}]) or choose another name."
             )
-        state, alphas, meta, prefix = read_lora(name, folder, weight)
+        state, alphas, meta, prefix = read_lora(name, folder, weight, target.family.lora_prefix)
         try:
             kw = {"metadata": meta} if meta else {"network_alphas": alphas}
             with warnings.catch_warnings():  # several adapters on one network is the point here
@@ -568,8 +580,9 @@ class LoraPlan:
         """The row groups `predict` uses: `groups` itself, or for lora_mode "switch" the per-step switch."""
         if self.mode != "switch":
             return groups
-        return SwitchGroups(type(groups), core, leaves, uncond, conds, u_index, groups.call_extra, self.routing,
-                            self.switch_steps)  # fmt: skip
+        return SwitchGroups(
+            type(groups), core, leaves, uncond, conds, u_index, groups.call_extra, self.routing, self.switch_steps
+        )
 
 
 class SwitchGroups:
@@ -610,8 +623,19 @@ class SwitchGroups:
         return out
 
 
-def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: Any, scale: Any, calls: Any,
-         operator: Any, weights: Any) -> LoraPlan:  # fmt: skip
+def plan(
+    pipe,
+    terms: list,
+    lora: Any,
+    *,
+    mode: Any,
+    uncond: Any,
+    switch_steps: Any,
+    scale: Any,
+    calls: Any,
+    operator: Any,
+    weights: Any,
+) -> LoraPlan:
     """Check the LoRA arguments of a call and pair the terms with their adapters (ValueError naming the argument and
     the fix); a call without LoRA experts loaded and without `lora` is returned unchanged."""
     reg = registry(pipe)
@@ -650,7 +674,7 @@ def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: 
                 f"load it there with pipe.load_lora_experts({{{a!r}: ...}}, model={m.name!r})."
             )
         adapters.append(a if a is not None else (BASE if id(m.network) in managed else None))
-    routing = Routing(split=calls == "separate", scale=float(scale))
+    routing = Routing(split=calls == "separate", scale=float(scale), update=UPDATE_OF_CALLS[calls])
     if mode is None:
         return LoraPlan(terms, adapters, operator, weights, None, uncond, switch_steps, routing, managed)
     return _baseline(terms, adapters, entries, mode, uncond, switch_steps, routing, managed, operator, weights)
@@ -659,8 +683,11 @@ def plan(pipe, terms: list, lora: Any, *, mode: Any, uncond: Any, switch_steps: 
 def _baseline(terms, adapters, entries, mode, uncond, switch_steps, routing, managed, operator, weights) -> LoraPlan:
     """merge / switch / composite: the mode is the combination, so `operator` must be None."""
     if operator is not None:
-        what = {"merge": "one merged network", "switch": "the active LoRA's guided prediction",
-                "composite": "the average of each LoRA's guided prediction"}[mode]  # fmt: skip
+        what = {
+            "merge": "one merged network",
+            "switch": "the active LoRA's guided prediction",
+            "composite": "the average of each LoRA's guided prediction",
+        }[mode]
         raise ValueError(f"lora_mode={mode!r} is itself the combination ({what}); drop operator={_show(operator)}.")
     if uncond != "lora":
         raise ValueError(
@@ -723,8 +750,9 @@ def _entries(lora: Any, reg: dict) -> list | None:
 
 def _check_options(mode, uncond, switch_steps, scale, calls) -> None:
     if mode is not None and mode not in LORA_MODES:
-        raise ValueError(f"lora_mode={_show(mode)} is not known; use None (compose with operator=) or one of "
-                         f"{LORA_MODES}.")  # fmt: skip
+        raise ValueError(
+            f"lora_mode={_show(mode)} is not known; use None (compose with operator=) or one of {LORA_MODES}."
+        )
     if uncond not in LORA_UNCOND:
         raise ValueError(f"lora_uncond={_show(uncond)} is not known; use one of {LORA_UNCOND}.")
     if calls not in LORA_CALLS:

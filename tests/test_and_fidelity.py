@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from test_pipeline import cond_unet, make_tokenizer, text_encoder, uncond_unet
 
 import compose
-from compose.engine import Composer, divergence
+from compose.composer import Composer, divergence
 from compose.solvers import X0Clip, step_rates
 from compose.toy import GaussianMixture
 from pipelines import ComposePipeline
@@ -76,7 +76,7 @@ def flat(e):
 
 
 def replay(method, x_T, ts, terms, generator_seed, probes=1):
-    """Re-draw the sampler's noise / probes (compose.sampler.TorchDraws' order) step by step."""
+    """Re-draw the sampler's noise / probes (compose.loop.TorchDraws' order) step by step."""
     g = torch.Generator().manual_seed(generator_seed)
     out = []
     for k in range(ts.numel() - 1):

@@ -10,8 +10,23 @@ from conftest import mode_shares
 
 import compose
 from compose import AND, OR, PoE, Product, sample, sample_smc
-from compose.smc import choose_one, effective_sample_size, log_weight_increment, particle_step, systematic_resample  # noqa: I001
+from compose.smc import (
+    choose_one,
+    effective_sample_size,
+    factor_increment,
+    log_weight_increment,
+    reweight_and_resample,
+    systematic_resample,
+)
 from compose.toy import GaussianMixture, product_of_mixtures
+
+
+def particle_step(composer, poe, x, t_cur, t_next, eps, log_q, log_w, noise, u, **kw):
+    """One particle step by the sampler's own pieces: the move (`Composer.step`, what `compose.loop.run` calls), then
+    `ParticleHooks.after_step`'s reweighting (`factor_increment`, `reweight_and_resample`)."""
+    out = composer.step(x, t_cur, t_next, eps, log_q, noise=noise)
+    dl = factor_increment(poe, eps, log_q, out.rates.rho)
+    return reweight_and_resample(out.x, out.log_q, log_w, dl, u, t_next, **kw)
 
 
 def gen(s: int = 0) -> torch.Generator:

@@ -10,7 +10,7 @@ import torch
 import compose
 from compose import ld3
 from compose.grids import make_grid
-from compose.learn_schedule import main as learn_schedule_main
+from pipelines.learn_schedule import main as learn_schedule_main
 
 
 def noises(sch, n, seed):

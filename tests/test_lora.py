@@ -163,8 +163,7 @@ def test_each_term_equals_the_base_with_only_its_lora(loras, slices, fused, monk
     layers), added on each adapter's row slice one adapter at a time, and PEFT's mixed adapter batch."""
     import pipelines.lora
 
-    monkeypatch.setattr(pipelines.lora, "SLICE_ROUTING", slices)
-    monkeypatch.setattr(pipelines.lora, "FUSED_ROUTING", fused)
+    calls = {(True, True): "batched", (True, False): "batched_loop", (False, False): "batched_peft"}[(slices, fused)]
     n_fused = [0]
     real = pipelines.lora._fused_update
 
@@ -176,7 +175,8 @@ def test_each_term_equals_the_base_with_only_its_lora(loras, slices, fused, monk
     monkeypatch.setattr(pipelines.lora, "_fused_update", counted)
     pipe = lora_pipe(loras)
     cap = Capture(pipe.unet)
-    pipe(prompt=["a cat", "a dog", "a cow"], lora=["alpha", "beta", None], operator="and", generator=seed(), **KW)
+    pipe(prompt=["a cat", "a dog", "a cow"], lora=["alpha", "beta", None], operator="and", generator=seed(),
+         lora_calls=calls, **KW)  # fmt: skip
     cap.remove()
     assert len(cap.calls) == 3  # 3 steps, one call each
     specs = ["alpha", "beta", None, "alpha", "beta", None]
@@ -206,9 +206,9 @@ def test_adapter_state_is_set_once_per_run_and_restored(loras, calls, monkeypatc
     setups = []
     real = PL.adapter_call
 
-    def counting(net, specs, n, scale=1.0):
+    def counting(net, specs, n, *args, **kwargs):
         setups.append(list(specs))
-        return real(net, specs, n, scale)
+        return real(net, specs, n, *args, **kwargs)
 
     monkeypatch.setattr(PL, "adapter_call", counting)
     before = _state(pipe.unet)

@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import compose
 from pipelines import ComposePipeline, ComposePipelineOutput
-from pipelines.families import Leaf, NetworkGroups
+from pipelines.batching import Leaf, NetworkGroups
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

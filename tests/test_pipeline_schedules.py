@@ -9,7 +9,7 @@ import torch
 
 import compose
 from compose import ld3
-from pipelines.compose_models import DiffusersUnconditional
+from pipelines.unconditional import DiffusersUnconditional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A = os.path.join(ROOT, "model_cards", "shapes-uncond-a")
@@ -111,7 +111,7 @@ def test_pipeline_multistep_solver_matches_compose_sample(solver):
     torch.testing.assert_close(out.images, ref.samples, atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="method='ode'"):
         pipe(num_inference_steps=4, solver=solver, **kw())
-    order = compose.options.SOLVER_ORDER[solver]
+    order = compose.options.SOLVER_TABLE[solver].order
     with pytest.raises(ValueError, match=f"at least {order} steps"):
         pipe(num_inference_steps=order - 1, method="ode", solver=solver, divergence="hutchinson_fd", **kw())
 

@@ -110,7 +110,7 @@ def test_initial_particles_are_scaled_by_the_total_exponent(sd, monkeypatch):
 
     def spy(composer, predict, x, *args, **kwargs):
         seen.append(x.clone())
-        return compose.sampler.run(composer, predict, x, *args, **kwargs)
+        return compose.loop.run(composer, predict, x, *args, **kwargs)
 
     monkeypatch.setattr(cp, "run", spy)
     lat = torch.randn(2 * 3, 4, 8, 8, generator=seed(0))

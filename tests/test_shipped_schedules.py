@@ -11,7 +11,7 @@ import torch
 
 import compose
 from compose import ld3
-from pipelines.compose_models import DiffusersUnconditional
+from pipelines.unconditional import DiffusersUnconditional
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 FOLDER = CARDS / "schedules-shapes-uncond"

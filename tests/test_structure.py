@@ -1,6 +1,7 @@
-"""The shape of the code (issue 20): compose/ imports neither diffusers nor transformers, its modules import one
-another in one order without a cycle (function-level imports included), every section of docs/MATH.md the code
-cites exists, and no function of compose/ or pipelines/ grows past 100 lines of body."""
+"""The shape of the code (issues 20 and 32): compose/ imports neither pipelines nor diffusers nor transformers, at
+any level, its modules import one another in one order without a cycle (function-level imports included), every
+section of docs/MATH.md the code cites exists, and no function of compose/ or pipelines/ grows past 100 lines of
+body."""
 
 from __future__ import annotations
 
@@ -59,21 +60,50 @@ def test_compose_modules_import_one_another_without_a_cycle():
     for m in sorted(graph):
         visit(m, [])
     # the documented order (compose/__init__.py): every module imports only modules before it
-    documented = ["options", "schedule", "predictions", "models", "operators", "solvers", "engine", "schedule_files",
-                  "grids", "sampler", "smc", "verify", "sampling", "ld3", "toy", "learn_schedule",
-                  "thermo"]  # fmt: skip
+    documented = ["options", "schedule", "predictions", "models", "operators", "solvers", "composer", "schedule_files",
+                  "grids", "loop", "smc", "verify", "sampling", "ld3", "toy", "learn_schedule", "thermo"]  # fmt: skip
     assert sorted(documented) == sorted(graph), sorted(set(graph) ^ set(documented))
     pos = {m: i for i, m in enumerate(documented)}
     late = [(m, d) for m in graph for d in graph[m] if pos[d] >= pos[m]]
     assert not late, late
-    # one loop: every sampler goes through compose.sampler
-    assert "sampler" in graph["ld3"] and "sampler" in graph["smc"] and "sampler" in graph["sampling"]
+    # one loop: every sampler goes through compose.loop
+    assert "loop" in graph["ld3"] and "loop" in graph["smc"] and "loop" in graph["sampling"]
 
 
 def test_import_compose_imports_neither_diffusers_nor_transformers():
     code = (
         "import sys, compose, compose.ld3, compose.thermo, compose.learn_schedule; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_compose_imports_no_pipelines_diffusers_or_transformers_at_any_level():
+    """compose/ is the maths: no import of pipelines, diffusers or transformers anywhere in its files, inside
+    functions included (a function-level import runs the day the function is called)."""
+    bad = []
+    for path in COMPOSE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in ("pipelines", "diffusers", "transformers"):
+                    bad.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not bad, bad
+
+
+def test_option_names_load_without_torch():
+    """The names of every choice (solvers, operators, divergences, LoRA modes) and their checks live in
+    compose.options, which `pipelines.jobs` reads to check a job file: importing it loads no torch."""
+    code = (
+        "import sys, compose.options as O; "
+        "assert O.SOLVERS and O.OPERATORS and O.DIVERGENCES and O.LORA_MODES; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers')]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

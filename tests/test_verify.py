@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import compose
-from compose.sampler import TorchDraws, run
+from compose.loop import TorchDraws, run
 from compose.toy import GaussianMixture, toy_models
 from compose.verify import LiftSteering, Verify, best_of, lifts, random_of, score
 

@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from compose import GRIDS  # noqa: E402
-from compose.options import OPERATORS  # noqa: E402
+from compose.options import LORA_MODES, OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
@@ -149,7 +149,7 @@ class App:
 
         loras: shipped LoRAs (choices of `J.shipped_loras`, never paths), trained on the first model: one term per
         LoRA with the single prompt, or paired with the prompts line by line. lora_mode: LORA_COMPOSE (the operator
-        composes the LoRA terms in one network call per step) or a baseline of `J.LORA_MODES` (no operator).
+        composes the LoRA terms in one network call per step) or a baseline of `LORA_MODES` (no operator).
 
         The cheap, size-bounding checks come first (a 20 MB prompt is refused before it is split into lines)."""
         lim = self.limits
@@ -178,7 +178,7 @@ class App:
         bad = [v for v in loras if not isinstance(v, str) or v not in offered]
         if bad:
             raise ValueError(f"LoRA experts: {J.show(bad[0])} is not one of {offered}; tick those only.")
-        if lora_mode != LORA_COMPOSE and lora_mode not in J.LORA_MODES:
+        if lora_mode != LORA_COMPOSE and lora_mode not in LORA_MODES:
             raise ValueError(f"LoRA mode: {J.show(lora_mode)} is not offered; choose one from the list.")
         lora_mode = None if lora_mode == LORA_COMPOSE or not loras else lora_mode
         if not isinstance(schedule, str) or schedule not in self.schedules:
@@ -405,7 +405,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                         elem_id="loras",
                     )
                     lora_mode = gr.Dropdown(
-                        [LORA_COMPOSE, *J.LORA_MODES],
+                        [LORA_COMPOSE, *LORA_MODES],
                         value=LORA_COMPOSE,
                         label="LoRA mode (merge / switch / composite: the baselines, operator unused)",
                         allow_custom_value=False,

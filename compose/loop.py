@@ -5,10 +5,10 @@ A step from t_k to t_{k+1}:
   1. draw the SDE noise (method "sde", not on the step to the data) and the Hutchinson probes (method "ode");
   2. `predict(x, t, probes)` -> the leaf predictions eps (L, n, ...) and, with probes, their divergences (L, n):
      the caller's network call (one batched call per network in the pipelines);
-  3. `Composer.weigh`: the operators' coefficients and every leaf's log q along the first-order step;
-  4. the solver's step (`compose.solvers.solver_step`; x0 clipping; the step to the data is x0_hat); where it differs
-     from the first-order step (multistep solvers, clipping) every leaf's log q is moved along the step actually
-     taken, dlogq_i += <s_i, x_next - x_first_order> (first order, docs/MATH.md section 4);
+  3. `Composer.step`: the operators' coefficients and every leaf's log q along the first-order step (`weigh`), then
+     the solver's step (`compose.solvers.solver_step`; x0 clipping; the step to the data is x0_hat); where it
+     differs from the first-order step (multistep solvers, clipping) every leaf's log q is moved along the step
+     actually taken, dlogq_i += <s_i, x_next - x_first_order> (first order, docs/MATH.md section 4);
   5. hooks (particle weights, resampling and Langevin moves of `compose.smc`) and the caller's callback.
 Nothing is hidden: the state, log q and the multistep history live in the loop, and `run` returns them in a `Trace`.
 
@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .engine import Composer, rademacher
-from .solvers import Multistep, X0Clip, first_order, is_final, solver_step, step_rates
+from .composer import Composer, rademacher
+from .options import solver_record
+from .solvers import Multistep, X0Clip, is_final
 
 Predict = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -167,8 +168,7 @@ def run(
     draws = draws or TorchDraws()
     sch = composer.schedule
     method = composer.method
-    first_kind = solver if solver in ("euler", "ddim") else "euler"
-    multistep = Multistep(solver) if solver in ("dpm2m", "unipc") else None
+    multistep = Multistep(solver) if solver_record(solver).multistep else None
     n_steps = ts.numel() - 1
     span = float(ts[0].detach() - ts[-1].detach())
     root = composer.root.path if composer.root is not None else None
@@ -181,24 +181,26 @@ def run(
         hooks.draw(k, draws, final)
         zeta = draws.probes(probes, x) if method == "ode" and probes else None
         t_in = ts[k] if network_times is None else network_times[k]
-        eps, div, *x0_leaves = hooks.predict(predict, x, t_in, zeta)
+        eps, div, *x0 = hooks.predict(predict, x, t_in, zeta)
         if method == "ode" and div is None:
             div = torch.zeros(eps.shape[0], eps.shape[1], dtype=torch.float64, device=eps.device)
-        rates = step_rates(first_kind, sch, t_cur, t_next)
-        x_w, eps_w = (x, eps) if weight_grad else (x.detach(), eps.detach())
-        out = composer.weigh(eps_w, log_q, rates, noise=noise, div_eps=div, bias_scale=(t_cur - t_next) / span,
-                             deterministic=final)  # fmt: skip
-        eps_bar = out.eps if weight_grad or not eps.requires_grad else _combine(out.coeffs, eps)
-        x0_bar = _composed_x0(out.coeffs, x0_leaves, t_cur) if from_noise else None
-        x_next = solver_step(solver, k, x, eps_bar.to(x.dtype), ts, sch, noise=noise, multistep=multistep,
-                             offsets=offsets, clip=clip, x0_bar=x0_bar)  # fmt: skip
-        new_log_q = out.log_q
-        if (multistep is not None or clip is not None) and not from_noise:  # log q along the step actually taken
-            base = first_order(first_kind, x_w, out.eps.to(x.dtype), ts[k], ts[k + 1], sch, noise)
-            s = -eps_w.reshape(eps.shape[0], eps.shape[1], -1).to(torch.float64) / rates.sigma
-            dx = (x_next if weight_grad else x_next.detach()) - base
-            new_log_q = new_log_q + torch.einsum("lnd,nd->nl", s, dx.reshape(dx.shape[0], -1).to(torch.float64))
-        info = StepInfo(x_next, new_log_q, x, eps, log_q, t_cur, t_next, rates.rho, final, draws, predict)
+        out = composer.step(
+            x,
+            ts[k],
+            ts[k + 1],
+            eps,
+            log_q,
+            noise=noise,
+            div_eps=div,
+            bias_scale=(t_cur - t_next) / span,
+            solver=solver,
+            x0=x0[0] if x0 else None,
+            clip=clip,
+            multistep=multistep,
+            offsets=None if offsets is None else offsets[k],
+            weight_grad=weight_grad,
+        )
+        info = StepInfo(out.x, out.log_q, x, eps, log_q, t_cur, t_next, out.rates.rho, final, draws, predict)
         x, log_q = hooks.after_step(k, info)
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():
@@ -222,26 +224,6 @@ def run(
         timesteps=ts,
         node_kappa={p: torch.stack(v) for p, v in node_kappa.items()},
     )
-
-
-def _composed_x0(coeffs: torch.Tensor, x0_leaves: list, t: float) -> torch.Tensor | None:
-    """sum_l coeffs_l x0_l where alpha(t) = 0: the composed data prediction, for coefficients that sum to 1 (CFG, OR,
-    AND, average); for others (an unguided product) x0_bar = sum c x0 + (1 - sum c) x / alpha is infinite there."""
-    if not x0_leaves or x0_leaves[0] is None:
-        return None
-    S = coeffs.sum(-1)
-    if not bool(torch.allclose(S, torch.ones_like(S), atol=1e-6)):
-        raise ValueError(
-            f"at t = {t:.6g} (alpha = 0, pure noise) a composition whose weights do not sum to 1 (here "
-            f"{float(S[0]):.4g}: a product or PoE without guidance) has no finite x0_hat; use guidance, another "
-            "operator, or a grid that starts below t = 1."
-        )
-    return _combine(coeffs, x0_leaves[0])
-
-
-def _combine(coeffs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """sum_l coeffs_l eps_l with gradients through eps (coeffs: (n, L), eps: (L, n, ...))."""
-    return torch.einsum("nl,ln...->n...", coeffs.to(eps.dtype), eps)
 
 
 __all__ = ["Draws", "Hooks", "StepInfo", "TorchDraws", "Trace", "run"]

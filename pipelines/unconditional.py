@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from compose.predictions import normalize_prediction_type, to_eps
+from compose.predictions import scheduler_prediction_type, to_eps
 from compose.schedule import NoiseSchedule
 
 
@@ -25,10 +25,7 @@ class DiffusersUnconditional:
         self.unet = pipe.unet.eval().requires_grad_(False)
         self.schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
         self.scheduler_config = dict(pipe.scheduler.config)
-        flow = "FlowMatch" in type(pipe.scheduler).__name__
-        self.prediction_type = (
-            "flow" if flow else normalize_prediction_type(pipe.scheduler.config.get("prediction_type", "epsilon"))
-        )
+        self.prediction_type = scheduler_prediction_type(pipe.scheduler)
         c, s = self.unet.config.in_channels, self.unet.config.sample_size
         self.sample_shape = (c, s, s)
         self.name = os.path.basename(os.path.normpath(folder))
