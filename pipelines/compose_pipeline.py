@@ -53,14 +53,8 @@ from compose.solvers import X0Clip
 
 from . import lora as lora_experts
 from .families import COMPONENTS, FLUX, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
-from .loading import (
-    MODELS_FILE,
-    check_latent_spaces,
-    check_source,
-    read_models_file,
-    share_components,
-    short_name,
-)
+from .loading import MODELS_FILE, check_latent_spaces, read_models_file, share_components, short_name
+from .shipped import resolve_model
 
 OPERATORS = O.OPERATORS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -182,22 +176,22 @@ class ComposePipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ComposePipeline:
-        """Load one checkpoint (id or folder) or a list of them; shared components are loaded once.
+        """Load one checkpoint or a list of them; shared components are loaded once.
 
-        Raises ValueError for a local path that does not exist (naming the closest folders), for a malformed
-        compose_models.json (entries outside the folder, cycles), and when the checkpoints do not share a latent
-        space (VAE family, latent channels, scaling factor, sample size).
+        Each is a folder, the bare name of a shipped model ("shapes-text": `model_cards/shapes-text` from any
+        working directory) or a hub id (owner/name); `pipelines.shipped.resolve_model` is the rule, the same for the
+        batch jobs and the Space. Raises ValueError for a name that is none of these (naming the closest folders and
+        the shipped names), for a malformed compose_models.json (entries outside the folder, cycles), and when the
+        checkpoints do not share a latent space (VAE family, latent channels, scaling factor, sample size).
         """
         paths = pretrained_model_name_or_path
         if isinstance(paths, (list, tuple)):
             if len(paths) == 0:
                 raise ValueError("pretrained_model_name_or_path is an empty list; give at least one id or path.")
-            for p in paths:
-                check_source(p)
-            pipes = [cls.from_pretrained(p, **kwargs) for p in paths]
+            pipes = [cls.from_pretrained(p, **kwargs) for p in [resolve_model(p) for p in paths]]
             return cls._from_models([m for p in pipes for m in p.models])
-        check_source(paths)
-        subs = read_models_file(os.path.expanduser(os.fspath(paths))) if os.path.isdir(str(paths)) else None
+        paths = resolve_model(paths)
+        subs = read_models_file(paths) if os.path.isdir(paths) else None
         if subs is not None:
             return cls._from_models([m for s in subs for m in cls.from_pretrained(s, **kwargs).models])
         pipe = super().from_pretrained(paths, **kwargs)

@@ -33,8 +33,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to parse a command line
     import torch
 
+from . import shipped
+from .shipped import resolve_model as _resolve_model
+from .shipped import shipped_models
+
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
 DIVERGENCES = ("hutchinson", "hutchinson_fd")  # the pipeline's (compose.options.DIVERGENCES less "exact")
 FIELDS = (
     "id",
@@ -559,7 +562,7 @@ def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
 def shipped_loras() -> list[str]:
     """Names of the shipped LoRAs (folders with pytorch_lora_weights.safetensors under model_cards/)."""
     names = set()
-    for d in SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         if d.is_dir():
             names.update(p.name for p in d.iterdir() if (p / LORA_WEIGHTS).is_file())
     return sorted(names)
@@ -570,7 +573,7 @@ def resolve_lora(name: str) -> str:
     folders; the Space passes shipped names only). Anything else (a pickle, a missing path, a hub id) is refused."""
     if not isinstance(name, str) or len(name) > 500 or "\0" in name:
         raise ValueError(f"lora: {show(name)} is not a LoRA name or folder.")
-    for d in SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         if "/" not in name and name not in (".", "..") and (d / name / LORA_WEIGHTS).is_file():
             return str(d / name)
     p = Path(name).expanduser()
@@ -605,30 +608,10 @@ def load_job_loras(pipe, job: Job) -> None:
     pipe.load_lora_experts(experts)
 
 
-def shipped_models() -> list[str]:
-    """Names of the shipped diffusion models (folders with model_index.json under model_cards/)."""
-    names = set()
-    for d in SHIPPED_DIRS:
-        if d.is_dir():
-            names.update(p.name for p in d.iterdir() if (p / "model_index.json").is_file())
-    return sorted(names)
-
-
 def resolve_model(name: str) -> str:
-    """A shipped model name -> its folder; a folder must hold model_index.json; anything else is a hub id."""
-    for d in SHIPPED_DIRS:
-        if "/" not in name and (d / name / "model_index.json").is_file():
-            return str(d / name)
-    p = Path(name).expanduser()
-    looks_local = p.is_absolute() or name.startswith((".", "~")) or p.exists() or name.count("/") != 1
-    if looks_local:
-        if not (p / "model_index.json").is_file():
-            raise ValueError(
-                f"models: cannot read {show(name, 200)}: not a shipped model ({', '.join(shipped_models())}) nor a "
-                "folder with model_index.json; give one of those or a hub id (owner/name)."
-            )
-        return str(p)
-    return name
+    """A job's model name -> its folder or hub id: `pipelines.shipped.resolve_model`, the rule `from_pretrained`
+    uses too (an existing folder, a bare shipped name, or a hub id owner/name)."""
+    return _resolve_model(name, field="models")
 
 
 class PipelineCache:

@@ -1,7 +1,7 @@
 """Loading several checkpoints as one `ComposePipeline`: where they come from, what they share, what is refused.
 
-- `check_source`: a local-looking path that does not exist is refused with "no such folder" and the closest names
-  (not the hub's "not cached locally" advice).
+- (names: a path, a shipped name or a hub id are resolved by `pipelines.shipped.resolve_model`, which refuses a
+  local-looking path that does not exist with "no such folder" and the closest names, not the hub's advice).
 - `read_models_file`: the `compose_models.json` of a saved multi-checkpoint folder, validated: a list of
   sub-folders inside the folder (no absolute paths, no `..` out of it, no link out of it), no self-reference or
   cycle, every entry a folder.
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from typing import Any
@@ -23,44 +22,6 @@ from .families import COMPONENTS, ComposeModel
 
 MODELS_FILE = "compose_models.json"  # written by save_pretrained when a pipeline holds several checkpoints
 MAX_MODELS = 32
-
-
-def looks_local(name: str) -> bool:
-    """True when `name` reads as a local path rather than a hub id (owner/name)."""
-    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
-        return True
-    parts = name.replace("\\", "/").split("/")
-    if len(parts) != 2:
-        return True
-    return os.path.isdir(parts[0])  # e.g. "model_cards/shapes-uncond-c": its parent is a folder here
-
-
-def check_source(name: Any) -> None:
-    """ValueError for a local-looking path that is not a folder (naming the closest existing names)."""
-    if not isinstance(name, (str, os.PathLike)):
-        raise ValueError(
-            f"pretrained_model_name_or_path must be a folder, a hub id or a list of them; got {type(name).__name__}."
-        )
-    name = os.fspath(name)
-    if not name.strip():
-        raise ValueError("pretrained_model_name_or_path is empty; give a folder or a hub id (owner/name).")
-    if not looks_local(name):
-        return
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        return
-    what = "is a file, not a folder" if os.path.exists(path) else "no such folder"
-    parent = os.path.dirname(os.path.normpath(path)) or "."
-    close: list[str] = []
-    if os.path.isdir(parent):
-        names = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))]
-        close = [os.path.join(os.path.dirname(os.path.normpath(name)), c)
-                 for c in difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=3)]  # fmt: skip
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
-        f"pretrained_model_name_or_path={name!r}: {what}.{hint} Give a checkpoint folder (with model_index.json) or "
-        "a hub id (owner/name)."
-    )
 
 
 def read_models_file(folder: str, seen: tuple[str, ...] = ()) -> list[str] | None:
@@ -184,8 +145,6 @@ def short_name(path: str | None, i: int) -> str:
 __all__ = [
     "MODELS_FILE",
     "check_latent_spaces",
-    "check_source",
-    "looks_local",
     "read_models_file",
     "same_component",
     "share_components",

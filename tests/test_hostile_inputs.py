@@ -376,3 +376,38 @@ def test_a_mistyped_local_folder_says_no_such_folder(monkeypatch):
     assert "no such folder" in text and "model_cards/shapes-uncond-a" in text and "cached" not in text
     with pytest.raises(ValueError, match="no such folder"):
         ComposePipeline.from_pretrained(["model_cards/shapes-uncond-a", "./nowhere/at-all"])
+
+
+@needs_models
+def test_bare_shipped_names_resolve_the_same_everywhere(tmp_path, monkeypatch):
+    """Issue 31: one resolver (`pipelines.shipped.resolve_model`) for from_pretrained, the batch jobs and the Space:
+    an existing folder is itself, a bare shipped name is its folder from any working directory, an owner/name is a
+    hub id (passed on), anything else is "no such folder" with the closest and the shipped names."""
+    import shutil
+
+    from pipelines import ComposePipeline
+    from pipelines.shipped import resolve_model
+
+    monkeypatch.chdir(tmp_path)  # no model_cards/ here
+    shipped = str(CARDS / "shapes-text")
+    assert resolve_model("shapes-text") == J.resolve_model("shapes-text") == shipped
+    assert resolve_model("someone/shapes-text") == J.resolve_model("someone/shapes-text") == "someone/shapes-text"
+    pipe = ComposePipeline.from_pretrained("shapes-text")
+    assert pipe.models[0].name == "shapes-text" and pipe.text_encoder is not None
+    two = ComposePipeline.from_pretrained(["shapes-uncond-a", "shapes-uncond-b"])
+    assert [m.name for m in two.models] == ["shapes-uncond-a", "shapes-uncond-b"]
+    for call in (ComposePipeline.from_pretrained, J.resolve_model):
+        with pytest.raises(ValueError) as err:
+            call("shapes-txt")
+        text = str(err.value)
+        assert "no such folder" in text and "Did you mean 'shapes-text'" in text and "shapes-uncond-b" in text
+    # an existing folder is what the caller typed: it wins over the shipped name
+    shutil.copytree(CARDS / "shapes-uncond-a", tmp_path / "shapes-text")
+    assert resolve_model("shapes-text") == "shapes-text"
+    assert ComposePipeline.from_pretrained("shapes-text").text_encoder is None  # the local unconditional copy
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the folder holds no model_index.json"):
+        ComposePipeline.from_pretrained("empty")
+    with pytest.raises(ValueError, match="models: cannot read 'nope.json': is a file, not a folder"):
+        (tmp_path / "nope.json").write_text("{}")
+        J.resolve_model("nope.json")

@@ -408,7 +408,9 @@ def test_errors_never_show_a_server_path(app_mod, tmp_path, monkeypatch):
     shutil.copytree(CARDS / "shapes-lora-purple", broken)
     weights = broken / J.LORA_WEIGHTS
     weights.write_bytes(weights.read_bytes()[:500])  # a truncated upload
-    monkeypatch.setattr(J, "SHIPPED_DIRS", (*J.SHIPPED_DIRS, cards))
+    from pipelines import shipped
+
+    monkeypatch.setattr(shipped, "SHIPPED_DIRS", (*shipped.SHIPPED_DIRS, cards))
     app = app_mod.App(LIMITS)
     lora = form(prompts="a shape", images=1) + [4, 0]
     server = [str(ROOT), str(tmp_path), _sys.prefix, "/tmp/", "site-packages"]

@@ -43,9 +43,10 @@ import torch  # noqa: E402
 from compose import GRIDS  # noqa: E402
 from compose.options import OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
+from pipelines import shipped  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
-    J.SHIPPED_DIRS = (HERE / "model_cards", *J.SHIPPED_DIRS)
+    shipped.SHIPPED_DIRS = (HERE / "model_cards", *shipped.SHIPPED_DIRS)
 
 
 def space_limits() -> J.Limits:
@@ -300,7 +301,7 @@ def offered_schedules() -> dict[str, str]:
     the models (label "schedules-.../x.json" -> its path). Nothing else is accepted."""
     out = {name: name for name in GRIDS}
     out["scheduler"] = "scheduler"  # a flow-matching checkpoint's own sigmas (shift, dynamic shift); UNets refuse it
-    for d in J.SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         for f in sorted(Path(d).glob("schedules-*/*.json")):
             out.setdefault(f"{f.parent.name}/{f.name}", str(f))
     return out
