@@ -60,7 +60,7 @@ OPERATORS = O.OPERATORS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DIVERGENCES = ("hutchinson", "hutchinson_fd")
 MAX_IMAGES = 4096  # rows of one call (images x particles)
-MAX_GUIDANCE = 100.0
+MAX_GUIDANCE = O.MAX_GUIDANCE
 
 
 @dataclass
@@ -367,8 +367,7 @@ class ComposePipeline(DiffusionPipeline):
                 "temperature."
             )
         if guidance_scale is not None:
-            what = " (1 or below: no guidance; for negation use negative_prompt or negative weights)"
-            O.check_float(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, what=what)
+            O.check_guidance(guidance_scale)
         O.check_method(method)
         O.check_solver(solver, method)
         O.check_divergence(divergence, DIVERGENCES)

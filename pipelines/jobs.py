@@ -68,11 +68,17 @@ FIELDS = (
 LORA_MODES = ("merge", "switch", "composite")  # pipelines.lora's (not imported here: no torch at parse time)
 LORA_UNCOND = ("lora", "base")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+STEPS_CAP = (" (this runner's cap per job, Limits.max_steps: the batch runner's --max-steps, the Space's "
+             "COMPOSE_MAX_STEPS; the Python API's own bound, 10000, only catches typos)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Limits:
     """Bounds on one job, so one request cannot exhaust the machine (the Space uses tight ones).
+
+    These are resource caps, set by whoever runs the runner (batch: --max-steps ...; the Space: COMPOSE_MAX_*), and
+    lower than the Python API's bounds, which only catch typos (`compose.options`: 10000 steps). Guidance is no
+    resource: jobs and the pipeline share one range (`compose.options.check_guidance`, 0 to 100).
 
     max_prompt_chars: per prompt (and negative prompt), checked before anything else is done with the text.
     max_prompt_tokens: per prompt, in the checkpoint's tokenizer (`check_prompt_tokens`, once the model is loaded;
@@ -192,7 +198,7 @@ def _as_list(value: Any, name: str) -> list:
     raise ValueError(f"{name} must be a string, a list or '|'-separated text; got {type(value).__name__}.")
 
 
-def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+def _int(raw: dict, name: str, default: int | None, lo: int, hi: int, why: str = "") -> int | None:
     v = raw.get(name)
     if v is None or v == "":
         return default
@@ -205,7 +211,7 @@ def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | N
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be an integer; got {show(v)}.") from None
     if not lo <= iv <= hi:
-        raise ValueError(f"{name}={show(iv)} is out of range; give an integer from {lo} to {hi}.")
+        raise ValueError(f"{name}={show(iv)} is out of range; give an integer from {lo} to {hi}{why}.")
     return iv
 
 
@@ -332,8 +338,10 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     method, divergence, solver = _sampler(raw, schedule, learned)
     num_particles, langevin_steps = _particles(raw, operator, limits)
     guidance = _float(raw, "guidance", None)
-    if guidance is not None and not 1.0 <= guidance <= 50.0:
-        raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
+    if guidance is not None:
+        from compose.options import check_guidance
+
+        check_guidance(guidance, "guidance")  # the pipeline's range: guidance is no resource
     negative = raw.get("negative_prompt") or None
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
@@ -346,7 +354,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         weights=weights,
         temperature=temperature,
         seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
-        steps=_int(raw, "steps", int(learned["nfe"]) if learned is not None else 50, 1, limits.max_steps),
+        steps=_int(raw, "steps", int(learned["nfe"]) if learned is not None else 50, 1, limits.max_steps, STEPS_CAP),
         schedule=schedule,
         guidance=guidance,
         negative_prompt=negative,
