@@ -82,21 +82,29 @@ class Progress:
 
     The estimate: `step_seconds` are each row's seconds per step, measured before sampling (one timed step of every
     row at its real batch, `time_one_step`), so rows of different networks (UNets, the flow transformer) and batch
-    sizes are planned by what they cost. While rows run, every step's time is compared with its row's plan and the
-    ratio is smoothed (an exponential moving average with weight `smoothing`): the time left is the plan of the steps
-    left times that ratio. One slow step on a busy machine moves the estimate by at most `smoothing` times its excess;
-    a lasting slowdown moves it fully within a few steps (the old estimate, the work left divided by the mean rate so
-    far, swung from 91 s to 936 s to 246 s on a busy machine)."""
+    sizes are planned by what they cost. While rows run, the time spent is compared with the plan of the steps done:
+    the time left is the plan of the steps left times the ratio (spent + prior) / (planned + prior), where the prior
+    is `prior_steps` average planned steps at ratio 1 (the timed steps' own weight). On a machine whose step times
+    jump by 10x from one second to the next (other jobs), one slow step or a short burst moves the estimate a little,
+    and a lasting slowdown moves it as the evidence grows (the old estimate, the work left divided by the rate of the
+    current row so far, swung from 91 s to 936 s to 246 s on a busy machine)."""
 
     def __init__(self, step_seconds: list[float], steps: int, stream=None, every: float = 5.0, enabled: bool = True,
-                 smoothing: float = 0.2) -> None:  # fmt: skip
+                 prior_steps: float = 10.0) -> None:  # fmt: skip
         self.plan = [max(float(s), 1e-6) for s in step_seconds]
-        self.steps, self.every, self.enabled, self.smoothing = steps, every, enabled, smoothing
+        self.steps, self.every, self.enabled = steps, every, enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.ratio = 1.0  # smoothed actual / planned step time
+        self.prior = prior_steps * sum(self.plan) / len(self.plan)  # planned seconds the prior ratio 1 stands for
+        self.spent = 0.0  # seconds of the steps done so far
+        self.planned = 0.0  # their planned seconds
         self.index = -1
         self.done = 0  # steps finished in the current row
+
+    @property
+    def ratio(self) -> float:
+        """Actual over planned step time, the prior included."""
+        return (self.spent + self.prior) / (self.planned + self.prior)
 
     def say(self, text: str, end: bool = True) -> None:
         if not self.enabled:
@@ -125,9 +133,9 @@ class Progress:
     def step(self, k: int) -> None:
         """Called after step k (1-based) of the current row."""
         now_abs = time.perf_counter()
-        actual = (now_abs - self.step_start) / max(k - self.done, 1)
+        self.spent += now_abs - self.step_start
+        self.planned += self.plan[self.index] * (k - self.done)
         self.step_start, self.done = now_abs, k
-        self.ratio += self.smoothing * (actual / self.plan[self.index] - self.ratio)
         now = now_abs - self.row_start
         if self.tty or now - self.last >= self.every:
             self.last = now
