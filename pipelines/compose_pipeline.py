@@ -36,10 +36,19 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    SchedulerMixin,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import compose
 from compose import options as O
@@ -131,14 +140,29 @@ class ComposePipeline(DiffusionPipeline):
                             "transformer", "text_encoder_3", "tokenizer_3"]  # fmt: skip
     _callback_tensor_inputs = ["latents", "log_q"]
 
-    def __init__(self, unet=None, scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, transformer=None, text_encoder_3=None, tokenizer_3=None,
-                 max_sequence_length: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        unet: UNet2DConditionModel | UNet2DModel | None = None,
+        scheduler: SchedulerMixin | None = None,
+        vae: AutoencoderKL | None = None,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        transformer: SD3Transformer2DModel | FluxTransformer2DModel | None = None,
+        text_encoder_3: PreTrainedModel | None = None,
+        tokenizer_3: PreTrainedTokenizerBase | None = None,
+        max_sequence_length: int | None = None,
+    ) -> None:
         """A UNet checkpoint (SD 1.x / 2.x, SDXL, pixel UNet2D) or a flow-matching transformer (SD3 / SD3.5, Flux) with
         its scheduler and text / latent components (a folder's other components, e.g. a safety checker or an
         IP-Adapter image encoder, are not loaded).
         max_sequence_length: the checkpoint's T5 prompt length (saved in model_index.json; a call's own value
-        overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512)."""
+        overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512).
+
+        The annotations are what diffusers' `from_pipe` matches a pipeline's models against (it moves a model only
+        when its class is listed): `ComposePipeline.from_pipe(pipe)` takes a loaded StableDiffusion(XL)Pipeline,
+        StableDiffusion3Pipeline or FluxPipeline's modules, the same objects, no copies."""
         super().__init__()
         # a component saved as absent comes back from model_index.json as [null, null]
         comps = {k: None if isinstance(v, (list, tuple)) and not any(v) else v for k, v in dict(
