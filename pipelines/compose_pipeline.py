@@ -62,7 +62,15 @@ from compose.solvers import X0Clip
 
 from . import lora as lora_experts
 from .families import COMPONENTS, FLUX, UNCOND, ComposeModel, Leaf, NetworkGroups, forward_ad_ready
-from .loading import MODELS_FILE, check_latent_spaces, read_models_file, share_components, short_name
+from .loading import (
+    MODELS_FILE,
+    check_latent_spaces,
+    own_class_name,
+    read_models_file,
+    share_components,
+    short_name,
+    write_pipeline_module,
+)
 from .shipped import resolve_model
 
 OPERATORS = O.OPERATORS
@@ -223,6 +231,13 @@ class ComposePipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        """diffusers reads model_index.json through this (local folders and the hub): a folder saved for diffusers'
+        custom-pipeline loading (`_class_name` ["compose_pipeline", "ComposePipeline"]) is read as this class's own,
+        so `ComposePipeline.from_pretrained` neither runs the folder's module nor asks for trust_remote_code."""
+        return own_class_name(super()._dict_from_json_file(json_file), cls.__name__)
+
+    @classmethod
     def from_models(cls, models: list[ComposeModel]) -> ComposePipeline:
         """A pipeline over already loaded checkpoints (see `ComposeModel`)."""
         return cls._from_models(list(models))
@@ -243,14 +258,27 @@ class ComposePipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save as a diffusers folder; several checkpoints go to model_0/, model_1/, ... plus compose_models.json.
-        LoRA experts are not saved (their files stay where they are): the base networks are written without them."""
+        LoRA experts are not saved (their files stay where they are): the base networks are written without them.
+
+        A one-checkpoint folder is laid out as the hub's custom pipelines are: model_index.json's `_class_name` is
+        ["compose_pipeline", "ComposePipeline"] and compose_pipeline.py imports the class, so both
+        `ComposePipeline.from_pretrained(folder)` and `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` load it."""
         if lora_experts.registry(self):
             with lora_experts.unloaded(self):
                 return self.save_pretrained(save_directory, **kwargs)
+        import json
+
         if not self._extra_models:
             super().save_pretrained(save_directory, **kwargs)
+            if type(self) is ComposePipeline:  # diffusers' custom-pipeline layout: DiffusionPipeline loads it too
+                index = os.path.join(save_directory, "model_index.json")
+                with open(index) as fh:
+                    config = json.load(fh)
+                config["_class_name"] = write_pipeline_module(save_directory)
+                with open(index, "w") as fh:
+                    fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
             return
-        import json
 
         os.makedirs(save_directory, exist_ok=True)
         subs = []

@@ -22,6 +22,47 @@ from .families import COMPONENTS, ComposeModel
 
 MODELS_FILE = "compose_models.json"  # written by save_pretrained when a pipeline holds several checkpoints
 MAX_MODELS = 32
+# diffusers' way into a custom pipeline (as on the hub): model_index.json's `_class_name` is a [module, class] pair and
+# the folder holds that module; `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` imports it.
+PIPELINE_MODULE = "compose_pipeline"
+CLASS_NAME = [PIPELINE_MODULE, "ComposePipeline"]
+PIPELINE_MODULE_TEXT = '''\
+"""diffusers' entry to this folder: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+model_index.json names ["compose_pipeline", "ComposePipeline"], so diffusers runs this file and takes ComposePipeline
+from it. The class comes from the diffusion-compose package (its repository: pip install -e .); this file only
+imports it. `from pipelines import ComposePipeline; ComposePipeline.from_pretrained(folder)` needs no
+trust_remote_code (it does not run this file).
+"""
+
+try:
+    from pipelines.compose_pipeline import ComposePipeline
+except ImportError as err:
+    raise ImportError(
+        "this folder's pipeline is ComposePipeline from the diffusion-compose package, which this environment cannot "
+        f"import ({err}); install it (pip install -e . in its repository) and load the folder again."
+    ) from err
+
+__all__ = ["ComposePipeline"]
+'''
+
+
+def write_pipeline_module(folder: str | os.PathLike) -> list[str]:
+    """Write `folder`'s compose_pipeline.py (the module diffusers imports for `DiffusionPipeline.from_pretrained(
+    folder, trust_remote_code=True)`); returns the `_class_name` that model_index.json must hold."""
+    with open(os.path.join(folder, f"{PIPELINE_MODULE}.py"), "w") as fh:
+        fh.write(PIPELINE_MODULE_TEXT)
+    return list(CLASS_NAME)
+
+
+def own_class_name(config: dict, cls_name: str) -> dict:
+    """model_index.json as `ComposePipeline` (or a subclass) reads it: the [module, class] pair written for diffusers
+    becomes the class name, so this class loads the folder itself, without running the folder's module (no
+    trust_remote_code: the class is already imported)."""
+    name = config.get("_class_name")
+    if isinstance(name, (list, tuple)) and list(name) == CLASS_NAME:
+        config = {**config, "_class_name": cls_name}
+    return config
 
 
 def read_models_file(folder: str, seen: tuple[str, ...] = ()) -> list[str] | None:
@@ -143,10 +184,14 @@ def short_name(path: str | None, i: int) -> str:
 
 
 __all__ = [
+    "CLASS_NAME",
     "MODELS_FILE",
+    "PIPELINE_MODULE",
     "check_latent_spaces",
+    "own_class_name",
     "read_models_file",
     "same_component",
     "share_components",
     "short_name",
+    "write_pipeline_module",
 ]

@@ -1,11 +1,16 @@
 """diffusers' ways in (issue 31): `ComposePipeline.from_pipe` from a loaded StableDiffusionPipeline,
 StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline shares their modules (the same objects) and, with
 one prompt, reproduces the source pipeline's output to the equivalence tolerances of tests/test_pipeline.py and
-tests/test_flow_pipelines.py (the tiny offline components are theirs)."""
+tests/test_flow_pipelines.py (the tiny offline components are theirs); saved and shipped folders load through
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` as the hub's custom pipelines do."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +106,62 @@ def test_from_pipe_of_flux_shares_its_modules_and_output(tmp_path):
     out = pipe(prompt="a blue square", latents=latents, method="ode", batch_size=2, **kw)
     torch.testing.assert_close(out.images, ref, atol=1e-4, rtol=1e-4)
 
+
+# ---------------------------------------------------------------------- DiffusionPipeline.from_pretrained
+ROOT = Path(__file__).resolve().parents[1]
+CARDS = ROOT / "model_cards"
+
+
+def test_saved_folders_take_the_custom_pipeline_layout_and_load_without_running_it(tmp_path):
+    """save_pretrained writes model_index.json's `_class_name` as the hub's [module, class] pair and the module;
+    ComposePipeline.from_pretrained reads such a folder itself: a module that would fail is never run."""
+    from test_pipeline import sd_pipe
+
+    from pipelines.loading import CLASS_NAME, PIPELINE_MODULE
+
+    folder = tmp_path / "sd"
+    quiet(sd_pipe(str(tmp_path))).save_pretrained(folder)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == CLASS_NAME
+    module = folder / f"{PIPELINE_MODULE}.py"
+    assert "from pipelines.compose_pipeline import ComposePipeline" in module.read_text()
+    module.write_text("raise RuntimeError('this module must not run')\n")
+    pipe = quiet(ComposePipeline.from_pretrained(str(folder)))
+    assert type(pipe) is ComposePipeline
+    assert pipe(prompt="a cat", num_inference_steps=2, output_type="latent").images.shape == (1, 4, 8, 8)
+
+
+DIFFUSERS_LOAD = """
+import json, sys, torch
+from diffusers import DiffusionPipeline
+from pipelines import ComposePipeline
+for folder in sys.argv[1:]:
+    try:
+        DiffusionPipeline.from_pretrained(folder)
+        refused = ""
+    except ValueError as err:
+        refused = str(err)
+    pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    ref = ComposePipeline.from_pretrained(folder)
+    kw = dict(prompt=["a red shape", "a circle"], operator="and", num_inference_steps=3, output_type="pt")
+    a, b = (p(generator=torch.Generator().manual_seed(0), **kw).images for p in (pipe, ref))
+    print(json.dumps({"same_class": type(pipe) is ComposePipeline, "diff": float((a - b).abs().max()),
+                      "refused": refused}))
+"""
+SHIPPED = [CARDS / name for name in ("shapes-text", "shapes-text-flow")]
+
+
+@pytest.mark.skipif(not all((f / "model_index.json").is_file() for f in SHIPPED),
+                    reason="shipped models missing (restore with `git checkout -- model_cards/`)")  # fmt: skip
+def test_shipped_folders_load_through_diffusion_pipeline_as_hub_custom_pipelines(tmp_path):
+    """`DiffusionPipeline.from_pretrained("model_cards/shapes-text", trust_remote_code=True)` gives ComposePipeline
+    (the package's class itself, not a copy) and the same images as ComposePipeline.from_pretrained (the UNet and
+    the flow transformer folders); without trust_remote_code diffusers refuses and says so. A fresh process, with
+    diffusers' module cache in a temporary folder."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", DIFFUSERS_LOAD, *map(str, SHIPPED)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    outs = [json.loads(line) for line in res.stdout.strip().splitlines()[-len(SHIPPED) :]]
+    for out in outs:
+        assert out["same_class"] and out["diff"] == 0.0
+        assert "trust_remote_code=True" in out["refused"]
