@@ -69,7 +69,7 @@ from .loading import (
     read_models_file,
     share_components,
     short_name,
-    write_pipeline_module,
+    write_diffusers_entry,
 )
 from .shipped import resolve_model
 
@@ -267,18 +267,12 @@ class ComposePipeline(DiffusionPipeline):
         if lora_experts.registry(self):
             with lora_experts.unloaded(self):
                 return self.save_pretrained(save_directory, **kwargs)
-        import json
-
         if not self._extra_models:
             super().save_pretrained(save_directory, **kwargs)
             if type(self) is ComposePipeline:  # diffusers' custom-pipeline layout: DiffusionPipeline loads it too
-                index = os.path.join(save_directory, "model_index.json")
-                with open(index) as fh:
-                    config = json.load(fh)
-                config["_class_name"] = write_pipeline_module(save_directory)
-                with open(index, "w") as fh:
-                    fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                write_diffusers_entry(save_directory)
             return
+        import json
 
         os.makedirs(save_directory, exist_ok=True)
         subs = []

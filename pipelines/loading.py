@@ -55,6 +55,17 @@ def write_pipeline_module(folder: str | os.PathLike) -> list[str]:
     return list(CLASS_NAME)
 
 
+def write_diffusers_entry(folder: str | os.PathLike) -> None:
+    """Lay a saved one-checkpoint folder out for diffusers' custom-pipeline loading: its module and model_index.json's
+    `_class_name` [module, class] pair."""
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as fh:
+        config = json.load(fh)
+    config["_class_name"] = write_pipeline_module(folder)
+    with open(index, "w") as fh:
+        fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def own_class_name(config: dict, cls_name: str) -> dict:
     """model_index.json as `ComposePipeline` (or a subclass) reads it: the [module, class] pair written for diffusers
     becomes the class name, so this class loads the folder itself, without running the folder's module (no
@@ -193,5 +204,6 @@ __all__ = [
     "same_component",
     "share_components",
     "short_name",
+    "write_diffusers_entry",
     "write_pipeline_module",
 ]
