@@ -286,7 +286,8 @@ def test_conditional_training_smoke_and_resume(tmp_path):
     info = json.loads((out / "train_info.json").read_text())
     assert info["steps"] == 2 and info["finished"] and info["captions"] == "attribute"
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "ComposePipeline" and "_diffusers_version" in index
+    assert index["_class_name"] == ["compose_pipeline", "ComposePipeline"] and "_diffusers_version" in index
+    assert (out / "compose_pipeline.py").is_file()
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
