@@ -437,7 +437,7 @@ VENV_TEST = os.environ.get("CI", "").lower() == "true" or os.environ.get("COMPOS
 @pytest.mark.venv
 @pytest.mark.skipif(
     not VENV_TEST,
-    reason="installs the bundle's requirements into a fresh virtual environment from PyPI (about 2 min, 1.6 GB); "
+    reason="installs the bundle's requirements into a fresh virtual environment from PyPI (2-4 min here, 1.6 GB); "
     "runs in CI (CI=true) or with COMPOSE_VENV_TEST=1. test_space_requirements_cover_every_import_of_the_bundle "
     "checks the requirements against the bundle's imports on every run.",
 )
