@@ -104,7 +104,12 @@ LORA_UNCOND = ("lora", "base")
 # "batched_loop" (the same call, the updates added one adapter's rows at a time), "batched_peft" (the same call through
 # PEFT's mixed adapter batch) and "separate" (one call per network and adapter): the same numbers up to rounding.
 LORA_CALLS = ("batched", "batched_loop", "batched_peft", "separate")
+
+# The Python API's bounds: typo guards, not resource caps. A job runner (the batch command line, the Space) caps each
+# request's steps lower for the machine's sake (`pipelines.jobs.Limits.max_steps`: batch --max-steps, default 1000;
+# the Space's COMPOSE_MAX_STEPS, 100); guidance has one range everywhere (`check_guidance`).
 MAX_STEPS = 10_000  # a grid longer than this is a typo (1e9 steps would allocate gigabytes before the first step)
+MAX_GUIDANCE = 100.0  # a guidance scale above this is a typo; 1 or below is no guidance
 
 
 def is_int(value: Any) -> bool:
@@ -192,6 +197,12 @@ def check_fd_eps(fd_eps: Any) -> float:
 
 def check_steps(steps: Any, name: str = "num_inference_steps", hi: int = MAX_STEPS) -> int:
     return check_int(steps, name, 1, hi, " (network evaluations per image)")
+
+
+def check_guidance(value: Any, name: str = "guidance_scale") -> float:
+    """The guidance scale, in [0, MAX_GUIDANCE] for the pipeline and for jobs alike (1 or below: no guidance)."""
+    what = " (1 or below: no guidance; for negation use negative_prompt or negative weights)"
+    return check_float(value, name, 0.0, MAX_GUIDANCE, what=what)
 
 
 def check_operator(operator: Any) -> str:

@@ -1,6 +1,6 @@
 """The main demo: compose the shipped shapes models on CPU and write one labelled image grid.
 
-    python examples/demo.py [--out outputs/demo.png] [--images 8] [--steps 50]
+    python examples/demo.py [--out outputs/demo.png] [--images 8] [--steps 50] [--threads 2]
 
 Rows (every image is one sample; figures are from the shipped shapes classifier):
   1. the joint prompt "a red circle" on shapes-text (a caption it has never seen: it was trained on ONE attribute
@@ -11,8 +11,9 @@ Rows (every image is one sample; figures are from the shipped shapes classifier)
   5. AND("a red shape", "a circle") on shapes-text-flow, a flow-matching SD3 transformer trained on the same captions
      as shapes-text (FlowMatchEuler steps, the checkpoint's own scheduler).
 
-91 s measured on the 2-core CPU with one other single-thread job running; a busier machine takes longer.
-Progress goes to stderr: each row's step, its time and an estimate of the time left (`--no-progress` to drop it);
+91 s measured on the 2-core CPU with one other single-thread job running; a busier machine takes longer (`--threads 1`
+may then be faster). Progress goes to stderr: each row's step, its time and an estimate of the time left, planned from
+one timed step of every row and revised as the rows run (`Progress`; `--no-progress` drops it and the timing);
 stdout carries the table only.
 """
 
@@ -76,18 +77,34 @@ def load(names: list[str]):
 
 class Progress:
     """Progress on stderr, so slow never looks like hung: per row, the step, the row's time and an estimate of the
-    time left. The estimate weighs each row by its network rows per image and step (`cost`: prompts plus the
-    unconditional branch, per checkpoint) and divides the work left by the rate measured so far. On a terminal one
-    line is rewritten in place; otherwise a line is printed every `every` seconds and when a row ends."""
+    time left. On a terminal one line is rewritten in place; otherwise a line is printed every `every` seconds and when
+    a row ends.
 
-    def __init__(self, costs: list[int], steps: int, stream=None, every: float = 5.0, enabled: bool = True) -> None:
-        self.costs, self.steps, self.every, self.enabled = costs, steps, every, enabled
+    The estimate: `step_seconds` are each row's seconds per step, measured before sampling (one timed step of every
+    row at its real batch, `time_one_step`), so rows of different networks (UNets, the flow transformer) and batch
+    sizes are planned by what they cost. While rows run, the time spent is compared with the plan of the steps done:
+    the time left is the plan of the steps left times the ratio (spent + prior) / (planned + prior), where the prior
+    is `prior_steps` average planned steps at ratio 1 (the timed steps' own weight). On a machine whose step times
+    jump by 10x from one second to the next (other jobs), one slow step or a short burst moves the estimate a little,
+    and a lasting slowdown moves it as the evidence grows (the old estimate, the work left divided by the rate of the
+    current row so far, swung from 91 s to 936 s to 246 s on a busy machine)."""
+
+    def __init__(self, step_seconds: list[float], steps: int, stream=None, every: float = 5.0, enabled: bool = True,
+                 prior_steps: float = 10.0) -> None:  # fmt: skip
+        self.plan = [max(float(s), 1e-6) for s in step_seconds]
+        self.steps, self.every, self.enabled = steps, every, enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.work = float(sum(costs) * steps)
-        self.done = 0.0
-        self.sampling = 0.0  # seconds spent in finished rows
+        self.prior = prior_steps * sum(self.plan) / len(self.plan)  # planned seconds the prior ratio 1 stands for
+        self.spent = 0.0  # seconds of the steps done so far
+        self.planned = 0.0  # their planned seconds
         self.index = -1
+        self.done = 0  # steps finished in the current row
+
+    @property
+    def ratio(self) -> float:
+        """Actual over planned step time, the prior included."""
+        return (self.spent + self.prior) / (self.planned + self.prior)
 
     def say(self, text: str, end: bool = True) -> None:
         if not self.enabled:
@@ -98,34 +115,54 @@ class Progress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def left(self, row_seconds: float) -> str:
-        spent = self.sampling + row_seconds
-        if self.done <= 0 or spent <= 0:
-            return "time left: estimating"
-        return f"about {(self.work - self.done) * spent / self.done:.0f} s left"
+    def seconds_left(self) -> float:
+        """The planned seconds of the steps left, times the smoothed ratio."""
+        current = self.plan[self.index] * (self.steps - self.done) if self.index >= 0 else 0.0
+        return self.ratio * (current + sum(self.plan[self.index + 1 :]) * self.steps)
+
+    def left(self) -> str:
+        return f"about {self.seconds_left():.0f} s left (an estimate)"
 
     def start_row(self, label: str) -> None:
         self.index += 1
+        self.done = 0
         self.label, self.row_start, self.last = label, time.perf_counter(), 0.0
-        self.say(f"[demo] row {self.index + 1}/{len(self.costs)} {label}: starting, {self.left(0.0)}")
+        self.step_start = self.row_start
+        self.say(f"[demo] row {self.index + 1}/{len(self.plan)} {label}: starting, {self.left()}")
 
     def step(self, k: int) -> None:
         """Called after step k (1-based) of the current row."""
-        self.done = sum(self.costs[: self.index]) * self.steps + self.costs[self.index] * k
-        now = time.perf_counter() - self.row_start
+        now_abs = time.perf_counter()
+        self.spent += now_abs - self.step_start
+        self.planned += self.plan[self.index] * (k - self.done)
+        self.step_start, self.done = now_abs, k
+        now = now_abs - self.row_start
         if self.tty or now - self.last >= self.every:
             self.last = now
             self.say(
-                f"[demo] row {self.index + 1}/{len(self.costs)}: step {k}/{self.steps}, {now:.1f} s, {self.left(now)}",
+                f"[demo] row {self.index + 1}/{len(self.plan)}: step {k}/{self.steps}, {now:.1f} s, {self.left()}",
                 end=not self.tty,
             )
 
     def end_row(self) -> None:
         seconds = time.perf_counter() - self.row_start
-        self.sampling += seconds
-        self.done = sum(self.costs[: self.index + 1]) * self.steps
-        rest = f", {self.left(0.0)}" if self.index + 1 < len(self.costs) else ""
-        self.say(f"[demo] row {self.index + 1}/{len(self.costs)} done in {seconds:.1f} s{rest}")
+        self.done = self.steps
+        rest = f", {self.left()}" if self.index + 1 < len(self.plan) else ""
+        self.say(f"[demo] row {self.index + 1}/{len(self.plan)} done in {seconds:.1f} s{rest}")
+
+
+def time_one_step(pipe, kw: dict, common: dict, seed: int) -> float:
+    """Seconds of one sampling step of a row at its real batch: the time between the ends of steps 1 and 2 of a
+    two-step call (the first step carries the text encoding, the end carries the decoding)."""
+    marks: list[float] = []
+
+    def mark(_pipe, _k, _t, _tensors):
+        marks.append(time.perf_counter())
+        return {}
+
+    pipe(generator=torch.Generator().manual_seed(seed), **{**common, "num_inference_steps": 2}, **kw,
+         callback_on_step_end=mark)  # fmt: skip
+    return marks[1] - marks[0]
 
 
 def _positive_int(text: str) -> int:
@@ -143,8 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=min(2, torch.get_num_threads()),
+        help="torch CPU threads (default 2, or fewer where there are fewer cores; on a busy machine 1 may be faster)",
+    )
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if not args.no_progress:
         print("[demo] loading the shipped models and the classifier ...", file=sys.stderr, flush=True)
@@ -155,47 +198,33 @@ def main(argv: list[str] | None = None) -> None:
     experts = load(["shapes-text-colour", "shapes-text-shape"])
     uncond = load(["shapes-uncond-a", "shapes-uncond-b"])
     flow = load(["shapes-text-flow"])
-    jobs = [  # label, pipeline, call, kind, network rows per image and step (for the time-left estimate)
-        (
-            'joint prompt "a red circle" (never seen)',
-            text,
-            dict(prompt="a red circle", guidance_scale=args.guidance),
-            "and",
-            2,
-        ),
-        (
-            'AND("a red shape", "a circle"), one model',
-            text,
-            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
-            "and",
-            3,
-        ),
-        (
-            'AND(colour expert: "a red shape", shape expert: "a circle")',
-            experts,
-            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
-            "and",
-            4,
-        ),
-        ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or", 2),
-        (
-            'AND("a red shape", "a circle"), flow transformer',
-            flow,
-            dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance),
-            "and",
-            3,
-        ),
-    ]
-    progress = Progress([job[4] for job in jobs], args.steps, enabled=not args.no_progress)
+    jobs = [  # label, pipeline, call, kind
+        ('joint prompt "a red circle" (never seen)', text, dict(prompt="a red circle", guidance_scale=args.guidance),
+         "and"),
+        ('AND("a red shape", "a circle"), one model', text,
+         dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance), "and"),
+        ('AND(colour expert: "a red shape", shape expert: "a circle")', experts,
+         dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance), "and"),
+        ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or"),
+        ('AND("a red shape", "a circle"), flow transformer', flow,
+         dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance), "and"),
+    ]  # fmt: skip
+    plan = [0.0] * len(jobs)
+    if not args.no_progress:  # the estimate's plan: one timed step of every row (about 2 of the 50 steps' cost)
+        print(f"[demo] loaded in {time.perf_counter() - t_start:.1f} s; timing one step of each row ...",
+              file=sys.stderr, flush=True)  # fmt: skip
+        plan = [time_one_step(pipe, kw, common, args.seed) for _label, pipe, kw, _kind in jobs]
+    progress = Progress(plan, args.steps, enabled=not args.no_progress)
     if not args.no_progress:
         print(
-            f"[demo] loaded in {time.perf_counter() - t_start:.1f} s; sampling {len(jobs)} rows x {args.images} images"
-            f" x {args.steps} steps (91 s in all at the defaults, measured on 2 CPU cores with one other job running)",
+            f"[demo] sampling {len(jobs)} rows x {args.images} images x {args.steps} steps on {args.threads} "
+            f"thread(s): about {progress.seconds_left():.0f} s (an estimate from one timed step per row; it is "
+            "revised as the rows run)",
             file=sys.stderr,
             flush=True,
         )
     print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'half A':>6} {'valid':>5} {'s/img':>6}", flush=True)
-    for label, pipe, kw, kind, _cost in jobs:
+    for label, pipe, kw, kind in jobs:
         progress.start_row(label)
 
         def on_step(_pipe, k, _t, _tensors):

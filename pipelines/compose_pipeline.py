@@ -36,10 +36,19 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FluxTransformer2DModel,
+    SchedulerMixin,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import compose
 from compose import options as O
@@ -57,16 +66,18 @@ from .families import COMPONENTS, ComposeModel
 from .loading import (
     MODELS_FILE,
     check_latent_spaces,
-    check_source,
+    own_class_name,
     read_models_file,
     share_components,
     short_name,
+    write_diffusers_entry,
 )
+from .shipped import resolve_model
 
 OPERATORS = O.OPERATORS
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGES = 4096  # rows of one call (images x particles)
-MAX_GUIDANCE = 100.0
+MAX_GUIDANCE = O.MAX_GUIDANCE
 
 
 @dataclass
@@ -188,23 +199,27 @@ class ComposePipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        unet=None,
-        scheduler=None,
-        vae=None,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        unet: UNet2DConditionModel | UNet2DModel | None = None,
+        scheduler: SchedulerMixin | None = None,
+        vae: AutoencoderKL | None = None,
+        text_encoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        transformer: SD3Transformer2DModel | FluxTransformer2DModel | None = None,
+        text_encoder_3: PreTrainedModel | None = None,
+        tokenizer_3: PreTrainedTokenizerBase | None = None,
         max_sequence_length: int | None = None,
     ) -> None:
         """A UNet checkpoint (SD 1.x / 2.x, SDXL, pixel UNet2D) or a flow-matching transformer (SD3 / SD3.5, Flux) with
         its scheduler and text / latent components (a folder's other components, e.g. a safety checker or an
         IP-Adapter image encoder, are not loaded).
         max_sequence_length: the checkpoint's T5 prompt length (saved in model_index.json; a call's own value
-        overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512)."""
+        overrides it), for checkpoints trained with another than their family's default (SD3 256, Flux 512).
+
+        The annotations are what diffusers' `from_pipe` matches a pipeline's models against (it moves a model only
+        when its class is listed): `ComposePipeline.from_pipe(pipe)` takes a loaded StableDiffusion(XL)Pipeline,
+        StableDiffusion3Pipeline or FluxPipeline's modules, the same objects, no copies."""
         super().__init__()
         # a component saved as absent comes back from model_index.json as [null, null]
         given = dict(
@@ -251,27 +266,34 @@ class ComposePipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ComposePipeline:
-        """Load one checkpoint (id or folder) or a list of them; shared components are loaded once.
+        """Load one checkpoint or a list of them; shared components are loaded once.
 
-        Raises ValueError for a local path that does not exist (naming the closest folders), for a malformed
-        compose_models.json (entries outside the folder, cycles), and when the checkpoints do not share a latent
-        space (VAE family, latent channels, scaling factor, sample size).
+        Each is a folder, the bare name of a shipped model ("shapes-text": `model_cards/shapes-text` from any
+        working directory) or a hub id (owner/name); `pipelines.shipped.resolve_model` is the rule, the same for the
+        batch jobs and the Space. Raises ValueError for a name that is none of these (naming the closest folders and
+        the shipped names), for a malformed compose_models.json (entries outside the folder, cycles), and when the
+        checkpoints do not share a latent space (VAE family, latent channels, scaling factor, sample size).
         """
         paths = pretrained_model_name_or_path
         if isinstance(paths, (list, tuple)):
             if len(paths) == 0:
                 raise ValueError("pretrained_model_name_or_path is an empty list; give at least one id or path.")
-            for p in paths:
-                check_source(p)
-            pipes = [cls.from_pretrained(p, **kwargs) for p in paths]
+            pipes = [cls.from_pretrained(p, **kwargs) for p in [resolve_model(p) for p in paths]]
             return cls._from_models([m for p in pipes for m in p.models])
-        check_source(paths)
-        subs = read_models_file(os.path.expanduser(os.fspath(paths))) if os.path.isdir(str(paths)) else None
+        paths = resolve_model(paths)
+        subs = read_models_file(paths) if os.path.isdir(paths) else None
         if subs is not None:
             return cls._from_models([m for s in subs for m in cls.from_pretrained(s, **kwargs).models])
         pipe = super().from_pretrained(paths, **kwargs)
         pipe._first_name = short_name(str(paths), 0)
         return pipe
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        """diffusers reads model_index.json through this (local folders and the hub): a folder saved for diffusers'
+        custom-pipeline loading (`_class_name` ["compose_pipeline", "ComposePipeline"]) is read as this class's own,
+        so `ComposePipeline.from_pretrained` neither runs the folder's module nor asks for trust_remote_code."""
+        return own_class_name(super()._dict_from_json_file(json_file), cls.__name__)
 
     @classmethod
     def from_models(cls, models: list[ComposeModel]) -> ComposePipeline:
@@ -294,12 +316,19 @@ class ComposePipeline(DiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save as a diffusers folder; several checkpoints go to model_0/, model_1/, ... plus compose_models.json.
-        LoRA experts are not saved (their files stay where they are): the base networks are written without them."""
+        LoRA experts are not saved (their files stay where they are): the base networks are written without them.
+
+        A one-checkpoint folder is laid out as the hub's custom pipelines are: model_index.json's `_class_name` is
+        ["compose_pipeline", "ComposePipeline"] and compose_pipeline.py imports the class, so both
+        `ComposePipeline.from_pretrained(folder)` and `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` load it."""
         if lora_experts.registry(self):
             with lora_experts.unloaded(self):
                 return self.save_pretrained(save_directory, **kwargs)
         if not self._extra_models:
             super().save_pretrained(save_directory, **kwargs)
+            if type(self) is ComposePipeline:  # diffusers' custom-pipeline layout: DiffusionPipeline loads it too
+                write_diffusers_entry(save_directory)
             return
         import json
 
@@ -464,8 +493,7 @@ class ComposePipeline(DiffusionPipeline):
                 "temperature."
             )
         if guidance_scale is not None:
-            what = " (1 or below: no guidance; for negation use negative_prompt or negative weights)"
-            O.check_float(guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE, what=what)
+            O.check_guidance(guidance_scale)
         O.check_method(method)
         O.check_solver(solver, method)
         O.check_divergence(divergence, O.HUTCHINSON)

@@ -33,8 +33,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch and diffusers are imported where a job runs, not to parse a command line
     import torch
 
+from . import shipped
+from .shipped import resolve_model as _resolve_model
+from .shipped import shipped_models
+
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_DIRS = (ROOT / "model_cards",)  # where shipped model names are looked up (the Space bundle adds its own)
 FIELDS = (
     "id",
     "models",
@@ -62,11 +65,19 @@ FIELDS = (
     "lora_scale",
 )
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+STEPS_CAP = (
+    " (this runner's cap per job, Limits.max_steps: the batch runner's --max-steps, the Space's "
+    "COMPOSE_MAX_STEPS; the Python API's own bound, 10000, only catches typos)"
+)
 
 
 @dataclass(frozen=True)
 class Limits:
     """Bounds on one job, so one request cannot exhaust the machine (the Space uses tight ones).
+
+    These are resource caps, set by whoever runs the runner (batch: --max-steps ...; the Space: COMPOSE_MAX_*), and
+    lower than the Python API's bounds, which only catch typos (`compose.options`: 10000 steps). Guidance is no
+    resource: jobs and the pipeline share one range (`compose.options.check_guidance`, 0 to 100).
 
     max_prompt_chars: per prompt (and negative prompt), checked before anything else is done with the text.
     max_prompt_tokens: per prompt, in the checkpoint's tokenizer (`check_prompt_tokens`, once the model is loaded;
@@ -186,7 +197,7 @@ def _as_list(value: Any, name: str) -> list:
     raise ValueError(f"{name} must be a string, a list or '|'-separated text; got {type(value).__name__}.")
 
 
-def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+def _int(raw: dict, name: str, default: int | None, lo: int, hi: int, why: str = "") -> int | None:
     v = raw.get(name)
     if v is None or v == "":
         return default
@@ -199,7 +210,7 @@ def _int(raw: dict, name: str, default: int | None, lo: int, hi: int) -> int | N
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be an integer; got {show(v)}.") from None
     if not lo <= iv <= hi:
-        raise ValueError(f"{name}={show(iv)} is out of range; give an integer from {lo} to {hi}.")
+        raise ValueError(f"{name}={show(iv)} is out of range; give an integer from {lo} to {hi}{why}.")
     return iv
 
 
@@ -326,8 +337,10 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
     method, divergence, solver = _sampler(raw, schedule, learned)
     num_particles, langevin_steps = _particles(raw, operator, limits)
     guidance = _float(raw, "guidance", None)
-    if guidance is not None and not 1.0 <= guidance <= 50.0:
-        raise ValueError(f"guidance={guidance} is out of range; give a number from 1 (no guidance) to 50.")
+    if guidance is not None:
+        from compose.options import check_guidance
+
+        check_guidance(guidance, "guidance")  # the pipeline's range: guidance is no resource
     negative = raw.get("negative_prompt") or None
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
@@ -340,7 +353,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         weights=weights,
         temperature=temperature,
         seed=_int(raw, "seed", 0, 0, 2**63 - 1 - limits.max_images),
-        steps=_int(raw, "steps", int(learned["nfe"]) if learned is not None else 50, 1, limits.max_steps),
+        steps=_int(raw, "steps", int(learned["nfe"]) if learned is not None else 50, 1, limits.max_steps, STEPS_CAP),
         schedule=schedule,
         guidance=guidance,
         negative_prompt=negative,
@@ -564,7 +577,7 @@ def _lora_options(raw: dict, lora: list | None) -> dict[str, Any]:
 def shipped_loras() -> list[str]:
     """Names of the shipped LoRAs (folders with pytorch_lora_weights.safetensors under model_cards/)."""
     names = set()
-    for d in SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         if d.is_dir():
             names.update(p.name for p in d.iterdir() if (p / LORA_WEIGHTS).is_file())
     return sorted(names)
@@ -575,7 +588,7 @@ def resolve_lora(name: str) -> str:
     folders; the Space passes shipped names only). Anything else (a pickle, a missing path, a hub id) is refused."""
     if not isinstance(name, str) or len(name) > 500 or "\0" in name:
         raise ValueError(f"lora: {show(name)} is not a LoRA name or folder.")
-    for d in SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         if "/" not in name and name not in (".", "..") and (d / name / LORA_WEIGHTS).is_file():
             return str(d / name)
     p = Path(name).expanduser()
@@ -610,30 +623,10 @@ def load_job_loras(pipe, job: Job) -> None:
     pipe.load_lora_experts(experts)
 
 
-def shipped_models() -> list[str]:
-    """Names of the shipped diffusion models (folders with model_index.json under model_cards/)."""
-    names = set()
-    for d in SHIPPED_DIRS:
-        if d.is_dir():
-            names.update(p.name for p in d.iterdir() if (p / "model_index.json").is_file())
-    return sorted(names)
-
-
 def resolve_model(name: str) -> str:
-    """A shipped model name -> its folder; a folder must hold model_index.json; anything else is a hub id."""
-    for d in SHIPPED_DIRS:
-        if "/" not in name and (d / name / "model_index.json").is_file():
-            return str(d / name)
-    p = Path(name).expanduser()
-    looks_local = p.is_absolute() or name.startswith((".", "~")) or p.exists() or name.count("/") != 1
-    if looks_local:
-        if not (p / "model_index.json").is_file():
-            raise ValueError(
-                f"models: cannot read {show(name, 200)}: not a shipped model ({', '.join(shipped_models())}) nor a "
-                "folder with model_index.json; give one of those or a hub id (owner/name)."
-            )
-        return str(p)
-    return name
+    """A job's model name -> its folder or hub id: `pipelines.shipped.resolve_model`, the rule `from_pretrained`
+    uses too (an existing folder, a bare shipped name, or a hub id owner/name)."""
+    return _resolve_model(name, field="models")
 
 
 class PipelineCache:

@@ -1,7 +1,7 @@
 """Loading several checkpoints as one `ComposePipeline`: where they come from, what they share, what is refused.
 
-- `check_source`: a local-looking path that does not exist is refused with "no such folder" and the closest names
-  (not the hub's "not cached locally" advice).
+- (names: a path, a shipped name or a hub id are resolved by `pipelines.shipped.resolve_model`, which refuses a
+  local-looking path that does not exist with "no such folder" and the closest names, not the hub's advice).
 - `read_models_file`: the `compose_models.json` of a saved multi-checkpoint folder, validated: a list of
   sub-folders inside the folder (no absolute paths, no `..` out of it, no link out of it), no self-reference or
   cycle, every entry a folder.
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from typing import Any
@@ -23,46 +22,58 @@ from .families import COMPONENTS, ComposeModel
 
 MODELS_FILE = "compose_models.json"  # written by save_pretrained when a pipeline holds several checkpoints
 MAX_MODELS = 32
+# diffusers' way into a custom pipeline (as on the hub): model_index.json's `_class_name` is a [module, class] pair and
+# the folder holds that module; `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` imports it.
+PIPELINE_MODULE = "compose_pipeline"
+CLASS_NAME = [PIPELINE_MODULE, "ComposePipeline"]
+PIPELINE_MODULE_TEXT = '''\
+"""diffusers' entry to this folder: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+model_index.json names ["compose_pipeline", "ComposePipeline"], so diffusers runs this file and takes ComposePipeline
+from it. The class comes from the diffusion-compose package (its repository: pip install -e .); this file only
+imports it. `from pipelines import ComposePipeline; ComposePipeline.from_pretrained(folder)` needs no
+trust_remote_code (it does not run this file).
+"""
+
+try:
+    from pipelines.compose_pipeline import ComposePipeline
+except ImportError as err:
+    raise ImportError(
+        "this folder's pipeline is ComposePipeline from the diffusion-compose package, which this environment cannot "
+        f"import ({err}); install it (pip install -e . in its repository) and load the folder again."
+    ) from err
+
+__all__ = ["ComposePipeline"]
+'''
 
 
-def looks_local(name: str) -> bool:
-    """True when `name` reads as a local path rather than a hub id (owner/name)."""
-    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
-        return True
-    parts = name.replace("\\", "/").split("/")
-    if len(parts) != 2:
-        return True
-    return os.path.isdir(parts[0])  # e.g. "model_cards/shapes-uncond-c": its parent is a folder here
+def write_pipeline_module(folder: str | os.PathLike) -> list[str]:
+    """Write `folder`'s compose_pipeline.py (the module diffusers imports for `DiffusionPipeline.from_pretrained(
+    folder, trust_remote_code=True)`); returns the `_class_name` that model_index.json must hold."""
+    with open(os.path.join(folder, f"{PIPELINE_MODULE}.py"), "w") as fh:
+        fh.write(PIPELINE_MODULE_TEXT)
+    return list(CLASS_NAME)
 
 
-def check_source(name: Any) -> None:
-    """ValueError for a local-looking path that is not a folder (naming the closest existing names)."""
-    if not isinstance(name, (str, os.PathLike)):
-        raise ValueError(
-            f"pretrained_model_name_or_path must be a folder, a hub id or a list of them; got {type(name).__name__}."
-        )
-    name = os.fspath(name)
-    if not name.strip():
-        raise ValueError("pretrained_model_name_or_path is empty; give a folder or a hub id (owner/name).")
-    if not looks_local(name):
-        return
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        return
-    what = "is a file, not a folder" if os.path.exists(path) else "no such folder"
-    parent = os.path.dirname(os.path.normpath(path)) or "."
-    close: list[str] = []
-    if os.path.isdir(parent):
-        names = [d for d in os.listdir(parent) if os.path.isdir(os.path.join(parent, d))]
-        close = [
-            os.path.join(os.path.dirname(os.path.normpath(name)), c)
-            for c in difflib.get_close_matches(os.path.basename(os.path.normpath(path)), names, n=3)
-        ]
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
-        f"pretrained_model_name_or_path={name!r}: {what}.{hint} Give a checkpoint folder (with model_index.json) or "
-        "a hub id (owner/name)."
-    )
+def write_diffusers_entry(folder: str | os.PathLike) -> None:
+    """Lay a saved one-checkpoint folder out for diffusers' custom-pipeline loading: its module and model_index.json's
+    `_class_name` [module, class] pair."""
+    index = os.path.join(folder, "model_index.json")
+    with open(index) as fh:
+        config = json.load(fh)
+    config["_class_name"] = write_pipeline_module(folder)
+    with open(index, "w") as fh:
+        fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def own_class_name(config: dict, cls_name: str) -> dict:
+    """model_index.json as `ComposePipeline` (or a subclass) reads it: the [module, class] pair written for diffusers
+    becomes the class name, so this class loads the folder itself, without running the folder's module (no
+    trust_remote_code: the class is already imported)."""
+    name = config.get("_class_name")
+    if isinstance(name, (list, tuple)) and list(name) == CLASS_NAME:
+        config = {**config, "_class_name": cls_name}
+    return config
 
 
 def read_models_file(folder: str, seen: tuple[str, ...] = ()) -> list[str] | None:
@@ -184,12 +195,15 @@ def short_name(path: str | None, i: int) -> str:
 
 
 __all__ = [
+    "CLASS_NAME",
     "MODELS_FILE",
+    "PIPELINE_MODULE",
     "check_latent_spaces",
-    "check_source",
-    "looks_local",
+    "own_class_name",
     "read_models_file",
     "same_component",
     "share_components",
     "short_name",
+    "write_diffusers_entry",
+    "write_pipeline_module",
 ]

@@ -333,8 +333,9 @@ def registry(pipe) -> dict[str, LoraExpert]:
 
 
 def check_lora_source(name: str, source: Any, weight_name: str | None = None) -> tuple[str, str | None]:
-    """A LoRA source -> (folder or hub id, weight file name or None). Local paths must exist and hold safetensors;
-    pickled weights (.bin, .pt, .ckpt, ...) are refused."""
+    """A LoRA source -> (folder or hub id, weight file name or None). A local path must exist (checked first: a
+    missing file is "no such file", whatever its suffix), then hold safetensors: pickled weights (.bin, .pt, .ckpt,
+    ...) are refused."""
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise ValueError(
             f"load_lora_experts: the source of {name!r} must be a folder, a .safetensors file or a hub id; got "
@@ -349,6 +350,9 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
         "when read; ComposePipeline loads LoRA weights from safetensors only. Convert it (load it once where you "
         "trust it, then `safetensors.torch.save_file`) and give the .safetensors file."
     )
+    looks_local = p.exists() or p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
+    if looks_local and not p.exists():  # existence first: a missing "nope.bin" is missing, whatever its suffix
+        raise ValueError(f"load_lora_experts: {name!r}: no such file or folder {text!r}.")
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(pickled)
     if weight_name is not None:
@@ -360,11 +364,8 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
                 if Path(weight_name).suffix.lower() in PICKLE_SUFFIXES
                 else f"weight_name={weight_name!r} must name a .safetensors file."
             )
-    looks_local = p.exists() or p.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
     if not looks_local:
         return text, weight_name  # a hub id (owner/name); diffusers downloads safetensors only
-    if not p.exists():
-        raise ValueError(f"load_lora_experts: {name!r}: no such file or folder {text!r}.")
     if p.is_file():
         if p.suffix.lower() != ".safetensors":
             raise ValueError(f"load_lora_experts: {name!r}: {text} is not a .safetensors file.")
@@ -389,6 +390,30 @@ def check_lora_source(name: str, source: Any, weight_name: str | None = None) ->
             "weight_name=."
         )
     return str(p), files[0]
+
+
+def require_peft() -> None:
+    """ValueError when this environment cannot attach LoRA adapters: diffusers does it through peft (its "PEFT
+    backend"), which is an install dependency of this project that a hand-made environment may lack."""
+    try:
+        import peft  # noqa: F401
+        from diffusers.utils import USE_PEFT_BACKEND
+    except ImportError as err:
+        raise ValueError(f"load_lora_experts: {missing_package(err)}") from None
+    if not USE_PEFT_BACKEND:
+        raise ValueError(
+            "load_lora_experts: diffusers' PEFT backend is off in this environment (peft or transformers too old); "
+            "install the versions this project asks for: pip install 'peft>=0.10' 'transformers>=4.40'."
+        )
+
+
+def missing_package(err: ImportError) -> str:
+    """The message for a LoRA that cannot load because a package is missing (named, with the install command)."""
+    package = (getattr(err, "name", None) or "peft").split(".")[0]
+    return (
+        f"LoRA experts need the {package!r} package, which this environment cannot import ({type(err).__name__}); "
+        f"install it (pip install {package}) and restart. The LoRA file and the checkpoint are not at fault."
+    )
 
 
 def read_lora(name: str, folder: str, weight_name: str | None, prefix: str) -> tuple[dict, Any, Any, str | None]:
@@ -439,6 +464,7 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
             f"checkpoint {target.name!r}: its network ({type(net).__name__}) takes no LoRA adapters; LoRA experts "
             "need a diffusers network with PEFT support (UNet2DConditionModel, SD3 / Flux transformers)."
         )
+    require_peft()
     reg = registry(pipe)
     names = []
     for name, source in experts.items():
@@ -463,6 +489,8 @@ def load_experts(pipe, experts: Mapping, model: str | int | None = None, weight_
             with warnings.catch_warnings():  # several adapters on one network is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 net.load_lora_adapter(state, prefix=prefix, adapter_name=name, **kw)
+        except ImportError as err:  # a package the loader needs, not the file or the checkpoint
+            raise ValueError(f"load_lora_experts: {name!r}: {missing_package(err)}") from None
         except Exception as err:  # noqa: BLE001 -- shape mismatches, unknown modules: name the pair
             if name in (getattr(net, "peft_config", None) or {}):
                 net.delete_adapters([name])

@@ -100,6 +100,7 @@ def test_demo_prints_progress_per_row_with_the_time_left(tmp_path, capsys):
     captured = capsys.readouterr()
     err = captured.err
     assert "[demo] loading the shipped models" in err and "sampling 5 rows x 1 images x 3 steps" in err
+    assert "timing one step of each row" in err and "(an estimate from one timed step per row" in err
     for i in range(1, 6):
         assert f"[demo] row {i}/5 " in err and f"[demo] row {i}/5 done in " in err
     assert err.count("s left") >= 4  # after every row but the last, and before rows 2-5
@@ -108,17 +109,40 @@ def test_demo_prints_progress_per_row_with_the_time_left(tmp_path, capsys):
     assert "[demo]" not in capsys.readouterr().err
 
 
-def test_progress_estimate_weighs_rows_by_their_cost(monkeypatch):
+def test_progress_estimate_is_planned_per_row_and_smoothed(monkeypatch):
+    """The estimate plans each row by its measured seconds per step (rows of different cost), is exact while steps
+    take what was measured, moves little for one step ten times slower or a short burst of them (the old one swung
+    91 s -> 936 s -> 246 s), and follows a lasting slowdown as it goes on."""
     import io
 
-    clock = iter([0.0, 10.0, 10.0, 12.0])  # row 1 starts at 0 and ends at 10 s; row 2 starts at 10, one step at 12
-    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    now = [0.0]
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: now[0])
     stream = io.StringIO()
-    p = demo.Progress([1, 3], steps=2, stream=stream, every=0.0)
+    p = demo.Progress([1.0, 3.0], steps=20, stream=stream, every=0.0, prior_steps=10)  # prior: 20 planned seconds
+    assert p.seconds_left() == 80.0  # 20 steps of 1 s, then 20 of 3 s
+    assert "about 80 s left (an estimate)" in p.left()
     p.start_row("one")
-    assert "time left: estimating" in stream.getvalue()
-    p.end_row()  # 2 of 8 units of work in 10 s: 6 units left at 5 s each
-    assert stream.getvalue().splitlines()[-1] == "[demo] row 1/2 done in 10.0 s, about 30 s left"
+    estimates = []
+    for k, dt in enumerate([1.0] * 5 + [10.0] + [1.0] * 4 + [10.0] * 3 + [1.0] * 7, start=1):  # busy moments
+        now[0] += dt
+        p.step(k)
+        estimates.append(p.seconds_left())
+    assert estimates[4] == pytest.approx(75.0)  # on plan: exact
+    assert estimates[5] / estimates[4] == pytest.approx((15 + 20) / (6 + 20) * 74 / 75)  # one 10x step: 1.33x
+    spans = [b / a for a, b in zip(estimates, estimates[1:], strict=False)]
+    assert max(spans) < 1.5 and max(estimates) / min(estimates[:10]) < 3  # a burst of three: under 3x in all
+    p.end_row()
+    assert stream.getvalue().splitlines()[-1].startswith("[demo] row 1/2 done in 56.0 s, about ")
     p.start_row("two")
-    p.step(1)  # 5 units in 12 s: 3 left -> 7.2 s
-    assert stream.getvalue().splitlines()[-1] == "[demo] row 2/2: step 1/2, 2.0 s, about 7 s left"
+    for k in range(1, 21):  # a lasting slowdown: every step twice its plan
+        now[0] += 6.0
+        p.step(k)
+    assert 1.7 < p.ratio < 2.0 and p.seconds_left() == 0.0
+
+
+def test_demo_threads_option(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path / "t.png"), "--images", "1", "--steps", "2", "--threads", "2"])
+    assert torch.get_num_threads() == 2
+    assert "on 2 thread(s): about " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "0"])

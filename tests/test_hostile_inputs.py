@@ -84,7 +84,7 @@ ROWS = [
     ("height 100000", {**ROW, "height": 100000}, None, "height=100000 is out of range; give an integer from 8"),
     ("images 10000", {**ROW, "images": 10000}, None, "images=10000 is out of range; give an integer from 1 to 64"),
     ("seed negative", {**ROW, "seed": -1}, None, "seed=-1 is out of range"),
-    ("guidance 0", {**ROW, "guidance": 0}, None, "guidance=0.0 is out of range; give a number from 1"),
+    ("guidance -1", {**ROW, "guidance": -1}, None, "guidance=-1.0 is out of range; give a number in [0.0, 100.0]"),
     ("weights NaN", {**UNCOND, "weights": ["nan", 1]}, None, "weights must be finite; got 'nan'"),
     ("weights huge", {**UNCOND, "weights": [1e30, 1]}, None, "give one number per term, each from -1000 to 1000"),
     ("weights as text", {**UNCOND, "weights": [{"w": 1}, 1]}, None, "weights must be a number"),
@@ -376,3 +376,72 @@ def test_a_mistyped_local_folder_says_no_such_folder(monkeypatch):
     assert "no such folder" in text and "model_cards/shapes-uncond-a" in text and "cached" not in text
     with pytest.raises(ValueError, match="no such folder"):
         ComposePipeline.from_pretrained(["model_cards/shapes-uncond-a", "./nowhere/at-all"])
+
+
+@needs_models
+def test_bare_shipped_names_resolve_the_same_everywhere(tmp_path, monkeypatch):
+    """Issue 31: one resolver (`pipelines.shipped.resolve_model`) for from_pretrained, the batch jobs and the Space:
+    an existing folder is itself, a bare shipped name is its folder from any working directory, an owner/name is a
+    hub id (passed on), anything else is "no such folder" with the closest and the shipped names."""
+    import shutil
+
+    from pipelines import ComposePipeline
+    from pipelines.shipped import resolve_model
+
+    monkeypatch.chdir(tmp_path)  # no model_cards/ here
+    shipped = str(CARDS / "shapes-text")
+    assert resolve_model("shapes-text") == J.resolve_model("shapes-text") == shipped
+    assert resolve_model("someone/shapes-text") == J.resolve_model("someone/shapes-text") == "someone/shapes-text"
+    pipe = ComposePipeline.from_pretrained("shapes-text")
+    assert pipe.models[0].name == "shapes-text" and pipe.text_encoder is not None
+    two = ComposePipeline.from_pretrained(["shapes-uncond-a", "shapes-uncond-b"])
+    assert [m.name for m in two.models] == ["shapes-uncond-a", "shapes-uncond-b"]
+    for call in (ComposePipeline.from_pretrained, J.resolve_model):
+        with pytest.raises(ValueError) as err:
+            call("shapes-txt")
+        text = str(err.value)
+        assert "no such folder" in text and "Did you mean 'shapes-text'" in text and "shapes-uncond-b" in text
+    # an existing folder is what the caller typed: it wins over the shipped name
+    shutil.copytree(CARDS / "shapes-uncond-a", tmp_path / "shapes-text")
+    assert resolve_model("shapes-text") == "shapes-text"
+    assert ComposePipeline.from_pretrained("shapes-text").text_encoder is None  # the local unconditional copy
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="the folder holds no model_index.json"):
+        ComposePipeline.from_pretrained("empty")
+    with pytest.raises(ValueError, match="models: cannot read 'nope.json': is a file, not a folder"):
+        (tmp_path / "nope.json").write_text("{}")
+        J.resolve_model("nope.json")
+
+
+@needs_models
+def test_one_guidance_range_and_steps_caps_that_say_why():
+    """Issue 31: guidance has one range, the pipeline's, in jobs too (0-100; 1 or below: no guidance); a job's steps
+    are capped by the runner (Limits.max_steps) below the Python API's typo guard (compose.options.MAX_STEPS), and
+    the message says which cap it is."""
+    from compose import options as O
+    from pipelines import ComposePipeline
+
+    pipe = ComposePipeline.from_pretrained(str(CARDS / "shapes-text"))
+    pipe.set_progress_bar_config(disable=True)
+    for g in (-1.0, 0.0, 0.5, 1.0, 50.0, 100.0, 100.5):
+        try:
+            J.parse_job({**ROW, "guidance": g})
+            job_ok = True
+        except ValueError as err:
+            job_ok, job_msg = False, str(err)
+        try:
+            pipe(prompt="a circle", guidance_scale=g, num_inference_steps=1, output_type="pt")
+            api_ok = True
+        except ValueError as err:
+            api_ok, api_msg = False, str(err)
+        assert job_ok == api_ok == (0.0 <= g <= O.MAX_GUIDANCE), g
+        if not job_ok:
+            assert job_msg.replace("guidance=", "guidance_scale=", 1) == api_msg
+    cap = J.Limits().max_steps
+    assert cap < O.MAX_STEPS and str(O.MAX_STEPS) in J.STEPS_CAP
+    with pytest.raises(ValueError, match=rf"steps={cap + 1} is out of range; give an integer from 1 to {cap} \(this "
+                       r"runner's cap per job, Limits.max_steps: the batch runner's --max-steps"):
+        J.parse_job({**ROW, "steps": cap + 1})
+    assert O.check_steps(cap + 1) == cap + 1  # the API takes it
+    with pytest.raises(ValueError, match=f"num_inference_steps={O.MAX_STEPS + 1} is out of range"):
+        O.check_steps(O.MAX_STEPS + 1)

@@ -456,8 +456,12 @@ def test_bad_sources_are_refused(loras, tmp_path):
     for source in (pickle, tmp_path):  # the file, and a folder holding only the pickle
         with pytest.raises(ValueError, match="pickled weights.*safetensors only"):
             pipe.load_lora_experts({"p": source})
-    with pytest.raises(ValueError, match="no such file or folder"):
-        pipe.load_lora_experts({"p": str(tmp_path / "missing")})
+    for missing in ("missing", "nope.bin", "nope.safetensors", "gone/weights.pt"):  # existence before the format
+        with pytest.raises(ValueError, match="no such file or folder") as err:
+            pipe.load_lora_experts({"p": str(tmp_path / missing)})
+        assert "pickled" not in str(err.value)
+    with pytest.raises(ValueError, match="no such file or folder 'nope.bin'"):  # a bare relative name too
+        pipe.load_lora_experts({"p": "nope.bin"})
     with pytest.raises(ValueError, match="must be 1-100 letters"):
         pipe.load_lora_experts({"../x": loras["alpha"]})
     with pytest.raises(ValueError, match="takes a dict"):
@@ -469,6 +473,20 @@ def test_bad_sources_are_refused(loras, tmp_path):
     with pytest.raises(ValueError, match="takes no LoRA adapters"):
         uncond_pipe(0).load_lora_experts({"alpha": loras["alpha"]})
     assert pipe.lora_experts == {} and not getattr(pipe.unet, "peft_config", None)
+
+
+def test_a_missing_peft_is_named_not_blamed_on_the_file_or_checkpoint(loras, monkeypatch):
+    """Without peft (blocked here as a missing package is: None in sys.modules) the message names the package and
+    the install command, not "does not fit checkpoint"; nothing is attached."""
+    import sys
+
+    pipe = quiet(sd_pipe(loras["tmp"], seed=0))
+    with monkeypatch.context() as m, pytest.raises(ValueError) as err:
+        m.setitem(sys.modules, "peft", None)
+        pipe.load_lora_experts({"alpha": loras["alpha"]})
+    text = str(err.value)
+    assert "need the 'peft' package" in text and "pip install peft" in text and "does not fit" not in text
+    assert pipe.lora_experts == {} and pipe.load_lora_experts({"alpha": loras["alpha"]}) == ["alpha"]
 
 
 # ---------------------------------------------------------------------- jobs, batch runner, shipped LoRAs

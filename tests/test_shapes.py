@@ -286,7 +286,8 @@ def test_conditional_training_smoke_and_resume(tmp_path):
     info = json.loads((out / "train_info.json").read_text())
     assert info["steps"] == 2 and info["finished"] and info["captions"] == "attribute"
     index = json.loads((out / "model_index.json").read_text())
-    assert index["_class_name"] == "ComposePipeline" and "_diffusers_version" in index
+    assert index["_class_name"] == ["compose_pipeline", "ComposePipeline"] and "_diffusers_version" in index
+    assert (out / "compose_pipeline.py").is_file()
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
@@ -367,7 +368,11 @@ def test_shipped_conditional_models_load(folder):
         ctx = tc.encode(comps["text_encoder"], tc.tokenize(comps["tokenizer"], ["a red shape", "a circle", ""]))
         out = comps["unet"](torch.zeros(3, 3, size, size), 500, encoder_hidden_states=ctx).sample
     assert out.shape == (3, 3, size, size) and torch.isfinite(out).all()
-    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "ComposePipeline"
+    # the hub's custom-pipeline layout: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) loads it
+    from pipelines.loading import CLASS_NAME, PIPELINE_MODULE
+
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == CLASS_NAME
+    assert (folder / f"{PIPELINE_MODULE}.py").is_file()
 
 
 @pytest.mark.parametrize("folder", UNCOND_DIRS + COND_DIRS, ids=lambda p: p.name)

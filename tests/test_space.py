@@ -302,3 +302,180 @@ def test_queue_is_bounded(app_mod):
         assert running.result(timeout=30)[2] == "done" and waiting.result(timeout=30)[2] == "done"
     finally:
         demo.close()
+
+
+# ---------------------------------------------------------------------- the Space as a deployable unit (issue 31)
+API_INPUTS = ["models", "other_models", "prompts", "operator", "steps", "schedule", "guidance", "seed", "images",
+              "size", "particles", "moves", "loras", "lora_mode"]  # fmt: skip
+
+
+def readme_client_code(url: str) -> str:
+    """The gradio_client block of examples/space/README.md, pointed at `url`."""
+    blocks = re.findall(r"```python\n(.*?)```", (SPACE / "README.md").read_text(), re.S)
+    code = next(b for b in blocks if "gradio_client" in b)
+    assert '"http://127.0.0.1:7860/"' in code
+    return code.replace('"http://127.0.0.1:7860/"', repr(url))
+
+
+def check_readme_call(url: str) -> None:
+    """Run the README's documented call against `url` and check what its comments say."""
+    scope: dict = {}
+    exec(compile(readme_client_code(url), "examples/space/README.md", "exec"), scope)  # noqa: S102 -- our own doc
+    gallery, summary = scope["gallery"], scope["summary"]
+    assert [g["caption"] for g in gallery] == ["seed 0", "seed 1"]  # the LoRA call's images
+    assert "**and** over 2 term(s), 20 steps" in summary
+    assert "| a shape [shapes-lora-purple] |" in summary and "| a shape [shapes-lora-outline] |" in summary
+
+
+@needs_models
+def test_api_inputs_are_named_with_defaults_and_the_readme_call_runs(app_mod):
+    from gradio_client import Client
+
+    demo = app_mod.build_demo(app_mod.App())
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    try:
+        api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)
+        params = api["named_endpoints"]["/generate"]["parameters"]
+        assert [p["parameter_name"] for p in params] == API_INPUTS
+        assert all(p["parameter_has_default"] for p in params)  # none required: a call names what it changes
+        defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
+        assert defaults["other_models"] == "" and defaults["loras"] == [] and defaults["models"] == ["shapes-text"]
+        check_readme_call(url)
+    finally:
+        demo.close()
+
+
+def _requirement_names(lines) -> dict[str, str]:
+    """{normalised distribution name: the whole specifier line} of requirement lines."""
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line:
+            name = re.match(r"[A-Za-z0-9._-]+", line)[0]
+            out[re.sub(r"[-_.]+", "-", name).lower()] = line.replace(" ", "")
+    return out
+
+
+def test_space_requirements_are_the_projects_with_the_same_ranges():
+    """The rule: requirements.txt = pyproject's `dependencies` + the `space` extra, the same specifiers."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    want = _requirement_names([*project["dependencies"], *project["optional-dependencies"]["space"]])
+    got = _requirement_names((SPACE / "requirements.txt").read_text().splitlines())
+    assert got == want
+
+
+def test_space_requirements_cover_every_import_of_the_bundle(tmp_path):
+    """Every third-party module that the bundle's code imports (app.py, compose/, pipelines/) belongs to a
+    distribution that requirements.txt names (peft for the LoRA experts, gradio, matplotlib ...)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    spec = importlib.util.spec_from_file_location("space_bundle", SPACE / "bundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dest = mod.bundle(tmp_path / "space", ["shapes-uncond-a"])
+    local = {p.name for p in dest.iterdir() if p.is_dir()} | {p.stem for p in dest.glob("*.py")}
+    imports: dict[str, str] = {}
+    for path in dest.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    imports.setdefault(top, str(path.relative_to(dest)))
+    required = _requirement_names((dest / "requirements.txt").read_text().splitlines())
+    dists = packages_distributions()
+    missing = {}
+    for top, where in sorted(imports.items()):
+        names = {re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(top, [top])}
+        if not names & set(required):
+            missing[top] = where
+    assert "peft" in imports and "gradio" in imports and not missing, missing
+
+
+@needs_models
+def test_errors_never_show_a_server_path(app_mod, tmp_path, monkeypatch):
+    """A LoRA that cannot load: without peft the page names the package (not "does not fit checkpoint"), a corrupt
+    file says it cannot be read; neither message shows a server path. Paths a visitor typed are echoed as typed."""
+    import shutil
+    import sys as _sys
+
+    cards = tmp_path / "cards"
+    broken = cards / "shapes-lora-broken"
+    shutil.copytree(CARDS / "shapes-lora-purple", broken)
+    weights = broken / J.LORA_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:500])  # a truncated upload
+    from pipelines import shipped
+
+    monkeypatch.setattr(shipped, "SHIPPED_DIRS", (*shipped.SHIPPED_DIRS, cards))
+    app = app_mod.App(LIMITS)
+    lora = form(prompts="a shape", images=1) + [4, 0]
+    server = [str(ROOT), str(tmp_path), _sys.prefix, "/tmp/", "site-packages"]
+    with pytest.raises(gr.Error) as err:
+        app.generate(*lora, ["shapes-lora-broken"], app_mod.LORA_COMPOSE)
+    text = err.value.message
+    assert "cannot read LoRA weights" in text and "does not fit" not in text
+    assert not any(s in text for s in server), text
+    with monkeypatch.context() as m, pytest.raises(gr.Error) as err:
+        m.setitem(_sys.modules, "peft", None)
+        app.generate(*lora, ["shapes-lora-purple"], app_mod.LORA_COMPOSE)
+    text = err.value.message
+    assert "need the 'peft' package" in text and "does not fit" not in text
+    assert not any(s in text for s in server), text
+    # the scrubber: the Space's folders by public names, other absolute paths hidden, typed ones echoed
+    message = f"x {SPACE}/model_cards/a, {_sys.prefix}/lib/site-packages/peft/__init__.py and '/etc/passwd'"
+    assert app._public(message, ["/etc/passwd"]) == "x ./model_cards/a, <server path> and '/etc/passwd'"
+
+
+VENV_TEST = os.environ.get("CI", "").lower() == "true" or os.environ.get("COMPOSE_VENV_TEST") == "1"
+
+
+@needs_models
+@pytest.mark.venv
+@pytest.mark.skipif(
+    not VENV_TEST,
+    reason="installs the bundle's requirements into a fresh virtual environment from PyPI (2-4 min here, 1.6 GB); "
+    "runs in CI (CI=true) or with COMPOSE_VENV_TEST=1. test_space_requirements_cover_every_import_of_the_bundle "
+    "checks the requirements against the bundle's imports on every run.",
+)
+def test_bundle_in_a_fresh_virtual_environment_serves_a_lora_request(tmp_path):
+    """The Space as deployed: the bundle, a new virtual environment (no system packages) with torch 2.13.0 (the CPU
+    build on this machine) and then requirements.txt alone, app.py started from the bundle, and the README's
+    gradio_client calls (one with two shipped LoRA experts) answered by that server."""
+    from gradio_client import Client
+
+    spec = importlib.util.spec_from_file_location("space_bundle", SPACE / "bundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dest = mod.bundle(tmp_path / "space", ["shapes-text"])
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    for args in (["torch==2.13.0"], ["-r", str(dest / "requirements.txt")]):  # torch first: never the CUDA build
+        res = subprocess.run([python, "-m", "pip", "install", "-q", *args], env=env, capture_output=True, text=True,
+                             timeout=900)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+    port = free_port()
+    log = open(tmp_path / "app.log", "w")
+    server = subprocess.Popen([python, "app.py", "--port", str(port)], cwd=dest, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            try:
+                Client(url, verbose=False)
+                break
+            except Exception:  # noqa: BLE001 -- not up yet
+                assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()[-3000:]
+                time.sleep(2)
+        check_readme_call(url)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

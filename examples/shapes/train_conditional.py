@@ -198,8 +198,10 @@ def encode(text_encoder, ids: torch.Tensor) -> torch.Tensor:
 def model_index() -> dict:
     import diffusers
 
+    from pipelines.loading import CLASS_NAME  # the hub's [module, class] pair: DiffusionPipeline loads the folder too
+
     return {
-        "_class_name": "ComposePipeline",
+        "_class_name": list(CLASS_NAME),
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "DDPMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -217,6 +219,9 @@ def save_folder(unet, text_encoder, tokenizer, scheduler, out: Path, info: dict 
     write_tokenizer_files(out / "tokenizer")  # also the classic CLIP files, for loaders that want them
     scheduler.save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    from pipelines.loading import write_pipeline_module
+
+    write_pipeline_module(out)  # compose_pipeline.py, the module model_index.json's _class_name names
     if info is not None:
         (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 

@@ -90,8 +90,10 @@ def save_folder(transformer, text_encoder, tokenizer, scheduler, out: Path, info
         tokenizer.save_pretrained(out / name)
         write_tokenizer_files(out / name)
     scheduler.save_pretrained(out / "scheduler")
+    from pipelines.loading import write_pipeline_module
+
     index = {
-        "_class_name": "ComposePipeline",
+        "_class_name": write_pipeline_module(out),  # and compose_pipeline.py: DiffusionPipeline loads the folder too
         "_diffusers_version": diffusers.__version__,
         "max_sequence_length": T5_TOKENS,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

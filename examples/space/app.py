@@ -43,9 +43,10 @@ import torch  # noqa: E402
 from compose import GRIDS  # noqa: E402
 from compose.options import LORA_MODES, OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
+from pipelines import shipped  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
-    J.SHIPPED_DIRS = (HERE / "model_cards", *J.SHIPPED_DIRS)
+    shipped.SHIPPED_DIRS = (HERE / "model_cards", *shipped.SHIPPED_DIRS)
 
 
 def space_limits() -> J.Limits:
@@ -67,6 +68,7 @@ def space_limits() -> J.Limits:
 MAX_NAME = 100  # a model folder name in COMPOSE_MODELS_DIR
 LORA_COMPOSE = "compose (operator, one call)"  # the LoRA-mode choice that leaves the operator in charge
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+ABS_PATH = re.compile(r"(?<![\w.~/-])/[\w.@+-]+(?:/[\w.@+-]*)*")  # an absolute POSIX path inside a message
 
 
 class App:
@@ -118,15 +120,18 @@ class App:
             f"{offered or 'none (this Space takes no other checkpoints: tick shipped models)'}."
         )
 
-    def _public(self, message: str) -> str:
-        """A message for the page: server folders shown by their public names."""
+    def _public(self, message: str, typed: list[str] = ()) -> str:
+        """A message for the page, without server paths: shipped schedule files by their labels, the Space's folders
+        by public names ("." for the app's folder, "<models>" for COMPOSE_MODELS_DIR), and any other absolute path
+        (a package's file, a temporary folder) as "<server path>", unless the visitor typed it (`typed`: the form's
+        text, echoed back in "... is not offered")."""
         for label, value in sorted(self.schedules.items(), key=lambda kv: -len(kv[1])):
             if value != label:  # a shipped schedule file: its path -> its label
                 message = message.replace(value, label)
-        for folder, label in ((self.models_dir, "<models>"), (HERE.parents[1], "."), (HERE, ".")):
-            if folder is not None:
-                message = message.replace(str(folder) + os.sep, label + "/").replace(str(folder), label)
-        return message
+        folders = [(self.models_dir, "<models>"), (HERE, "."), (HERE.parents[1], ".")]
+        for folder, label in sorted(((f, lb) for f, lb in folders if f is not None), key=lambda fl: -len(str(fl[0]))):
+            message = message.replace(str(folder) + os.sep, label + "/").replace(str(folder), label)
+        return ABS_PATH.sub(lambda m: m[0] if any(m[0] in t for t in typed) else "<server path>", message)
 
     def job(
         self,
@@ -239,13 +244,35 @@ class App:
             )
         return J.run_job(pipe, job, progress=progress, deadline=deadline)
 
-    def generate(self, *fields, progress=gr.Progress()):  # noqa: B008 -- gradio's progress tracker idiom
-        """The page's handler: form fields -> (gallery items, kappa / log q figure, summary markdown).
+    def generate(
+        self,
+        models: list[str] | None,
+        other_models: str,
+        prompts: str,
+        operator: str,
+        steps: float,
+        schedule: str,
+        guidance: float,
+        seed: float,
+        images: float,
+        size: float,
+        particles: float = 4,
+        moves: float = 0,
+        loras: list[str] | None = None,
+        lora_mode: str = LORA_COMPOSE,
+        progress=gr.Progress(),  # noqa: B008 -- gradio's progress tracker idiom
+    ):
+        """The page's handler (API endpoint "/generate"): form fields -> (gallery items, kappa / log q figure,
+        summary markdown). The parameter names are the API's input names (gradio_client's keyword arguments); the
+        page's initial values are their defaults (see `build_demo`).
 
         Raises gr.Error (a message in the page) for every failure; unexpected ones are logged on the server. The
         time limit (`Limits.max_seconds`) counts from here: loading, then every step.
         """
         start = time.monotonic()
+        fields = (models, other_models, prompts, operator, steps, schedule, guidance, seed, images, size, particles,
+                  moves, loras, lora_mode)  # fmt: skip
+        typed = [v for f in fields for v in (f if isinstance(f, (list, tuple)) else [f]) if isinstance(v, str)]
         try:
             job = self.job(*fields)
             deadline = J.Deadline(self.limits.max_seconds, start) if self.limits.max_seconds is not None else None
@@ -255,7 +282,7 @@ class App:
 
             res = self.run(job, progress=on_step, deadline=deadline)
         except ValueError as err:
-            raise gr.Error(self._public(str(err)), print_exception=False) from None
+            raise gr.Error(self._public(str(err), typed), print_exception=False) from None
         except Exception as err:  # noqa: BLE001 -- never a stack trace in the page; the log keeps it
             traceback.print_exc()
             raise gr.Error(f"internal error ({type(err).__name__}); the server log has the details.") from None
@@ -274,7 +301,7 @@ def offered_schedules() -> dict[str, str]:
     the models (label "schedules-.../x.json" -> its path). Nothing else is accepted."""
     out = {name: name for name in GRIDS}
     out["scheduler"] = "scheduler"  # a flow-matching checkpoint's own sigmas (shift, dynamic shift); UNets refuse it
-    for d in J.SHIPPED_DIRS:
+    for d in shipped.SHIPPED_DIRS:
         for f in sorted(Path(d).glob("schedules-*/*.json")):
             out.setdefault(f"{f.parent.name}/{f.name}", str(f))
     return out
@@ -353,6 +380,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                 )
                 offered = app.other_models()
                 other = gr.Textbox(
+                    "",  # an initial value: the API input is optional (a default), not required
                     label=f"other checkpoints (folder names, one per line: {', '.join(offered)})",
                     lines=2,
                     elem_id="other_models",
