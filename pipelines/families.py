@@ -1,4 +1,4 @@
-"""Model families as adapters: what one kind of checkpoint adds to the shared sampler (house style 6).
+"""Model families as adapters: what one kind of checkpoint adds to the shared sampler (CONTRIBUTING.md).
 
 `compose` owns the mathematics and the one sampling loop; a family only answers, for its checkpoints:
   - `encode(model, prompt, device, zero)`: the conditioning of one prompt (batch of one), computed once per call;

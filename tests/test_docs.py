@@ -36,7 +36,7 @@ SKIP_REASONS = {
 }
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*skip\s+(?P<reason>[\w-]+)\s*:\s*(?P<why>.*?)\s*-->\s*$")
-ANY_MARKER = re.compile(r"<!--\s*docs-test")
+ANY_MARKER = re.compile(r"^\s*<!--\s*docs-test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -79,8 +79,10 @@ def parse(page: Path) -> tuple[list[Block], list[str]]:
             skip = None
             if pending is not None:
                 if pending[0] != i or lang not in RUN:
-                    problems.append(f"{page.relative_to(ROOT)}:{pending[0]}: a skip marker must sit on the line "
-                                    "right before a python / bash block")  # fmt: skip
+                    problems.append(
+                        f"{page.relative_to(ROOT)}:{pending[0]}: a skip marker must sit on the line "
+                        "right before a python / bash block"
+                    )
                 else:
                     skip = pending[1]
                 pending = None
@@ -130,11 +132,16 @@ def scratch_checkout(tmp_path: Path) -> Path:
 
 
 def run_bash(block: Block, cwd: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # fmt: skip
-    res = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=cwd, env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block.code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, f"{block.where} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
 
 
@@ -148,18 +155,36 @@ def test_page_runs(page, tmp_path, monkeypatch):
             run_bash(block, view)
             continue
         try:
-            exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
+            exec(compile(block.code, block.where, "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"{block.where}: {type(e).__name__}: {e}") from e
 
 
-def test_readme_links_resolve():
-    """The README is read on the forge, outside the site: its relative links must name files of the checkout."""
-    text = (ROOT / "README.md").read_text()
-    targets = re.findall(r"\]\(([^)\s]+)\)", text)
-    local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+://|#|mailto:", t)]
-    missing = [t for t in local if t and not (ROOT / t).exists()]
-    assert local and not missing, missing
+def slug(heading: str) -> str:
+    """A heading's anchor, as the forge and the site's `toc` both make it for plain headings."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return re.sub(r"[ ]+", "-", text)
+
+
+@pytest.mark.parametrize(
+    "page", [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md"], ids=lambda p: p.name
+)
+def test_links_outside_the_site_resolve(page):
+    """README.md is read on the forge, outside the site (CONTRIBUTING.md and CHANGELOG.md are also pulled into it):
+    every relative link names a file of the checkout, and an anchor names a heading of that file."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://|mailto:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path) if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+            if anchor not in {slug(h) for h in headings}:
+                broken.append(target)
+    assert not broken, broken
 
 
 def test_site_builds_in_strict_mode(tmp_path):
@@ -167,7 +192,13 @@ def test_site_builds_in_strict_mode(tmp_path):
         pytest.importorskip("mkdocs", reason="the docs tools are not installed (pip install -e '.[docs]')")
         pytest.importorskip("mkdocstrings_handlers.python", reason="mkdocstrings[python] is not installed")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-5000:]
     assert (tmp_path / "site" / "api" / "pipelines" / "index.html").is_file()
