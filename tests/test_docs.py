@@ -149,15 +149,21 @@ def run_bash(block: Block, cwd: Path) -> None:
 def test_page_runs(page, tmp_path, monkeypatch):
     view = scratch_checkout(tmp_path)
     monkeypatch.chdir(view)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a page may add to sys.path; the next test gets it back
     namespace: dict = {"__name__": "__docs__"}
-    for block in runnable(page):
-        if block.lang == "bash":
-            run_bash(block, view)
-            continue
-        try:
-            exec(compile(block.code, block.where, "exec"), namespace)
-        except Exception as e:
-            raise AssertionError(f"{block.where}: {type(e).__name__}: {e}") from e
+    try:
+        for block in runnable(page):
+            if block.lang == "bash":
+                run_bash(block, view)
+                continue
+            try:
+                exec(compile(block.code, block.where, "exec"), namespace)
+            except Exception as e:
+                raise AssertionError(f"{block.where}: {type(e).__name__}: {e}") from e
+    finally:  # modules a page imported from the scratch checkout go with it
+        for name, module in list(sys.modules.items()):
+            if str(getattr(module, "__file__", None) or "").startswith(str(view)):
+                del sys.modules[name]
 
 
 def slug(heading: str) -> str:
