@@ -63,9 +63,10 @@ def parse(page: Path) -> tuple[list[Block], list[str]]:
         if ANY_MARKER.search(line) and not marker:
             problems.append(f"{where}: malformed marker (write `<!-- docs-test: skip REASON: why -->`)")
         if marker:
-            if marker["reason"] not in SKIP_REASONS or not marker["why"]:
+            if marker["reason"] in SKIP_REASONS and marker["why"]:
+                pending = (i + 1, marker["reason"])
+            else:  # reported, and its block is not skipped
                 problems.append(f"{where}: skip reason must be one of {sorted(SKIP_REASONS)}, then ': why'")
-            pending = (i + 1, marker["reason"])
             i += 1
             continue
         if fence:
@@ -208,3 +209,29 @@ def test_site_builds_in_strict_mode(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-5000:]
     assert (tmp_path / "site" / "api" / "pipelines" / "index.html").is_file()
+
+
+def test_the_parser_reports_every_unclassified_or_hidden_block(tmp_path, monkeypatch):
+    """The classification test above is only as good as `parse`: a page with each kind of mistake."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- docs-test: skip hub: downloads a model -->\n```python\nimport nothing\n```\n\n"  # fine, skipped
+        "```\nno language\n```\n\n"  # a bare fence
+        "<!-- docs-test: skip lazy: not a reason -->\n```bash\necho hi\n```\n\n"  # an unknown reason
+        "<!-- docs-test: skip hub -->\n```bash\necho hi\n```\n\n"  # no explanation
+        "<!-- docs-test: skip long: far from its block -->\n\nsome text\n\n```python\npass\n```\n\n"
+        "<!-- docs-test: skip long: on a shown block -->\n```text\noutput\n```\n\n"
+        "<!-- docs-test skip long -->\n"  # malformed
+        "  ```python\n  x = 1\n  ```\n"  # an indented block (in a list) runs too
+    )
+    blocks, problems = parse(page)
+    assert [(b.lang, b.skip) for b in blocks] == [
+        ("python", "hub"), ("", None), ("bash", None), ("bash", None), ("python", None), ("text", None),
+        ("python", None),
+    ]  # fmt: skip
+    assert blocks[-1].code == "x = 1\n"
+    assert len(problems) == 6, problems
+    for needle in ("fence language ''", "skip reason must be one of", "right before its block",
+                   "right before a python / bash block", "malformed marker"):  # fmt: skip
+        assert any(needle in p for p in problems), (needle, problems)
