@@ -1,6 +1,6 @@
 """Accuracy of density tracking and of OR / AND against step count, on 2-D Gaussian mixtures with exact answers.
 
-    python benchmarks/bench_tracking.py            # markdown table (the README carries it)
+    python benchmarks/bench_tracking.py            # markdown table (docs/benchmarks/tracking.md carries it)
     python benchmarks/bench_tracking.py --json     # the same figures as JSON
 
 Models: A = {(-2, 0), (2, 0)}, B = {(2, 0), (0, 3)} (std 0.5, VP-linear), sharing the component at (2, 0).

@@ -18,7 +18,7 @@ evaluations, the last step lands on the data (x0_hat), as every grid of `compose
 Gradients flow through the student's steps and every model call. For OR and AND the per-step coefficients come
 from the tracked densities (`compose.Composer`); by default (`weight_grad=True`) the gradient also flows through
 those densities (the divergences included) into the weights, which is what makes OR learnable at NFE 4 on the 2-D
-mixtures (README, learned schedules); `weight_grad=False` treats them as constants
+mixtures (docs/benchmarks/schedules.md); `weight_grad=False` treats them as constants
 (a straight-through approximation, cheaper: no backward through the divergences).
 
 A schedule is stored as JSON (`compose.schedule_files`: `save_schedule` / `load_schedule`); loading checks the grid
@@ -60,7 +60,7 @@ from .schedule_files import (  # noqa: F401
 
 # ---------------------------------------------------------------------- the differentiable student
 def _math_attention():
-    """Forward-mode AD (JVP divergences) through attention needs the math SDPA backend (see the project NOTES)."""
+    """Forward-mode AD (JVP divergences) through attention needs the math SDPA backend (docs/notes.md)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - old torch

@@ -31,7 +31,7 @@ resampling it pulls the copies of one particle apart again. The move is Metropol
 Without the test (unadjusted Langevin) the invariant law would be off by O(tau): for N(m, v I) its variance is
 v / (1 - tau / (2 v)), 33% too wide at tau = v / 2; with it the only bias left is the trapezoid error above (zero on
 Gaussian targets; the trapezoid bias grows with langevin_step and smaller steps mix between modes more slowly (the
-README's products-of-experts section measures both). Cost: one network evaluation of every leaf per move and
+docs/benchmarks/smc.md measures both). Cost: one network evaluation of every leaf per move and
 particle; the prediction at the proposal is kept for the next step whichever way the test goes, and the one at the
 start of the moves is the one the next step would have made, so L moves after each of the N - 1 reweighted steps
 cost N + L (N - 1) evaluations per particle for an N-step grid.

@@ -1,6 +1,6 @@
 """`ComposePipeline`: compose prompts and checkpoints at sampling time inside diffusers.
 
-The pipeline is thin (house style 6): it maps prompts / checkpoints to the leaves of a `compose` expression, encodes
+The pipeline is thin (CONTRIBUTING.md): it maps prompts / checkpoints to the leaves of a `compose` expression, encodes
 their conditioning once (`pipelines.families`), evaluates every network once per step on all of its rows (the terms
 that use it, the unconditional branch of classifier-free guidance and, for `divergence="hutchinson_fd"`, the probe
 points; `NetworkGroups`), and hands the rest to the one sampling loop, `compose.loop.run` (docs/MATH.md sections
@@ -626,7 +626,7 @@ class ComposePipeline(DiffusionPipeline):
             method: "sde" (Ito density estimator) or "ode" (probability-flow ODE, divergence estimate).
             divergence: for "ode": "hutchinson_fd" (default: finite differences with step fd_eps * sigma_t, the probe
                 points batched into the main network call) or "hutchinson" (forward-mode JVPs, math attention;
-                about 5x the cost of a call, see the README's tracking table for their accuracy).
+                about 5x the cost of a call, see docs/benchmarks/tracking.md for their accuracy).
             probes: Hutchinson probes per step (shared across terms).
             clip_sample, clip_sample_range, thresholding: the x0 clipping of the composed prediction (diffusers'
                 DDPM / DDIM semantics); None: the first checkpoint's scheduler config decides.

@@ -1,4 +1,4 @@
-"""Model families: what one kind of checkpoint adds to the shared sampler (house style 6).
+"""Model families as adapters: what one kind of checkpoint adds to the shared sampler (CONTRIBUTING.md).
 
 `compose` owns the mathematics and the one sampling loop; `pipelines.batching` batches the rows of every step into
 one call per network; `ComposePipeline` owns the call's I/O. A family answers everything else about its checkpoints:

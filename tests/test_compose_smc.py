@@ -123,8 +123,8 @@ def test_tempering_a_gaussian_is_exact():
 
     beta = 2 and 0.5, where the importance weights from the move (the plain scaled score, variance 0.12 and 4.4 here)
     to the target have finite variance. At beta = 3 they barely do and 16 x 64 particles underestimate the variance by
-    ~15% (README: when the move is far narrower than the target, weights are heavy-tailed); at beta = 2 and 64
-    particles the estimate spreads 0.15-0.20 over seeds (target 0.18), at 256 particles 0.16-0.19."""
+    ~15% (docs/benchmarks/smc.md: when the move is far narrower than the target, weights are heavy-tailed); at
+    beta = 2 and 64 particles the estimate spreads 0.15-0.20 over seeds (target 0.18), at 256 particles 0.16-0.19."""
     q = gaussian([1.0, -1.0], 0.6, "q")
     for beta in (2.0, 0.5):
         r = sample(PoE(q, exponents=[beta]), num_samples=16, num_particles=256, steps=200, generator=gen(1),

@@ -1,5 +1,5 @@
 """Flow-matching transformer checkpoints (issue 21): SD3 and Flux through ComposePipeline, on tiny offline components
-(the configs of diffusers' own tests; tokenizers built in code, see the project NOTES).
+(the configs of diffusers' own tests; tokenizers built in code, see docs/notes.md).
 
 With one prompt and no operator, ComposePipeline equals diffusers' own StableDiffusion3Pipeline / FluxPipeline from
 the same latents (FlowMatchEuler steps: our "euler" ODE on the rectified-flow path, the checkpoint's own sigmas) to
