@@ -215,11 +215,14 @@ def test_two_step_run_on_shipped_models(tmp_path, capsys):
     assert "| steps | method | NFE/img | s/img | half A C | half A G |" in printed
     res = json.loads(out.read_text())
     joint = ["joint prompt (SDE)", "joint prompt (ODE, hutchinson_fd, euler)"]
-    assert [r["method"] for r in res["and"]] == [*joint, "product_smc (SDE, 4 particles)", *joint]
-    assert [r["models"] for r in res["and"]] == ["shapes-text"] * 3 + ["shapes-text-flow"] * 2
+    assert [r["method"] for r in res["and"]] == [*joint, *joint, "product_smc (SDE, 4 particles)", *joint]
+    ceiling = "shapes-text-joint (ceiling)"
+    assert [r["models"] for r in res["and"]] == [ceiling] * 2 + ["shapes-text"] * 3 + ["shapes-text-flow"] * 2
     assert [r["method"] for r in res["refused"]] == ["product_smc (ODE, hutchinson_fd, euler, 4 particles)"]
     assert len(res["or"]) == 3
-    joint_sde, joint_ode, smc, flow_sde, flow_ode = res["and"]
+    assert "Judge sanity: share of images on which the two judges give the same shape" in printed
+    assert all("agree" in d for r in res["and"] for d in r["per_pair"])
+    _, _, joint_sde, joint_ode, smc, flow_sde, flow_ode = res["and"]
     assert joint_sde["nfe_per_image"] in (4, 6)  # (1 term + 1 unconditional) x (2 steps, + 1 final in old pipelines)
     assert flow_sde["nfe_per_image"] == 4 and flow_ode["nfe_per_image"] > 4  # the transformer's rows, counted
     assert joint_ode["nfe_per_image"] > joint_sde["nfe_per_image"]  # the probe points of the divergence
@@ -231,5 +234,5 @@ def test_two_step_run_on_shipped_models(tmp_path, capsys):
         assert len(r["verdicts"]["geometry_shape"]) == 2 and r["sec_per_image"] > 0
     from PIL import Image
 
-    # 8 rows of 2 tiles (24 px at scale 3 + a 5 px bar + 1 + 24 px of text) under a 4-line legend; 520 px wide
-    assert Image.open(grid).size == (520, 3 + 4 * 14 + 8 * (14 + 102 + 3))
+    # 10 rows of 2 tiles (24 px at scale 3 + a 5 px bar + 1 + 24 px of text) under a 4-line legend; 520 px wide
+    assert Image.open(grid).size == (520, 3 + 4 * 14 + 10 * (14 + 102 + 3))

@@ -46,7 +46,8 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
 def default_prompts(mode: str) -> list[str]:
     colour = [caption(colour=c) for c in COLOURS]
     shape = [caption(shape=s) for s in SHAPES]
-    return {"attribute": colour + shape, "colour": colour, "shape": shape}[mode]
+    joint = [caption(shape=sh, colour=c) for c in COLOURS for sh in SHAPES]
+    return {"attribute": colour + shape, "colour": colour, "shape": shape, "joint": joint}[mode]
 
 
 @torch.no_grad()
@@ -145,6 +146,9 @@ def judge_geometric(images, prompt: str, judge, classifier=None) -> dict:
         "geometric_named_colour": None if colour is None else share(g_colour == COLOURS.index(colour)),
         "geometric_shape_none": (g_shape < 0).float().mean().item(),
         "geometric_colour_none": (g_colour < 0).float().mean().item(),
+        "geometric_both": None
+        if shape is None or colour is None
+        else share((g_shape == SHAPES.index(shape)) & (g_colour == COLOURS.index(colour))),
         "geometric_shape_hist": {k: int((g_shape == i).sum()) for i, k in enumerate(SHAPES)},
         "geometric_colour_hist": {k: int((g_colour == i).sum()) for i, k in enumerate(COLOURS)},
     }
@@ -164,6 +168,7 @@ def summarize_geometric(rows: list[dict]) -> dict:
     colour = [r["geometric_named_colour"] for r in rows if r["named_colour"] is not None and r["named_shape"] is None]
     shape = [r["geometric_named_shape"] for r in rows if r["named_shape"] is not None and r["named_colour"] is None]
     none = [r["geometric_shape_none"] for r in rows]
+    both = [r["geometric_both"] for r in rows if r.get("geometric_both") is not None]
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     out = {
         "geometric_colour_prompts_named_colour": mean(colour),
@@ -171,6 +176,7 @@ def summarize_geometric(rows: list[dict]) -> dict:
         "geometric_shape_prompts_named_shape": mean(shape),
         "geometric_shape_prompts_min": min(shape) if shape else None,
         "geometric_shape_none": mean(none),
+        "geometric_joint_prompts_both": mean(both),
         "agree_shape": mean([r["agree_shape"] for r in rows if "agree_shape" in r]),
         "agree_colour": mean([r["agree_colour"] for r in rows if "agree_colour" in r]),
     }

@@ -335,18 +335,26 @@ def _geometric_evaluation(ev: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     rows = []
     for r in ev["prompts"]:
-        named = r["geometric_named_shape"] if r["named_shape"] else r["geometric_named_colour"]
+        named = r.get("geometric_both")
+        if named is None:
+            named = r["geometric_named_shape"] if r["named_shape"] else r["geometric_named_colour"]
         rows.append(f"| {r['prompt']} | {pct(named)} | {pct(r['geometric_shape_none'])} | {pct(r['accuracy'])} | "
                     f"{pct(r['agree_shape'])} | {pct(r['agree_colour'])} |")  # fmt: skip
     met = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in geo["targets_met"].items() if v is not None)
+    said = []
+    if geo["geometric_colour_prompts_named_colour"] is not None:
+        said.append(f"colour prompts give the named colour {pct(geo['geometric_colour_prompts_named_colour'])} of the "
+                    f"time (worst prompt {pct(geo['geometric_colour_prompts_min'])})")  # fmt: skip
+    if geo["geometric_shape_prompts_named_shape"] is not None:
+        said.append(f"shape prompts the named shape {pct(geo['geometric_shape_prompts_named_shape'])} (worst "
+                    f"{pct(geo['geometric_shape_prompts_min'])})")  # fmt: skip
+    if geo.get("geometric_joint_prompts_both") is not None:
+        said.append(f"prompts naming both attributes give both {pct(geo['geometric_joint_prompts_both'])} of the time")
     return f"""
 Under the geometric judge (`examples/shapes/geometry.py`: measured shape and colour, thresholds fitted on renders),
-on the same images: colour prompts give the named colour {pct(geo["geometric_colour_prompts_named_colour"])} of the
-time (worst prompt {pct(geo["geometric_colour_prompts_min"])}), shape prompts the named shape
-{pct(geo["geometric_shape_prompts_named_shape"])} (worst {pct(geo["geometric_shape_prompts_min"])}); it names no shape
-for {pct(geo["geometric_shape_none"])} of the images. Targets (colour >= 98%, shape >= 95%, none <= 5%): {met}. The
-two judges agree on the shape of {pct(geo["agree_shape"])} and on the colour of {pct(geo["agree_colour"])} of the
-images.
+on the same images: {"; ".join(said)}; it names no shape for {pct(geo["geometric_shape_none"])} of the images.
+Targets of the single-attribute models (colour >= 98%, shape >= 95%, none <= 5%): {met}. The two judges agree on the
+shape of {pct(geo["agree_shape"])} and on the colour of {pct(geo["agree_colour"])} of the images.
 
 | prompt | geometric: named | geometric: no shape | classifier: accuracy | agree: shape | agree: colour |
 |---|---|---|---|---|---|
