@@ -104,6 +104,10 @@ LORA_UNCOND = ("lora", "base")
 # "batched_loop" (the same call, the updates added one adapter's rows at a time), "batched_peft" (the same call through
 # PEFT's mixed adapter batch) and "separate" (one call per network and adapter): the same numbers up to rounding.
 LORA_CALLS = ("batched", "batched_loop", "batched_peft", "separate")
+# Per-image concept scores (`pipelines.verify`, docs/MATH.md section 9): "renoise" (the finished image's denoising
+# losses, noised again at a few log-SNR levels: a few extra rows) or "tracked" (the sampler's tracked log-densities:
+# free).
+LIFT_ESTIMATORS = ("renoise", "tracked")
 
 # The Python API's bounds: typo guards, not resource caps. A job runner (the batch command line, the Space) caps each
 # request's steps lower for the machine's sake (`pipelines.jobs.Limits.max_steps`: batch --max-steps, default 1000;

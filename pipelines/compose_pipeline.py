@@ -59,6 +59,7 @@ from compose.operators import Expr, named_operator
 from compose.schedule_files import expression_keys
 from compose.smc import ParticleHooks
 from compose.solvers import X0Clip
+from compose.verify import LiftSteering
 
 from . import lora as lora_experts
 from .batching import UNCOND, Leaf, NetworkGroups, forward_ad_ready
@@ -73,8 +74,25 @@ from .loading import (
     write_diffusers_entry,
 )
 from .shipped import resolve_model
+from .verify import DEFAULT_LEVELS, Verification, choose, renoise_lifts, tracked_lifts, verification_rows
 
 OPERATORS = O.OPERATORS
+# the names of __call__'s locals that `_verify` reads (its context)
+VERIFY_CONTEXT = (
+    "sch",
+    "leaves",
+    "uncond",
+    "conds",
+    "lora_plan",
+    "extra",
+    "draws",
+    "n",
+    "term_index",
+    "composer",
+    "terms",
+    "negative_prompt",
+    "max_sequence_length",
+)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_IMAGES = 4096  # rows of one call (images x particles)
 MAX_GUIDANCE = O.MAX_GUIDANCE
@@ -99,6 +117,11 @@ class ComposePipelineOutput(BaseOutput):
         them).
     evaluations (operator="product_smc" only): (n,) network evaluations per particle of every image (per term):
         num_inference_steps, plus langevin_steps for every Langevin rejuvenation.
+    lift: (n, T) float64 every term's lift, log q_term - log q_ref in nats, for the kept image (`pipelines.verify`:
+        "renoise" by default, or "tracked"); None with lift=None, or "tracked" without guidance.
+    lift_scores, candidate (candidates > 1): (n, K) the score of every candidate (by score_rule), and (n,) which one
+        each image kept (0 .. K-1).
+    verification_rows: network rows per output image that the lift cost beyond sampling (every candidate's).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -111,6 +134,10 @@ class ComposePipelineOutput(BaseOutput):
     num_resamples: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
     evaluations: torch.Tensor | None = None
+    lift: torch.Tensor | None = None
+    lift_scores: torch.Tensor | None = None
+    candidate: torch.Tensor | None = None
+    verification_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -589,6 +616,12 @@ class ComposePipeline(DiffusionPipeline):
         lora_calls: str = "batched",
         true_cfg_scale: float = 1.0,
         max_sequence_length: int | None = None,
+        lift: str | None = "auto",
+        lift_levels: tuple = DEFAULT_LEVELS,
+        candidates: int = 1,
+        select: str = "lift",
+        steer: float = 0.0,
+        score_rule: str | None = None,
     ) -> ComposePipelineOutput | tuple:
         """Sample the composition of the terms (prompts x checkpoints).
 
@@ -704,7 +737,8 @@ class ComposePipeline(DiffusionPipeline):
         particles = Particles(
             num_particles, ess_threshold, resample_window, langevin_steps, langevin_step, langevin_after
         )
-        P = particles.check(smc, operator, method)
+        verification = Verification(lift, lift_levels, candidates, select, steer, score_rule)
+        P = particles.check(smc, operator, method) * verification.check(smc, method, operator)  # rows per image
         schedule_name = self._schedule_name(grid, schedule, first.family)
         clip = X0Clip.from_config(
             first.scheduler.config,
@@ -717,8 +751,7 @@ class ComposePipeline(DiffusionPipeline):
         family, f = first.family, self.vae_scale_factor
         height, width, shape = self._sizes(first, n * P, height, width)
         device = self._execution_device
-        if latents is not None:
-            self._check_latents(latents, shape, smc, P)
+        self._check_latents(latents, shape, smc, P)
 
         # 2. terms -> leaves on the shared schedule, their conditioning (each prompt encoded once)
         sch = first.schedule
@@ -747,18 +780,79 @@ class ComposePipeline(DiffusionPipeline):
         log_q = composer.initial_log_q(x, float(ts[0]))
 
         # 6. sample: one batched call per network and step, the maths in compose.loop.run
-        hooks = ParticleHooks(poe, sch, n, P, device=x.device, **particles.hook_options()) if smc else None
+        hooks = self._hooks(poe, particles, verification, operator, composer.leaves, term_index, n, P, x.device)
         draws = PipelineDraws(generator, device)
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sch)
         sampler = Sampler(solver, method, divergence, probes, fd_eps, clip)
         tr = self._run(composer, groups, x, (ts, t_net, offsets), log_q, sampler, draws, hooks, callback, lora_plan)
 
-        # 7. decode (product_smc: one particle per image, drawn by its weights)
-        pick = None if not smc else hooks.pick(draws.uniforms(n))
-        images = self._decode(tr.x if pick is None else tr.x[pick.to(tr.x.device)], output_type, height, width)
+        # 7. every image's lifts and the candidate kept; decode (product_smc: one particle drawn by its weights)
+        ctx = {k: v for k, v in locals().items() if k in VERIFY_CONTEXT}  # what _verify reads of this call
+        pick, verdict = (hooks.pick(draws.uniforms(n)), None) if smc else self._verify(verification, tr, operator, ctx)
+        images = self._decode(tr.x[pick.to(tr.x.device)], output_type, height, width)
         self.maybe_free_model_hooks()
-        out = self._output(images, tr, term_index, n, P, pick, hooks, single=len(leaves) == 1 and not smc)
+        single = len(leaves) == 1 and not smc
+        out = self._output(images, tr, term_index, n, P, pick, hooks if smc else None, single, verdict)
         return out if return_dict else (out.images, out.kappa, out.log_q)
+
+    @staticmethod
+    def _hooks(poe, particles, verification: Verification, operator, core, term_index, n, P, device) -> Any:
+        """The loop's hooks: the particles of product_smc, the steering of the candidates, or None."""
+        if poe is not None:
+            return ParticleHooks(
+                poe, poe.product.leaves()[0].schedule, n, P, device=device, **particles.hook_options()
+            )
+        if not verification.steer:
+            return None
+        u_index = next(i for i, lf in enumerate(core) if lf.model is None)
+        rule = verification.default_rule(operator)
+        refs = [u_index] * len(term_index)
+        return LiftSteering(n, P, term_index, refs, rule=rule, strength=verification.steer, device=device)
+
+    def _verify(self, v: Verification, tr, operator, ctx: dict) -> tuple[torch.Tensor, tuple]:
+        """(the flat row of every image's kept candidate, (lift (n, T), scores (n, K) or None, candidate (n,) or None,
+        verification rows per image)) after a run of n x K candidates (`pipelines.verify`)."""
+        n, K = ctx["n"], v.candidates
+        ctx["core"] = ctx["composer"].leaves
+        rows = 0
+        if v.estimator == "tracked":
+            u_index = next((i for i, lf in enumerate(ctx["core"]) if lf.model is None), None)
+            lifts = tracked_lifts(tr.log_q, ctx["term_index"], u_index)
+        elif v.estimator == "renoise":
+            groups, term_idx, ref_idx = self._verification_groups(ctx)
+            held = (
+                ctx["lora_plan"].routing.session()
+                if ctx["lora_plan"].routing is not None
+                else contextlib.nullcontext()
+            )
+            with held:
+                lifts = renoise_lifts(groups, tr.x, ctx["sch"], v.levels, ctx["draws"], term_idx, ref_idx)
+            rows = len(v.levels) * len(groups.leaves) * K
+        else:
+            lifts = None
+        pick, scores = choose(lifts, n, K, v.select, v.default_rule(operator), ctx["draws"])
+        kept = None if lifts is None else lifts[pick.to(lifts.device)]
+        candidate = None if K == 1 else pick - K * torch.arange(n)
+        return pick, (kept, scores, candidate, rows)
+
+    def _verification_groups(self, ctx: dict) -> tuple[NetworkGroups, list, list]:
+        """The rows of the "renoise" lift: every term and its reference, batched per network (`verification_rows`);
+        the unconditional conditioning is encoded here when the call ran without guidance."""
+        uncond, conds = ctx["uncond"], dict(ctx["conds"])
+        if not uncond and any(lf.model.is_text for lf in ctx["leaves"]):
+            _, uncond, more = self.encode_terms(
+                ctx["terms"],
+                True,
+                ctx["negative_prompt"],
+                len(self.models),
+                self._execution_device,
+                2.0,
+                ctx["max_sequence_length"],
+            )
+            conds.update(more)
+        rows, term_idx, ref_idx = verification_rows(ctx["leaves"], uncond, conds, ctx["lora_plan"])
+        groups = NetworkGroups(rows, rows, [], conds, None, ctx["extra"], routing=ctx["lora_plan"].routing)
+        return groups, term_idx, ref_idx
 
     # ------------------------------------------------------------------ the steps of __call__
     def _composition(self, operator, leaves, weights, temperature, guidance_scale, smc) -> tuple[Any, Any]:
@@ -925,13 +1019,13 @@ class ComposePipeline(DiffusionPipeline):
 
         return callback
 
-    def _output(self, images, tr, term_index, n, P, pick, hooks, single: bool) -> ComposePipelineOutput:
-        first = lambda v: v.reshape(n, P, *v.shape[1:])[:, 0]  # noqa: E731 - one row per image
-        kappa = torch.stack([first(k) for k in tr.kappa]) if P > 1 else tr.kappa
+    def _output(self, images, tr, term_index, n, P, pick, hooks, single: bool, verdict=None) -> ComposePipelineOutput:
+        kept = lambda v: v[:, pick.to(v.device)] if P > 1 else v  # noqa: E731 - the kept row of every image
+        kappa = kept(tr.kappa)
         if single:  # one term: no operator to weigh (the guidance node's weights are in node_kappa)
             kappa = torch.ones(kappa.shape[0], n, 1, dtype=torch.float64)
-        node_kappa = {p: torch.stack([first(k) for k in v]) if P > 1 else v for p, v in tr.node_kappa.items()}
-        rows = pick.to(tr.log_q.device) if pick is not None else slice(None)
+        node_kappa = {p: kept(v) for p, v in tr.node_kappa.items()}
+        rows = pick.to(tr.log_q.device)
         out = ComposePipelineOutput(
             images=images,
             kappa=kappa,
@@ -946,6 +1040,8 @@ class ComposePipeline(DiffusionPipeline):
             out.num_resamples = res.sum(0)
             out.log_weights = hooks.log_w - torch.logsumexp(hooks.log_w, -1, keepdim=True)
             out.evaluations = hooks.evaluations
+        if verdict is not None:
+            out.lift, out.lift_scores, out.candidate, out.verification_rows = verdict
         return out
 
     @staticmethod
@@ -993,6 +1089,8 @@ class ComposePipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_latents(latents, shape, smc, P) -> None:
+        if latents is None:
+            return
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
             what = f" (images x num_particles={P} rows, image-major)" if smc else ""
             got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__

@@ -253,8 +253,9 @@ changed.
   exact command: `{info["command"]}`
 - PEFT LoRA rank {info["rank"]}, alpha {info["lora_alpha"]} (scale 1), {info["lora_parameters"]:,} parameters on
   {", ".join(info["target_modules"])}; the base UNet and text encoder frozen.
-- AdamW, lr {info["lr"]} (linear warm-up, cosine decay over the wall-clock budget), batch {info["batch"]}, caption
-  dropout {info["caption_dropout"]}, gradient clipping 1, seed {info["seed"]}, epsilon MSE on the base's DDPM schedule.
+- AdamW, lr {info["lr"]} (linear warm-up, cosine decay over the wall-clock budget or the step count, whichever
+  ends first), batch {info["batch"]}, caption dropout {info["caption_dropout"]}, gradient clipping 1, seed
+  {info["seed"]}, epsilon MSE on the base's DDPM schedule.
 - Measured: {info["steps"]} steps in {info["train_seconds"] / 60:.1f} min of wall clock on one CPU thread (a 2-core
   machine shared with other jobs), final loss (mean of the last 100 steps) {info["final_loss_avg100"]}.
 
@@ -360,7 +361,8 @@ def main(argv=None) -> dict:
             for c in set(caps) - set(ctx_cache):
                 ctx_cache[c] = encode(text_encoder, tokenize(tokenizer, [c]))[0]
         ctx = torch.stack([ctx_cache[c] for c in caps])
-        frac = (time.time() - t0) / budget  # cosine decay over the wall-clock budget, after a linear warm-up
+        # cosine decay over the wall-clock budget or the step count, whichever ends first, after a linear warm-up
+        frac = max((time.time() - t0) / budget, step / args.steps)
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
