@@ -1,0 +1,389 @@
+"""Density-verified composition on the shapes testbeds: does a composition that checks its own images (best-of-K by
+lift, steering) beat the plain methods at equal network cost, and how well does the lift detect a concept?
+
+    python benchmarks/bench_verify.py --pairs 2 --images 2 --candidates 2 --steps 3              # a smoke run
+    python benchmarks/bench_verify.py --images 16 --candidates 4 --steps 30 \\
+        --json benchmarks/results/verify.json --plot docs/benchmarks/verify_lift.png --resume
+
+Testbeds (`--testbeds`):
+  - text: shapes-text, "a <colour> shape" and "a <shape>" composed (product, AND, average), the joint prompt
+    "a <colour> <shape>" on the same model, and the ceiling: the joint prompt on shapes-text-joint;
+  - experts: shapes-text-colour ("a <colour> shape") and shapes-text-shape ("a <shape>") composed;
+  - lora: shapes-text with the purple and outline LoRAs on the shape prompts (merge, LoRA Switch, LoRA Composite,
+    product, AND); the goal is a purple outlined shape.
+Every method draws `--images` x `--candidates` candidates per pair (AND testbeds: all 16 (colour, shape) pairs, or
+the first `--pairs`; lora: the four shape prompts), guidance `--guidance`, SDE, `--steps` steps, with both lifts of
+every candidate: "renoise" (`out.lift`, the finished image's denoising losses at three log-SNR levels; 9 rows an
+image for two prompts) and "tracked" (the sampler's log q against its unconditional leaf, read through the step
+callback; free). The candidates of one image are K consecutive images of one pair (seeds seed + pair index).
+From the same candidates, at equal network rows per output image (K candidates cost K samplings and, verified,
+their lifts):
+  - plain: the method's own rate over all candidates (random choice among K is the plain method);
+  - best-of-K by the renoise lift, best-of-K by the tracked lift (min over the terms' lifts);
+  - oracle best-of-K: an image is a success when any of its K candidates is (the judge chooses: the upper bound);
+and `--steer` rows: the same method with candidates=K steered by the tracked lift (`ComposePipeline(steer=...)`).
+Judges: text / experts: the shapes classifier and the geometric judge ("both" = the pair's colour and shape); lora:
+the LoRA concept judge (`examples/shapes/train_lora.judge`: purple AND outline; one judge exists for these concepts).
+Rates carry 95% percentile-bootstrap intervals (images resampled within each pair). Detection: within each pair, the
+AUC of each term's lift for "this term's concept is in the image" (colour / shape; purple / outline), averaged over
+the pairs where both outcomes occur, per judge and lift.
+`--json` is rewritten after every method (`--resume` skips the methods already there, same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_shapes import ALL_PAIRS, UNetCounter, bootstrap_ci  # noqa: E402
+from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
+
+CARDS = ROOT / "model_cards"
+LORAS = ("purple", "outline")
+SHAPE_PROMPTS = [f"a {s}" for s in SHAPES]
+COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels")
+
+
+def methods(args) -> list[dict]:
+    """Every (testbed, method) row: label, the models, the call's keywords, whether it is the ceiling."""
+    out = []
+    if "text" in args.testbeds:
+        for op in ("product", "and", "average"):
+            out.append(dict(testbed="text", label=op, models=["shapes-text"], kw=dict(operator=op)))
+        out.append(dict(testbed="text", label="joint prompt", models=["shapes-text"], kw={}, joint=True))
+        out.append(dict(testbed="text", label="ceiling: joint prompt on shapes-text-joint",
+                        models=["shapes-text-joint"], kw={}, joint=True))  # fmt: skip
+    if "experts" in args.testbeds:
+        for op in ("product", "and", "average"):
+            out.append(dict(testbed="experts", label=op, models=["shapes-text-colour", "shapes-text-shape"],
+                            kw=dict(operator=op)))  # fmt: skip
+    if "lora" in args.testbeds:
+        base = dict(testbed="lora", models=["shapes-text"])
+        out += [
+            dict(base, label="merge", kw=dict(lora_mode="merge")),
+            dict(base, label="LoRA Switch", kw=dict(lora_mode="switch")),
+            dict(base, label="LoRA Composite", kw=dict(lora_mode="composite")),
+            dict(base, label="product", kw=dict(operator="product")),
+            dict(base, label="and", kw=dict(operator="and")),
+        ]
+    for m in out:
+        m["key"] = f"{m['testbed']} | {m['label']}"
+    if args.rows:
+        out = [m for m in out if any(r in m["key"] for r in args.rows)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def load_pipe(models: list[str], lora: bool):
+    from pipelines import ComposePipeline
+
+    paths = [str(CARDS / m) for m in models]
+    pipe = ComposePipeline.from_pretrained(paths[0] if len(paths) == 1 else paths)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_experts({n: str(CARDS / f"shapes-lora-{n}") for n in LORAS})
+    return pipe
+
+
+def calls_of(m: dict, args) -> list[tuple]:
+    """(seed, prompt, lora list) of every call of a method: one per pair (or shape prompt)."""
+    if m["testbed"] == "lora":
+        return [(args.seed + p, prompt, list(LORAS)) for p, prompt in enumerate(SHAPE_PROMPTS)]
+    out = []
+    for p, (c, s) in enumerate(pairs_of(args)):
+        prompt = f"a {c} {s}" if m.get("joint") else [f"a {c} shape", f"a {s}"]
+        out.append((args.seed + p, prompt, None))
+    return out
+
+
+def pairs_of(args) -> list[tuple[str, str]]:
+    return ALL_PAIRS[: args.pairs]
+
+
+def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
+    """Every candidate of a method: images (uint8 tiles kept for the plot), renoise and tracked lifts."""
+    K = args.candidates
+    renoise, tracked, images, rows_v = [], [], [], 0
+    t0 = time.perf_counter()
+    with UNetCounter(pipe) as counter:
+        for i, (seed, prompt, lora) in enumerate(calls_of(m, args)):
+            seen = {}
+
+            def cb(p, k, t, tensors, seen=seen):
+                seen["log_q"] = tensors["log_q"]
+                return {}
+
+            g = torch.Generator().manual_seed(seed)
+            kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=args.steps, output_type="pt",
+                      generator=g, lift_levels=tuple(args.levels), **m["kw"])  # fmt: skip
+            if lora is not None:
+                kw["lora"] = lora
+            if steer:
+                out = pipe(batch_size=args.images, candidates=K, steer=steer, lift="tracked", **kw)
+            else:
+                out = pipe(batch_size=args.images * K, lift="renoise", callback_on_step_end=cb,
+                           callback_on_step_end_tensor_inputs=["log_q"], **kw)  # fmt: skip
+                renoise.append(out.lift)
+                lq = seen["log_q"].double()
+                tracked.append(lq[:, : out.lift.shape[1]] - lq[:, -1:] if lq.shape[1] > out.lift.shape[1] else None)
+                rows_v += out.verification_rows * out.lift.shape[0]
+            images.append(out.images.float().cpu())
+            print(f"#   {m['key']}{' steered' if steer else ''}: call {i + 1}, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    n = sum(len(x) for x in images)
+    # per candidate (steered: per output image, its K particles included)
+    rec = dict(images=n, rows_per_image=counter.rows / n, verification_rows_per_image=rows_v / max(n, 1),
+               sec_per_image=(time.perf_counter() - t0) / n)  # fmt: skip
+    rec["_images"] = torch.cat(images)
+    if renoise:
+        rec["_renoise"] = torch.cat(renoise).double()
+        rec["_tracked"] = None if any(t is None for t in tracked) else torch.cat(tracked)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------- judging
+def verdicts(m: dict, images: torch.Tensor, args, judges) -> dict[str, dict[str, np.ndarray]]:
+    """judge -> {"both", "first", "second"} per image (first / second: the first / second term's concept)."""
+    if m["testbed"] == "lora":
+        from examples.shapes.train_lora import judge
+
+        v = judge(images)
+        return {"lora judge": dict(first=v["purple"], second=v["outline"], both=v["purple"] & v["outline"])}
+    clf, geo = judges
+    per = len(images) // len(pairs_of(args))
+    tc = np.repeat([COLOURS.index(c) for c, _ in pairs_of(args)], per)
+    ts = np.repeat([SHAPES.index(s) for _, s in pairs_of(args)], per)
+    x = images * 2 - 1
+    ps, pc = clf.predict(x)
+    gs, gc = geo.predict(x)
+    out = {}
+    for name, s, c in (("classifier", ps.argmax(1), pc.argmax(1)), ("geometry", gs, gc)):
+        s, c = s.numpy(), c.numpy()
+        out[name] = dict(first=c == tc, second=s == ts, both=(c == tc) & (s == ts))
+    return out
+
+
+def auc(score: np.ndarray, label: np.ndarray) -> float:
+    pos, neg = score[label], score[~label]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def rate(values: np.ndarray, strata: np.ndarray, n_boot: int) -> dict:
+    ci = bootstrap_ci(values.astype(np.float64), strata, n_boot)
+    return {"rate": float(values.mean()), "ci": [float(ci[0]), float(ci[1])]}
+
+
+def selections(rec: dict, v: dict, args) -> dict:
+    """Per judge: plain, best-of-K by each lift, oracle best-of-K, with intervals; and the detection AUCs."""
+    K = args.candidates
+    n = rec["images"]
+    groups = n // K
+    per_call = n // len(calls_of_rec(rec, args))
+    strata_img = np.repeat(np.arange(n // per_call), per_call)
+    strata_grp = strata_img[::K]
+    out = {}
+    lifts = {"renoise": rec.get("_renoise"), "tracked": rec.get("_tracked")}
+    for j, ver in v.items():
+        both = ver["both"]
+        res = {"plain": rate(both, strata_img, args.bootstrap)}
+        for name, lift in lifts.items():
+            if lift is None:
+                continue
+            s = lift.min(-1).values.reshape(groups, K).numpy()
+            pick = s.argmax(1) + K * np.arange(groups)
+            res[f"best-of-{K} by {name} lift"] = rate(both[pick], strata_grp, args.bootstrap)
+        res[f"oracle best-of-{K}"] = rate(both.reshape(groups, K).any(1), strata_grp, args.bootstrap)
+        det = {}
+        for name, lift in lifts.items():
+            if lift is None:
+                continue
+            concepts = ("first", "second") if lift.shape[1] == 2 else ("both",)
+            for t, key in enumerate(concepts):
+                sel = [strata_img == p for p in np.unique(strata_img)]
+                vals = [auc(lift[m, t].numpy(), ver[key][m]) for m in sel]
+                vals = [a for a in vals if a == a]
+                det[f"{name} {key}"] = {"auc": float(np.mean(vals)) if vals else float("nan"), "pairs": len(vals)}
+        res["detection"] = det
+        out[j] = res
+    return out
+
+
+def calls_of_rec(rec: dict, args) -> list:
+    return calls_of(rec["_method"], args)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    K = cfg["candidates"]
+    lines = [
+        f"{cfg['images']} images per pair or prompt x {K} candidates, {cfg['steps']} steps, guidance "
+        f"{cfg['guidance']}, SDE, seed {cfg['seed']}; rates with 95% bootstrap intervals. Rows per image: network "
+        f"rows per output image (K candidates and their lifts included); the plain method's rate is its rate over all "
+        f"candidates (random choice among K).",
+        "",
+        "| testbed | method | judge | rows / image: plain, verified | plain | best-of-K renoise | best-of-K tracked "
+        "| steered | oracle best-of-K | gap closed (renoise) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        for j, res in r["selection"].items():
+            plain, orc = res["plain"], res[f"oracle best-of-{K}"]
+            bo = res.get(f"best-of-{K} by renoise lift")
+            bt = res.get(f"best-of-{K} by tracked lift")
+            st = r.get("steered", {}).get(j)
+            closed = (bo["rate"] - plain["rate"]) / (orc["rate"] - plain["rate"]) if bo and orc["rate"] > plain[
+                "rate"] else float("nan")  # fmt: skip
+            cells = [_fmt(plain), _fmt(bo), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
+            plain_rows = r["rows_per_image"] - r["verification_rows_per_image"]
+            cost = f"{plain_rows:.0f}, {K * r['rows_per_image']:.0f}"
+            lines.append(f"| {r['testbed']} | {r['label']} | {j} | {cost} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Detection: within-pair AUC of each term's lift for its concept (mean over the pairs with both outcomes; a "
+        "single term (the joint prompt): its lift for 'both'):",
+        "",
+        "| testbed | method | judge | renoise: first | renoise: second | tracked: first | tracked: second |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        for j, res in r["selection"].items():
+            d = res["detection"]
+            cells = []
+            for k in ("renoise first", "renoise second", "tracked first", "tracked second"):
+                alt = d.get(k.split()[0] + " both", {}) if k.endswith("first") else {}  # one term: its "both"
+                cells.append(d.get(k, alt).get("auc", float("nan")))
+            lines.append(f"| {r['testbed']} | {r['label']} | {j} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(r) -> str:
+    return "-" if not r else f"{r['rate']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+
+
+def plot(result: dict, lifts: dict, path: Path) -> None:
+    """Lift of each term against the judges' verdict on its concept (renoise lift, first pair of every testbed's
+    product row): the picture of what the lift detects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in lifts if lifts[k] is not None]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        lift, ver, names = lifts[key]
+        for t, (concept, colour) in enumerate(zip(names, ("C0", "C3"), strict=True)):
+            yes = ver[("first", "second")[t]]
+            rng = np.random.default_rng(t)
+            jitter = 0.1 * rng.random(yes.sum())
+            ax.scatter(lift[:, t][yes], t + 0.15 + jitter, s=6, color=colour, label=f"{concept}: yes")
+            ax.scatter(lift[:, t][~yes], t - 0.25 + 0.1 * rng.random((~yes).sum()), s=6, color="grey",
+                       label=f"{concept}: no" if t == 0 else None)  # fmt: skip
+        ax.set_yticks([0, 1], names)
+        ax.set_xlabel("renoise lift (nats)")
+        ax.set_title(key, fontsize=9)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--testbeds", nargs="+", default=["text", "experts", "lora"], choices=["text", "experts", "lora"])
+    p.add_argument("--pairs", type=int, default=16, help="first N of the 16 (colour, shape) pairs")
+    p.add_argument("--images", type=int, default=16, help="output images per pair (lora: per shape prompt)")
+    p.add_argument("--candidates", type=int, default=4, help="K")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--levels", type=float, nargs="+", default=[-1.5, -2.5, -3.5], help="renoise log-SNR levels")
+    p.add_argument("--steer", type=float, default=0.0, help="also run steered rows with this strength (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--rows", nargs="+", default=None, help="only methods whose 'testbed | label' contains these")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of lift against the judges' verdicts")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    if not 1 <= args.pairs <= 16 or args.images < 1 or args.candidates < 1 or args.steps < 1:
+        p.error("--pairs 1..16; --images, --candidates, --steps >= 1")
+    if args.resume and not args.json:
+        p.error("--resume needs --json")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    from examples.shapes.classifier import load_classifier
+    from examples.shapes.geometry import load_geometry_judge
+
+    judges = (load_classifier(CARDS / "shapes-classifier"), load_geometry_judge())
+    config = {k: getattr(args, k) for k in COMPARED} | {"testbeds": args.testbeds, "steer": args.steer}
+    result = {"config": config, "rows": []}
+    if args.resume and Path(args.json).is_file():
+        old = json.loads(Path(args.json).read_text())
+        diff = [k for k in COMPARED if old["config"].get(k) != config[k]]
+        if diff:
+            raise SystemExit(f"--resume: {args.json} was run with other {diff}; give the same options or another file")
+        result["rows"] = old["rows"]
+    done = {r["key"] for r in result["rows"]}
+    plot_data = {}
+    pipes: dict = {}
+    for m in methods(args):
+        if m["key"] in done:
+            continue
+        key = (tuple(m["models"]), m["testbed"] == "lora")
+        if key not in pipes:
+            pipes.clear()
+            pipes[key] = load_pipe(m["models"], m["testbed"] == "lora")
+        rec = sample_method(pipes[key], m, args)
+        rec["_method"] = m
+        v = verdicts(m, rec["_images"], args, judges)
+        row = dict(key=m["key"], testbed=m["testbed"], label=m["label"],
+                   **{k: x for k, x in rec.items() if not k.startswith("_")})  # fmt: skip
+        row["selection"] = selections(rec, v, args)
+        if args.steer and not m.get("joint"):
+            st = sample_method(pipes[key], m, args, steer=args.steer)
+            vs = verdicts(m, st["_images"], args, judges)
+            strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
+            row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
+            row["steered_rows_per_image"] = st["rows_per_image"]
+        if m["label"] == "product" and rec.get("_renoise") is not None:
+            names = ["purple", "outline"] if m["testbed"] == "lora" else ["colour", "shape"]
+            j = next(iter(v))
+            plot_data[m["testbed"]] = (rec["_renoise"].numpy(), v[j], names)
+        result["rows"].append(row)
+        print(f"# {m['key']}: " + ", ".join(f"{j} plain {_fmt(s['plain'])}" for j, s in row["selection"].items()),
+              file=sys.stderr, flush=True)  # fmt: skip
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
+    if args.plot and plot_data:
+        plot(result, plot_data, Path(args.plot))
+    return result
+
+
+if __name__ == "__main__":
+    main()
