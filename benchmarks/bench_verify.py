@@ -13,7 +13,7 @@ Testbeds (`--testbeds`):
     product, AND); the goal is a purple outlined shape.
 Every method draws `--images` x `--candidates` candidates per pair (AND testbeds: all 16 (colour, shape) pairs, or
 the first `--pairs`; lora: the four shape prompts), guidance `--guidance`, SDE, `--steps` steps, with both lifts of
-every candidate: "renoise" (`out.lift`, the finished image's denoising losses at three log-SNR levels; 9 rows an
+every candidate: "renoise" (`out.lift`, the finished image's denoising losses at four log-SNR levels; 12 rows an
 image for two prompts) and "tracked" (the sampler's log q against its unconditional leaf, read through the step
 callback; free). The candidates of one image are K consecutive images of one pair (seeds seed + pair index).
 From the same candidates, at equal network rows per output image (K candidates cost K samplings and, verified,
@@ -314,7 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=4, help="K")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--levels", type=float, nargs="+", default=[-1.5, -2.5, -3.5], help="renoise log-SNR levels")
+    p.add_argument("--levels", type=float, nargs="+", default=[-1.0, -2.0, -3.0, -4.0], help="renoise log-SNR levels")
     p.add_argument("--steer", type=float, default=0.0, help="also run steered rows with this strength (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=2000)

@@ -13,7 +13,9 @@ import torch
 from compose.loop import TorchDraws
 from compose.toy import GaussianMixture, toy_models
 from pipelines import ComposePipeline
-from pipelines.verify import renoise_lifts
+from pipelines.verify import DEFAULT_LEVELS, renoise_lifts
+
+LEVELS = len(DEFAULT_LEVELS)
 
 CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 PROMPTS = ["a red shape", "a circle"]
@@ -108,8 +110,8 @@ def test_random_selection_and_the_rows_the_lift_costs(pipe):
         assert plain.verification_rows == 0 and sampling == n * steps * 3  # 2 terms + the unconditional row
         counter.rows = 0
         out = pipe(batch_size=n, candidates=K, select="random", generator=torch.Generator().manual_seed(1), **kw)
-        # K candidates, and the renoise lift of each: 3 levels x (2 terms + 1 shared reference) rows
-        assert out.verification_rows == K * 3 * 3
+        # K candidates, and the renoise lift of each: the levels x (2 terms + 1 shared reference) rows
+        assert out.verification_rows == K * LEVELS * 3
         assert counter.rows == n * K * steps * 3 + n * out.verification_rows
     finally:
         counter.close()
@@ -149,8 +151,8 @@ def test_lora_terms_are_read_against_the_base_and_a_merge_reports_each_lora(pipe
                           num_inference_steps=2, batch_size=2, output_type="pt", lift="renoise")  # fmt: skip
         finally:
             counter.close()
-        # one merged term, but a lift per merged LoRA: each LoRA's row and the base row on the prompt, 3 levels
-        assert merged.lift.shape == (2, 2) and merged.verification_rows == 3 * 3
+        # one merged term, but a lift per merged LoRA: each LoRA's row and the base row on the prompt, per level
+        assert merged.lift.shape == (2, 2) and merged.verification_rows == LEVELS * 3
         assert counter.rows == 2 * 2 * 2 + 2 * merged.verification_rows
         kw = dict(guidance_scale=4.0, num_inference_steps=2, batch_size=2, output_type="pt", lift="renoise")
         composed = pipe(prompt="a circle", lora=["purple", "outline"], operator="product", candidates=2, **kw)
@@ -164,7 +166,7 @@ def test_flow_transformer_lifts():
     flow.set_progress_bar_config(disable=True)
     out = flow(prompt=PROMPTS, operator="product", guidance_scale=4.0, num_inference_steps=3, batch_size=2,
                output_type="pt", candidates=2, generator=torch.Generator().manual_seed(0))  # fmt: skip
-    assert out.lift.shape == (2, 2) and bool(torch.isfinite(out.lift).all()) and out.verification_rows == 2 * 3 * 3
+    assert out.lift.shape == (2, 2) and bool(torch.isfinite(out.lift).all()) and out.verification_rows == 2 * LEVELS * 3
 
 
 @pytest.mark.parametrize(
