@@ -188,7 +188,8 @@ def test_shipped_unconditional_models_load(folder):
 
 torch.set_num_threads(1)
 
-COND_DIRS = [ROOT / "model_cards" / n for n in ("shapes-text", "shapes-text-colour", "shapes-text-shape")]
+COND_NAMES = ("shapes-text", "shapes-text-joint", "shapes-text-colour", "shapes-text-shape")
+COND_DIRS = [ROOT / "model_cards" / n for n in COND_NAMES]
 
 
 def _front_matter(readme: Path) -> str:
