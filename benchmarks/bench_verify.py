@@ -21,7 +21,9 @@ their lifts):
   - plain: the method's own rate over all candidates (random choice among K is the plain method);
   - best-of-K by the renoise lift, best-of-K by the tracked lift (min over the terms' lifts);
   - oracle best-of-K: an image is a success when any of its K candidates is (the judge chooses: the upper bound);
-and `--steer` rows: the same method with candidates=K steered by the tracked lift (`ComposePipeline(steer=...)`).
+and `--steer` rows: the same method with candidates=K steered by the renoise lift of every candidate's x0_hat after
+30%, 50% and 70% of the steps (`ComposePipeline(steer=...)`, `pipelines.verify.RenoiseSteering`), the best final
+candidate kept; their rows per image include the checks.
 Judges: text / experts: the shapes classifier and the geometric judge ("both" = the pair's colour and shape); lora:
 the LoRA concept judge (`examples/shapes/train_lora.judge`: purple AND outline; one judge exists for these concepts).
 Rates carry 95% percentile-bootstrap intervals (images resampled within each pair). Detection: within each pair, the
@@ -130,7 +132,7 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
             if lora is not None:
                 kw["lora"] = lora
             if steer:
-                out = pipe(batch_size=args.images, candidates=K, steer=steer, lift="tracked", **kw)
+                out = pipe(batch_size=args.images, candidates=K, steer=steer, lift="renoise", **kw)
             else:
                 out = pipe(batch_size=args.images * K, lift="renoise", callback_on_step_end=cb,
                            callback_on_step_end_tensor_inputs=["log_q"], **kw)  # fmt: skip

@@ -100,6 +100,7 @@ class StepInfo:
     final: bool  # the step to the data
     draws: Draws
     predict: Predict
+    coeffs: torch.Tensor | None = None  # (n, L) the leaf coefficients of the composed prediction at t_cur
 
 
 @dataclass
@@ -200,7 +201,9 @@ def run(
             offsets=None if offsets is None else offsets[k],
             weight_grad=weight_grad,
         )
-        info = StepInfo(out.x, out.log_q, x, eps, log_q, t_cur, t_next, out.rates.rho, final, draws, predict)
+        info = StepInfo(
+            out.x, out.log_q, x, eps, log_q, t_cur, t_next, out.rates.rho, final, draws, predict, out.coeffs
+        )
         x, log_q = hooks.after_step(k, info)
         coeffs.append(out.coeffs)
         for path, kap in out.kappa.items():

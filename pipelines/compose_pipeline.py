@@ -74,7 +74,16 @@ from .loading import (
     write_diffusers_entry,
 )
 from .shipped import resolve_model
-from .verify import DEFAULT_LEVELS, Verification, choose, renoise_lifts, tracked_lifts, verification_rows
+from .verify import (
+    DEFAULT_LEVELS,
+    RenoiseSteering,
+    Verification,
+    choose,
+    renoise_lifts,
+    steering_steps,
+    tracked_lifts,
+    verification_rows,
+)
 
 OPERATORS = O.OPERATORS
 # the names of __call__'s locals that `_verify` reads (its context)
@@ -780,32 +789,50 @@ class ComposePipeline(DiffusionPipeline):
         log_q = composer.initial_log_q(x, float(ts[0]))
 
         # 6. sample: one batched call per network and step, the maths in compose.loop.run
-        hooks = self._hooks(poe, particles, verification, operator, composer.leaves, term_index, n, P, x.device)
         draws = PipelineDraws(generator, device)
+        ctx = {k: v for k, v in locals().items() if k in VERIFY_CONTEXT}  # what the verification reads of this call
+        hooks = self._hooks(poe, particles, verification, operator, ctx, len(ts) - 1, P, x.device)
         callback = self._step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sch)
         sampler = Sampler(solver, method, divergence, probes, fd_eps, clip)
         tr = self._run(composer, groups, x, (ts, t_net, offsets), log_q, sampler, draws, hooks, callback, lora_plan)
 
         # 7. every image's lifts and the candidate kept; decode (product_smc: one particle drawn by its weights)
-        ctx = {k: v for k, v in locals().items() if k in VERIFY_CONTEXT}  # what _verify reads of this call
         pick, verdict = (hooks.pick(draws.uniforms(n)), None) if smc else self._verify(verification, tr, operator, ctx)
+        if isinstance(hooks, RenoiseSteering):  # the checks along the way cost rows too
+            verdict = (*verdict[:3], verdict[3] + hooks.rows * P)
         images = self._decode(tr.x[pick.to(tr.x.device)], output_type, height, width)
         self.maybe_free_model_hooks()
         single = len(leaves) == 1 and not smc
         out = self._output(images, tr, term_index, n, P, pick, hooks if smc else None, single, verdict)
         return out if return_dict else (out.images, out.kappa, out.log_q)
 
-    @staticmethod
-    def _hooks(poe, particles, verification: Verification, operator, core, term_index, n, P, device) -> Any:
-        """The loop's hooks: the particles of product_smc, the steering of the candidates, or None."""
+    def _hooks(self, poe, particles, verification: Verification, operator, ctx: dict, num_steps, P, device) -> Any:
+        """The loop's hooks: the particles of product_smc, the steering of the candidates (by the tracked lift, or by
+        the renoise lift at a few steps: `pipelines.verify.RenoiseSteering`), or None."""
+        n = ctx["n"]
         if poe is not None:
-            return ParticleHooks(
-                poe, poe.product.leaves()[0].schedule, n, P, device=device, **particles.hook_options()
-            )
+            return ParticleHooks(poe, ctx["sch"], n, P, device=device, **particles.hook_options())
         if not verification.steer:
             return None
-        u_index = next(i for i, lf in enumerate(core) if lf.model is None)
         rule = verification.default_rule(operator)
+        if verification.estimator == "renoise":
+            groups, term_idx, ref_idx = self._verification_groups(ctx)
+            at = steering_steps(num_steps)
+            return RenoiseSteering(
+                n,
+                P,
+                groups,
+                ctx["sch"],
+                verification.levels,
+                term_idx,
+                ref_idx,
+                rule=rule,
+                strength=verification.steer,
+                at=at,
+                device=device,
+            )
+        core, term_index = ctx["composer"].leaves, ctx["term_index"]
+        u_index = next(i for i, lf in enumerate(core) if lf.model is None)
         refs = [u_index] * len(term_index)
         return LiftSteering(n, P, term_index, refs, rule=rule, strength=verification.steer, device=device)
 

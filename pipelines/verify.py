@@ -29,12 +29,15 @@ from typing import Any
 
 import torch
 
+from compose.loop import Hooks, StepInfo
 from compose.options import LIFT_ESTIMATORS
+from compose.smc import reweight_and_resample
 from compose.verify import MAX_CANDIDATES, best_of, check_candidates, check_rule, check_steering, random_of, score
 
 from .batching import UNCOND, Leaf, NetworkGroups
 from .lora import BASE, Merged
 
+STEER_AT = (0.3, 0.5, 0.7)  # the fractions of the steps after which "renoise" steering weighs the candidates
 DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR: where the shapes models decide shape and colour (24 px)
 MAX_LEVELS = 16
 
@@ -54,10 +57,10 @@ class Verification:
     @property
     def estimator(self) -> str | None:
         """The lift actually computed: "auto" is the free "tracked" lift for one sample per image and the
-        "renoise" lift to choose between candidates (or "tracked" when steering, which reads it along the way)."""
+        "renoise" lift to choose between candidates."""
         if self.lift != "auto":
             return self.lift
-        return "tracked" if self.candidates == 1 or self.steer else "renoise"
+        return "tracked" if self.candidates == 1 else "renoise"
 
     def check(self, smc: bool, method: str, operator: Any) -> int:
         """ValueError naming the argument for a bad option; the candidates per image."""
@@ -89,11 +92,8 @@ class Verification:
             )
         if self.estimator is None and K > 1 and self.select == "lift":
             raise ValueError(f"candidates={K} with select='lift' needs a lift; give lift='renoise' or 'tracked'.")
-        if self.steer and self.estimator != "tracked":
-            raise ValueError(
-                "steer resamples the candidates along the trajectory by the tracked lift's increments; give "
-                "lift='tracked' with it (the 'renoise' lift exists only once an image is finished)."
-            )
+        if self.steer and self.estimator is None:
+            raise ValueError("steer weighs the candidates by their lift; give lift='renoise' or 'tracked' with it.")
         return K
 
     def default_rule(self, operator: Any) -> str:
@@ -188,6 +188,69 @@ def _widths(lams: list[float]) -> list[float]:
     return [a - b for a, b in zip(edges, edges[1:], strict=False)]
 
 
+class RenoiseSteering(Hooks):
+    """Feynman-Kac steering of the K candidates of every image by their "renoise" lift (docs/MATH.md section 9): after
+    the steps `at` (indices), every candidate's composed data prediction x0_hat is scored by `renoise_lifts`, its
+    log-weight gains strength x (score - its score at the previous check), and the groups whose ESS fell below
+    ess_threshold K are resampled (systematic). SDE samplers only (first-order steps keep no history to resample).
+    Each check costs len(levels) x the verification rows per candidate (`rows`)."""
+
+    def __init__(
+        self,
+        n: int,
+        K: int,
+        groups,
+        schedule,
+        levels,
+        term_idx,
+        ref_idx,
+        *,
+        rule: str,
+        strength: float,
+        at: set[int],
+        ess_threshold: float = 0.5,
+        device: Any = None,
+    ) -> None:
+        self.n, self.K, self.groups, self.schedule, self.levels = n, K, groups, schedule, levels
+        self.term_idx, self.ref_idx, self.rule, self.strength, self.at = term_idx, ref_idx, rule, strength, at
+        self.ess_threshold = ess_threshold
+        self.log_w = torch.zeros(n, K, dtype=torch.float64, device=device)
+        self.prev = torch.zeros(n * K, dtype=torch.float64, device=device)
+        self.ess: list[torch.Tensor] = []
+        self.resampled: list[torch.Tensor] = []
+        self.rows = 0  # verification rows per candidate spent on the checks
+        self.u: torch.Tensor | None = None
+
+    def draw(self, k: int, draws, final: bool) -> None:
+        self.u = None if final else draws.uniforms(self.n)
+
+    def after_step(self, k: int, step: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        if step.final or k not in self.at or step.coeffs is None:
+            return step.x, step.log_q
+        c = step.coeffs.to(step.eps.dtype)
+        eps_bar = torch.einsum("nl,ln...->n...", c, step.eps)
+        a, sig = float(self.schedule.alpha(step.t_cur)), float(self.schedule.sigma(step.t_cur))
+        x0 = (step.x_prev - sig * eps_bar) / a
+        lifts = renoise_lifts(self.groups, x0, self.schedule, self.levels, step.draws, self.term_idx, self.ref_idx)
+        self.rows += len(self.levels) * len(self.groups.leaves)
+        now = score(lifts, self.rule).to(self.log_w.device)
+        dl = self.strength * (now - self.prev)
+        st = reweight_and_resample(
+            step.x, step.log_q, self.log_w, dl, self.u, step.t_next, ess_threshold=self.ess_threshold
+        )
+        self.log_w = st.log_w
+        flat = (st.ancestors + self.K * torch.arange(self.n, device=st.ancestors.device)[:, None]).reshape(-1)
+        self.prev = now[flat.to(now.device)]
+        self.ess.append(st.ess)
+        self.resampled.append(st.resampled)
+        return st.x, st.log_q
+
+
+def steering_steps(num_steps: int, at=STEER_AT) -> set[int]:
+    """The step indices after which the candidates are weighed: fractions `at` of the grid."""
+    return {min(num_steps - 2, max(0, round(f * num_steps) - 1)) for f in at}
+
+
 def tracked_lifts(log_q: torch.Tensor, term_index: list[int], u_index: int | None) -> torch.Tensor | None:
     """(rows, T) float64 tracked lifts against the composition's unconditional leaf; None without one."""
     if u_index is None:
@@ -209,9 +272,12 @@ def choose(lifts: torch.Tensor | None, n: int, K: int, select: str, rule: str, d
 __all__ = [
     "DEFAULT_LEVELS",
     "MAX_CANDIDATES",
+    "RenoiseSteering",
+    "STEER_AT",
     "Verification",
     "choose",
     "renoise_lifts",
+    "steering_steps",
     "tracked_lifts",
     "verification_rows",
 ]

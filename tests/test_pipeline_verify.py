@@ -120,6 +120,28 @@ def test_random_selection_and_the_rows_the_lift_costs(pipe):
     torch.testing.assert_close(kept, out.lift.min(-1).values)
 
 
+def test_renoise_steering_weighs_the_candidates_at_three_steps_and_counts_their_rows(pipe):
+    """steer with the renoise lift: after 30%, 50% and 70% of the steps every candidate's composed x0_hat is scored
+    (the levels x 3 rows each), the weights move by strength x the score's change, low-ESS groups are resampled;
+    the image kept is the best final candidate; every row is counted in verification_rows."""
+    from pipelines.verify import steering_steps
+
+    n, K, steps = 2, 3, 10
+    assert steering_steps(steps) == {2, 4, 6}
+    counter = Rows(pipe.models[0].network)
+    try:
+        out = pipe(prompt=PROMPTS, operator="product", guidance_scale=4.0, num_inference_steps=steps, batch_size=n,
+                   output_type="pt", candidates=K, steer=50.0, generator=torch.Generator().manual_seed(2))  # fmt: skip
+    finally:
+        counter.close()
+    assert out.verification_rows == K * LEVELS * 3 * (1 + 3)
+    assert counter.rows == n * K * steps * 3 + n * out.verification_rows
+    kept = out.lift_scores.gather(1, out.candidate[:, None])[:, 0]
+    torch.testing.assert_close(kept, out.lift_scores.amax(1))
+    with pytest.raises(ValueError, match="needs method='sde'"):
+        pipe(prompt=PROMPTS, operator="product", candidates=2, steer=1.0, method="ode", num_inference_steps=2)
+
+
 def test_tracked_lift_is_the_sampler_log_q_against_the_unconditional_leaf(pipe):
     seen = {}
 
@@ -178,7 +200,7 @@ def test_flow_transformer_lifts():
         (dict(candidates=2.5), "candidates must be an integer in"),
         (dict(steer=1.0), "give candidates >= 2"),
         (dict(steer=1.0, candidates=2, lift="tracked", method="ode"), "needs method='sde'"),
-        (dict(steer=1.0, candidates=2, lift="renoise"), "give lift='tracked' with it"),
+        (dict(steer=1.0, candidates=2, lift=None, select="random"), "give lift='renoise' or 'tracked' with it"),
         (dict(steer=-2.0, candidates=2), "steer must be a finite number"),
         (dict(lift="best"), "lift='best' is not known"),
         (dict(lift_levels=()), "lift_levels must be 1 to 16"),
