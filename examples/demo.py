@@ -2,13 +2,16 @@
 
     python examples/demo.py [--out outputs/demo.png] [--images 8] [--steps 50] [--threads 2]
 
-Rows (every image is one sample; figures are from the shipped shapes classifier):
-  1. the joint prompt "a red circle" on shapes-text (a caption it has never seen: it was trained on ONE attribute
+Rows (every image is one output; the figures are the shipped shapes classifier's, and "both G" the geometric
+judge's share of red circles):
+  1. the ceiling: "a red circle" on shapes-text-joint, a model that was taught captions naming both attributes;
+  2. the joint prompt "a red circle" on shapes-text (a caption it has never seen: it was trained on ONE attribute
      per caption);
-  2. AND("a red shape", "a circle") on the same model (SuperDiff AND, classifier-free guidance around it);
-  3. AND("a red shape" on shapes-text-colour, "a circle" on shapes-text-shape): two experts;
-  4. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars);
-  5. AND("a red shape", "a circle") on shapes-text-flow, a flow-matching SD3 transformer trained on the same captions
+  3. product("a red shape", "a circle") on the same model (Composable Diffusion, classifier-free guidance around it);
+  4. the same product, best of 4 candidates by their lift (`candidates=4`: 4 times the rows, plus the lift's);
+  5. AND("a red shape" on shapes-text-colour, "a circle" on shapes-text-shape): two experts;
+  6. OR of shapes-uncond-a (circles, squares) and shapes-uncond-b (triangles, stars);
+  7. AND("a red shape", "a circle") on shapes-text-flow, a flow-matching SD3 transformer trained on the same captions
      as shapes-text (FlowMatchEuler steps, the checkpoint's own scheduler).
 
 91 s measured on the 2-core CPU with one other single-thread job running; a busier machine takes longer (`--threads 1`
@@ -32,10 +35,12 @@ if str(ROOT) not in sys.path:
 
 from examples.shapes.classifier import load_classifier  # noqa: E402
 from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
+from examples.shapes.geometry import load_geometry_judge  # noqa: E402
 
 CARDS = ROOT / "model_cards"
 RESTORE = {  # the training command of each shipped model (its card and train_info.json give the exact one)
     "shapes-text": "train_conditional.py --captions attribute",
+    "shapes-text-joint": "train_conditional.py --captions joint",
     "shapes-text-colour": "train_conditional.py --captions colour",
     "shapes-text-shape": "train_conditional.py --captions shape",
     "shapes-uncond-a": "train_unconditional.py --shapes circle square",
@@ -192,17 +197,23 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_progress:
         print("[demo] loading the shipped models and the classifier ...", file=sys.stderr, flush=True)
     judge = load_classifier(CARDS / "shapes-classifier")
+    geometry = load_geometry_judge()
     common = dict(num_inference_steps=args.steps, batch_size=args.images, output_type="pt")
     rows = []  # (label, images (n, 3, H, W) in [0, 1], kind)
     text = load(["shapes-text"])
+    joint = load(["shapes-text-joint"])
     experts = load(["shapes-text-colour", "shapes-text-shape"])
     uncond = load(["shapes-uncond-a", "shapes-uncond-b"])
     flow = load(["shapes-text-flow"])
+    pair = dict(prompt=["a red shape", "a circle"], guidance_scale=args.guidance)
     jobs = [  # label, pipeline, call, kind
+        ('ceiling: "a red circle" on shapes-text-joint (taught)', joint,
+         dict(prompt="a red circle", guidance_scale=args.guidance), "and"),
         ('joint prompt "a red circle" (never seen)', text, dict(prompt="a red circle", guidance_scale=args.guidance),
          "and"),
-        ('AND("a red shape", "a circle"), one model', text,
-         dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance), "and"),
+        ('product("a red shape", "a circle"), one model', text, dict(pair, operator="product"), "and"),
+        ("the same product, best of 4 by lift (4x the rows)", text, dict(pair, operator="product", candidates=4),
+         "and"),
         ('AND(colour expert: "a red shape", shape expert: "a circle")', experts,
          dict(prompt=["a red shape", "a circle"], operator="and", guidance_scale=args.guidance), "and"),
         ("OR(uncond A: circles+squares, uncond B: triangles+stars)", uncond, dict(operator="or"), "or"),
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'half A':>6} {'valid':>5} {'s/img':>6}", flush=True)
+    print(f"{'row':<62} {'red':>5} {'circle':>6} {'both':>5} {'both G':>6} {'half A':>6} {'valid':>5} {'s/img':>6}",
+          flush=True)  # fmt: skip
     for label, pipe, kw, kind in jobs:
         progress.start_row(label)
 
@@ -243,7 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         both = ((colour == COLOURS.index("red")) & (shape == SHAPES.index("circle"))).float().mean()
         half_a = (shape < 2).float().mean()
         valid = ((ps.max(1).values > 0.9) & (pc.max(1).values > 0.9)).float().mean()
-        print(f"{label:<62} {red:5.2f} {circle:6.2f} {both:5.2f} {half_a:6.2f} {valid:5.2f} {sec:6.2f}", flush=True)
+        gs, gc = geometry.predict(images * 2 - 1)
+        both_g = ((gc == COLOURS.index("red")) & (gs == SHAPES.index("circle"))).float().mean()
+        print(f"{label:<62} {red:5.2f} {circle:6.2f} {both:5.2f} {both_g:6.2f} {half_a:6.2f} {valid:5.2f} {sec:6.2f}",
+              flush=True)  # fmt: skip
         rows.append((label, images, kind))
     out_path = Path(args.out)
     save_labelled_grid(rows, out_path)

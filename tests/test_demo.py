@@ -24,15 +24,16 @@ def test_demo_runs_and_writes_a_labelled_grid(tmp_path, capsys):
     from PIL import Image
 
     image = np.asarray(Image.open(out).convert("RGB"))
-    # five rows of two 24x24 tiles at scale 3, each under a 14-pixel label, 2-pixel padding
-    assert image.shape == (2 + 5 * (72 + 14 + 2), 2 + 2 * (72 + 2), 3)
+    # seven rows of two 24x24 tiles at scale 3, each under a 14-pixel label, 2-pixel padding
+    assert image.shape == (2 + 7 * (72 + 14 + 2), 2 + 2 * (72 + 2), 3)
     tiles = image[2 + 14 : 2 + 14 + 72, 2 : 2 + 72].astype(float)
     assert tiles.std() > 1.0, "the first tile is flat: nothing was drawn"
-    rows = [line for line in printed.splitlines() if line.startswith(("joint", "AND", "OR"))]
-    assert len(rows) == 5 and "flow transformer" in rows[4]
+    rows = [line for line in printed.splitlines() if line.startswith(("ceiling", "joint", "product", "the same", "AND",
+                                                                       "OR"))]  # fmt: skip
+    assert len(rows) == 7 and "flow transformer" in rows[6] and "best of 4" in rows[3]
     for line in rows:
-        figures = [float(v) for v in line.split()[-6:]]
-        assert all(0.0 <= v <= 1.0 for v in figures[:5]) and figures[5] > 0
+        figures = [float(v) for v in line.split()[-7:]]  # red circle both, both G, half A, valid, s/img
+        assert all(0.0 <= v <= 1.0 for v in figures[:6]) and figures[6] > 0
 
 
 def test_demo_same_seed_same_grid(tmp_path):
@@ -99,12 +100,12 @@ def test_demo_prints_progress_per_row_with_the_time_left(tmp_path, capsys):
     demo.main(["--out", str(tmp_path / "d.png"), "--images", "1", "--steps", "3"])
     captured = capsys.readouterr()
     err = captured.err
-    assert "[demo] loading the shipped models" in err and "sampling 5 rows x 1 images x 3 steps" in err
+    assert "[demo] loading the shipped models" in err and "sampling 7 rows x 1 images x 3 steps" in err
     assert "timing one step of each row" in err and "(an estimate from one timed step per row" in err
-    for i in range(1, 6):
-        assert f"[demo] row {i}/5 " in err and f"[demo] row {i}/5 done in " in err
+    for i in range(1, 8):
+        assert f"[demo] row {i}/7 " in err and f"[demo] row {i}/7 done in " in err
     assert err.count("s left") >= 4  # after every row but the last, and before rows 2-5
-    assert "[demo]" not in captured.out and len(captured.out.splitlines()) == 1 + 5 + 1  # header, rows, "wrote"
+    assert "[demo]" not in captured.out and len(captured.out.splitlines()) == 1 + 7 + 1  # header, rows, "wrote"
     demo.main(["--out", str(tmp_path / "q.png"), "--images", "1", "--steps", "2", "--no-progress"])
     assert "[demo]" not in capsys.readouterr().err
 
