@@ -180,3 +180,25 @@ def test_the_summary_script_lists_and_redraws_from_a_real_manifest(tmp_path):
         assert r["lift"]["candidates"] == 2 and len(r["lift"]["kept"]) == 1 and len(r["files"]) == 1
     res = subprocess.run([*script, "--rerun", str(redo)], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "give --below too" in res.stderr
+
+
+@needs_models
+def test_a_manifest_written_before_these_fields_resumes(tmp_path):
+    """A finished record of an earlier version (no "lift" block, no lift / candidates / select in its parameters)
+    is kept by a rerun of the same row; the row with candidates runs, as its images differ."""
+    row = {**ROW, "steps": 1, "images": 1}
+    jobs_path = tmp_path / "jobs.jsonl"
+    jobs_path.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    B.run_batch(jobs_path, out, progress=False)
+    (rec,) = B.read_records(out / B.MANIFEST)
+    old = {k: v for k, v in rec.items() if k != "lift"}
+    old["params"] = {k: v for k, v in rec["params"].items() if k not in J.VERIFY_FIELDS}
+    (out / B.MANIFEST).write_text(json.dumps(old) + "\n")
+    counts = B.run_batch(jobs_path, out, progress=False)
+    assert counts["skipped"] == 1 and counts["ran"] == 0 and B.read_records(out / B.MANIFEST) == [old]
+    jobs_path.write_text(json.dumps({**row, "lift": "renoise"}) + "\n")  # another estimator: the same images
+    assert B.run_batch(jobs_path, out, progress=False)["skipped"] == 1
+    jobs_path.write_text(json.dumps({**row, "candidates": 2}) + "\n")
+    assert B.run_batch(jobs_path, out, progress=False)["ran"] == 1
+    assert B.read_records(out / B.MANIFEST)[0]["lift"]["kept"] is not None

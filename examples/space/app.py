@@ -4,14 +4,16 @@
 
 Pick shipped models (and, where the Space's operator set COMPOSE_MODELS_DIR, folders of that one directory), prompts
 (one per line) and an operator; the page shows the images and, for every term, kappa (the operator's weight) and the
-tracked log-density over the steps, so one can see which model "won" where.
+tracked log-density over the steps, so one can see which model "won" where, and every image's lift per term (its
+concept score, `pipelines.verify`) in the summary table; `candidates` K keeps the best of K samples per image by it.
 
 Every input is hostile: limits on every field (prompt length in characters and in tokens, steps, size, images,
-terms, particles, Langevin moves; environment variables COMPOSE_MAX_*, see `space_limits`) are checked on the server
-before any work, a request stops at its time limit (COMPOSE_MAX_SECONDS), and the queue is bounded
-(COMPOSE_MAX_QUEUE waiting, one running). The schedule is a choice from the named grids and the learned schedules the
-Space ships; no server path is ever read from the form, and a refused model or schedule gets the same message
-whatever the reason (it does not tell whether a file exists). Bad input shows as a message, never a stack trace.
+terms, particles, Langevin moves, candidates, which count as images; environment variables COMPOSE_MAX_*, see
+`space_limits`) are checked on the server before any work, a request stops at its time limit (COMPOSE_MAX_SECONDS),
+and the queue is bounded (COMPOSE_MAX_QUEUE waiting, one running). The schedule is a choice from the named grids
+and the learned schedules the Space ships; no server path is ever read from the form, and a refused model or schedule
+gets the same message whatever the reason (it does not tell whether a file exists). Bad input shows as a message,
+never a stack trace.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ def space_limits() -> J.Limits:
 MAX_NAME = 100  # a model folder name in COMPOSE_MODELS_DIR
 LORA_COMPOSE = "compose (operator, one call)"  # the LoRA-mode choice that leaves the operator in charge
 LIFTS = ("auto", "renoise", "tracked", J.NO_LIFT)  # the lift box: the pipeline's estimators, "none" for no lift
+ESTIMATORS = {
+    "tracked": "free, read along the sampling path; noisy on these pixel models, 'renoise' detects better",
+    "renoise": "the finished image noised again at 3 levels, scored by each term and its reference",
+}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ABS_PATH = re.compile(r"(?<![\w.~/-])/[\w.@+-]+(?:/[\w.@+-]*)*")  # an absolute POSIX path inside a message
 
@@ -390,8 +396,9 @@ def lift_note(res: J.JobResult) -> str:
         return "Lift: none (lift 'none', operator product_smc, or 'tracked' without guidance: try 'renoise')."
     scores = " / ".join(f"{float(v):.1f}" for v in res.scores())
     text = (
-        f"Lift: `{res.estimator}` estimator, log q_term - log q_ref of each image in nats (above 0: the term "
-        f"explains the image better than its reference); score per image ({res.score_rule} over the terms): {scores}."
+        f"Lift: `{res.estimator}` estimator ({ESTIMATORS.get(res.estimator, '')}), log q_term - log q_ref of each "
+        "image in nats (above 0: the term explains the image better than its reference); score per image "
+        f"({res.score_rule} over the terms): {scores}."
     )
     if res.candidate is not None:
         kept = ", ".join(str(int(v)) for v in res.candidate)
