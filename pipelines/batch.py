@@ -6,14 +6,33 @@ malformed row is reported with its line number (on stderr and in the manifest) a
 
 Output in DIR: `images/<id>_<i>.png` (the job's parameters in the PNG text chunk "parameters") and
 `manifest.jsonl`, one record per row, in line order: status "ok" (parameters, seed of every image, file names,
-kappa / log q summaries, timings) or "error" (the message). A row's id is its `id` field or `line<N>`.
+kappa / log q summaries, per-image concept scores, timings) or "error" (the message). A row's id is its `id` field or
+`line<N>`.
+
+Concept scores: a row's `lift` (and `candidates`, `select`) fields reach the pipeline's (`pipelines.verify`), and an ok
+record's "lift" holds, for image i (its `files[i]`): `per_image[i]`, its lift per term of `terms` (log q_term -
+log q_ref, nats, 3 decimals; how much more likely the image is under the term than under its reference), `score[i]`,
+the score the pipeline ranks candidates by (`rule`: the min over the terms, the max for operator "or"), and with
+candidates > 1 `kept[i]`, the candidate kept, and `candidate_scores[i]`, every candidate's score; plus `estimator`
+("tracked": free, a weak detector on pixel models; "renoise": 3 x (terms + references) extra network rows per
+candidate), `candidates` and `rows_per_image` (the rows the lift cost per image). `per_image` is null where no lift was
+computed (lift "none", operator "product_smc", "tracked" without guidance). To find the images that miss a concept:
+
+    python examples/batch/summarize.py DIR/manifest.jsonl --below 0                  # min lift < 0, worst first
+    python examples/batch/summarize.py DIR/manifest.jsonl --below 0 --rerun redo.jsonl --candidates 4
+    compose batch redo.jsonl --out DIR2                                              # best of 4 for each of them
+
+(in Python, that script's `image_lifts(records)` is one entry per image: file, seed, lift per term, min lift, score,
+kept candidate). Candidates are sampled in full: they count as images against --max-images (images x candidates) and
+--batch-size (sampled images per call).
 
 Atomic and resumable: images are written to a temporary name and renamed; a row's record is appended (one write,
 flushed to disk) only after all its images are in place. A run that is killed and restarted reads the manifest,
-drops a torn last line, keeps every finished row whose parameters are unchanged and whose image files are all there
-and readable at their recorded size, and runs the rest (a finished row with a missing or damaged image runs again):
-no finished row is lost or duplicated. Rows that failed are retried. Ctrl-C stops with one line (rows done / total,
-rerun to resume) and exit status 130.
+drops a torn last line, keeps every finished row whose parameters are unchanged (`Job.key`: the parameters that change
+the images; `lift` alone does not, so a finished row keeps the lift it was recorded with) and whose image files are
+all there and readable at their recorded size, and runs the rest (a finished row with a missing or damaged image runs
+again): no finished row is lost or duplicated. Rows that failed are retried. Ctrl-C stops with one line (rows done /
+total, rerun to resume) and exit status 130.
 
 Hostile rows: any error of one row (from parsing, from a schedule file, from sampling; whatever its type) is recorded
 for that row and the others run; the limits (`--max-steps` ...) apply to the steps a schedule file brings too; ids
@@ -400,11 +419,10 @@ def save_images(result: JobResult, job: Job, out: Path) -> list[str]:
 def run_row(
     pipes: PipelineCache, job: Job, batch_size: int | None, on_images=None, limits: Limits | None = None
 ) -> JobResult:
-    """Run one job in chunks of at most `batch_size` images (image i keeps seed + i).
+    """Run one job in chunks of at most `batch_size` sampled images (image i keeps seed + i; with candidates, a
+    chunk holds batch_size // candidates output images, at least one).
 
     limits: `max_prompt_tokens` is checked in the loaded model's tokenizer, `max_seconds` bounds the whole row."""
-    import torch
-
     limits = limits or Limits()
     deadline = Deadline(limits.max_seconds) if limits.max_seconds is not None else None
     t0 = time.perf_counter()
@@ -412,21 +430,15 @@ def run_row(
     load_s = time.perf_counter() - t0
     if limits.max_prompt_tokens is not None:
         check_prompt_tokens(pipe, job, limits)
-    step = batch_size or job.images
+    # batch_size counts the images sampled: with candidates, K of them per output image
+    step = max(1, batch_size // (job.candidates or 1)) if batch_size else job.images
     parts = []
     for start in range(0, job.images, step):
         sub = replace(job, seed=job.seed + start, images=min(step, job.images - start))
         parts.append(run_job(pipe, sub, deadline=deadline))
         if on_images is not None:
             on_images(sub.images)
-    res = JobResult(
-        images=[im for p in parts for im in p.images],
-        kappa=torch.cat([p.kappa for p in parts], dim=1),
-        log_q=torch.cat([p.log_q for p in parts], dim=1),
-        timesteps=parts[0].timesteps,
-        terms=parts[0].terms,
-        seconds=sum(p.seconds for p in parts),
-    )
+    res = JobResult.join(parts)
     res.extra["load_s"] = load_s
     return res
 
@@ -515,6 +527,7 @@ def run_batch(
                         "files": files,
                         "size": list(res.images[0].size),
                         "summary": res.summary(),
+                        "lift": res.lift_record(),
                         "timings": {
                             "load_s": round(res.extra["load_s"], 4),
                             "sample_s": round(res.seconds, 4),
@@ -556,12 +569,23 @@ def run_batch(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("jobs", help="a .jsonl file (one job per line) or a .csv file with a header row")
     p.add_argument("--out", required=True, help="output folder (images/ and manifest.jsonl); rerun to resume")
-    p.add_argument("--batch-size", type=int, default=None, help="at most this many images per pipeline call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="at most this many images sampled per pipeline call (a row's candidates count as images)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--max-steps", type=int, default=Limits.max_steps, help="per row, schedule files' steps included")
     p.add_argument("--max-images", type=int, default=Limits.max_images)
     p.add_argument("--max-terms", type=int, default=Limits.max_terms)
     p.add_argument("--max-side", type=int, default=Limits.max_side, help="largest height / width")
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=Limits.max_candidates,
+        help="candidates per image; images x candidates stays within --max-images",
+    )
     p.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars)
     p.add_argument(
         "--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: the tokenizer truncates)"
@@ -587,6 +611,7 @@ def main_batch(args: argparse.Namespace) -> int:
             max_images=args.max_images,
             max_terms=args.max_terms,
             max_side=args.max_side,
+            max_candidates=args.max_candidates,
             max_prompt_chars=args.max_prompt_chars,
             max_prompt_tokens=args.max_prompt_tokens,
             max_seconds=args.max_seconds,

@@ -1,11 +1,13 @@
 """One composition request ("job"), shared by the Space demo and the batch command line.
 
 A job is a flat record: the checkpoints, the prompts, the operator, weights, seed, steps, schedule, guidance and
-number of images. `parse_job` checks a raw record (a JSONL / CSV row, or the Space's form) against `Limits` and
-raises `ValueError` naming the field and the fix; `pipeline_kwargs` is the ONE place where a job's fields become
-`ComposePipeline.__call__` keyword arguments (add a new pipeline option there and in `Job`); `run_job` runs one job
-on a loaded pipeline and returns the images, kappa and log-density traces and timings. A job's `lora` names shipped
-LoRAs (`model_cards/shapes-lora-*`) or folders with LoRA safetensors; `run_job` attaches them to the (cached)
+number of images, and the per-image concept scores (`lift`: "auto", "renoise", "tracked" or "none"; `candidates`:
+samples per image, the best by its lift kept; `select`: "lift" or "random"; see `pipelines.verify`). `parse_job`
+checks a raw record (a JSONL / CSV row, or the Space's form) against `Limits` and raises `ValueError` naming the field
+and the fix; `pipeline_kwargs` is the ONE place where a job's fields become `ComposePipeline.__call__` keyword
+arguments (add a new pipeline option there and in `Job`); `run_job` runs one job on a loaded pipeline and returns the
+images, kappa and log-density traces, every image's lift and the candidate it kept, and timings. A job's `lora` names
+shipped LoRAs (`model_cards/shapes-lora-*`) or folders with LoRA safetensors; `run_job` attaches them to the (cached)
 pipeline as LoRA experts (`load_job_loras`) under their folder names.
 
 Seeds: image i of a job uses its own generator seeded `seed + i` (initial noise, SDE noise, probes), so an image
@@ -63,12 +65,21 @@ FIELDS = (
     "lora_uncond",
     "lora_switch_steps",
     "lora_scale",
+    "lift",
+    "candidates",
+    "select",
 )
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STEPS_CAP = (
     " (this runner's cap per job, Limits.max_steps: the batch runner's --max-steps, the Space's "
     "COMPOSE_MAX_STEPS; the Python API's own bound, 10000, only catches typos)"
 )
+CANDIDATES_CAP = (
+    " (samples drawn per image, the best kept; this runner's cap, Limits.max_candidates: the batch runner's "
+    "--max-candidates, the Space's COMPOSE_MAX_CANDIDATES)"
+)
+VERIFY_FIELDS = ("lift", "candidates", "select")  # the per-image concept scores and the candidates they choose
+NO_LIFT = "none"  # a job's lift value for the pipeline's lift=None (JSON null and "" mean the default, "auto")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class Limits:
         None: no limit here (the pipeline's tokenizer truncates at its own maximum, as diffusers does).
     max_id_chars: a row's id names its image files.  max_seconds: the wall time of one job (None: none), checked
         after every step (`Deadline`).  max_weight: the largest |weight| and temperature.
+    max_candidates: candidates per image (`candidates`). Every candidate is sampled in full, so candidates count as
+        images: images x candidates (the images sampled) must stay within max_images too, and a row's rows per
+        network call are images x candidates x (terms + 1), as for that many images.
     """
 
     max_steps: int = 1000
@@ -98,6 +112,7 @@ class Limits:
     max_id_chars: int = 100
     max_seconds: float | None = None
     max_weight: float = 1000.0
+    max_candidates: int = 8
 
 
 @dataclass
@@ -128,6 +143,9 @@ class Job:
     lora_uncond: str | None = None
     lora_switch_steps: int | None = None
     lora_scale: float | None = None
+    lift: str | None = None  # None: the pipeline's "auto"; "none" (NO_LIFT): no lift; "renoise" / "tracked"
+    candidates: int | None = None  # None: 1
+    select: str | None = None  # None: "lift"
 
     def params(self) -> dict[str, Any]:
         """Every parameter as plain JSON values (what the manifest and the PNG metadata record)."""
@@ -135,9 +153,29 @@ class Job:
 
     def key(self) -> str:
         """A short hash of the parameters that define the images (not the id). Unset (None) fields are left out, so
-        a new optional field does not invalidate the manifests of earlier runs."""
-        p = {k: v for k, v in self.params().items() if v is not None and k != "id"}
+        a new optional field does not invalidate the manifests of earlier runs. The lift only scores the images of
+        one candidate each (`lift`, `select` are left out then); with candidates > 1 it chooses them, and the key
+        holds the candidates, the selection and the estimator that ran ("auto" and "renoise" are one)."""
+        p = {k: v for k, v in self.params().items() if v is not None and k not in ("id", *VERIFY_FIELDS)}
+        if (self.candidates or 1) > 1:
+            v = self.verification()
+            p.update(candidates=self.candidates, select=v.select, lift=v.estimator or NO_LIFT)
         return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
+
+    def verification(self):
+        """The pipeline's view of the job's verification options (`pipelines.verify.Verification`): the estimator
+        that runs ("auto": "tracked" for one candidate, "renoise" to choose) and the score rule (min over the terms;
+        max for operator "or")."""
+        from .verify import DEFAULT_LEVELS, Verification
+
+        return Verification(_lift_arg(self), DEFAULT_LEVELS, self.candidates or 1, self.select or "lift", 0.0, None)
+
+
+def _lift_arg(job: Job) -> str | None:
+    """A job's lift -> the pipeline's `lift=` value."""
+    if job.lift is None:
+        return "auto"
+    return None if job.lift == NO_LIFT else job.lift
 
 
 @dataclass
@@ -147,6 +185,14 @@ class JobResult:
     images: list of `images` PIL images.  kappa: (steps, images, K) float64 weights of the outer operator.
     log_q: (steps, images, T) float64 tracked log-density of every term after every step (the last row is the
     pipeline's `log_q`).  timesteps: (steps + 1,) the grid in t.  terms: the term names.  seconds: sampling time.
+
+    The per-image concept scores (`pipelines.verify`), as the pipeline returned them:
+    lift: (images, L) float64 lift of every lift term (log q_term - log q_ref, nats) of each kept image, or None
+        (lift "none", operator product_smc, or "tracked" without guidance); lift_terms: their names (the terms; with
+        lora_mode "merge" and the "renoise" estimator, one per merged LoRA).  estimator: the one that ran, or None.
+    lift_scores: (images, K) float64 every candidate's score (score_rule over the lift terms: "min", or "max" for
+        operator "or"), or None.  candidate: (images,) the candidate each image kept, or None for one candidate.
+    candidates: K.  verification_rows: network rows per image the lift cost beyond sampling (every candidate's).
     """
 
     images: list
@@ -156,10 +202,53 @@ class JobResult:
     terms: list[str]
     seconds: float
     extra: dict = field(default_factory=dict)
+    lift: torch.Tensor | None = None
+    lift_terms: list[str] = field(default_factory=list)
+    estimator: str | None = None
+    score_rule: str = "min"
+    lift_scores: torch.Tensor | None = None
+    candidate: torch.Tensor | None = None
+    candidates: int = 1
+    verification_rows: int = 0
+
+    @classmethod
+    def join(cls, parts: list[JobResult]) -> JobResult:
+        """The results of consecutive chunks of one job's images as one result (image-major everywhere)."""
+        import torch
+
+        def cat(name: str, dim: int = 0):
+            values = [getattr(p, name) for p in parts]
+            return None if any(v is None for v in values) else torch.cat(values, dim=dim)
+
+        first = parts[0]
+        return cls(
+            images=[im for p in parts for im in p.images],
+            kappa=cat("kappa", 1),
+            log_q=cat("log_q", 1),
+            timesteps=first.timesteps,
+            terms=first.terms,
+            seconds=sum(p.seconds for p in parts),
+            lift=cat("lift"),
+            lift_terms=first.lift_terms,
+            estimator=first.estimator,
+            score_rule=first.score_rule,
+            lift_scores=cat("lift_scores"),
+            candidate=cat("candidate"),
+            candidates=first.candidates,
+            verification_rows=first.verification_rows,
+        )
+
+    def scores(self) -> torch.Tensor | None:
+        """(images,) float64 the score of every kept image (its candidate's), or None without a lift."""
+        if self.lift_scores is None:
+            return None
+        if self.candidate is None:
+            return self.lift_scores[:, 0]
+        return self.lift_scores.gather(1, self.candidate.long()[:, None])[:, 0]
 
     def summary(self) -> dict[str, Any]:
         """Per term: mean kappa over steps and images, kappa at the last step, final log q (mean over images), and
-        how many images each term "won" (largest final log q)."""
+        how many images each term "won" (largest final log q); with a lift, its mean per lift term over the images."""
         k = self.kappa
         out: dict[str, Any] = {
             "terms": self.terms,
@@ -174,7 +263,31 @@ class JobResult:
 
             won = torch.bincount(self.log_q[-1].argmax(-1), minlength=self.log_q.shape[-1])
             out["images_won"] = [int(v) for v in won]
+        if self.lift is not None:
+            out["lift_terms"] = self.lift_terms
+            out["lift_mean"] = [round(float(v), 3) for v in self.lift.mean(0)]
         return out
+
+    def lift_record(self) -> dict[str, Any]:
+        """The manifest's per-image concept scores: for image i (file i of the record), `per_image[i]` its lift per
+        lift term and `score[i]` its score (nats, 3 decimals), `kept[i]` the candidate it kept (with candidates > 1)
+        and `candidate_scores[i]` every candidate's score; the estimator, the score rule, the candidates and the
+        verification rows per image."""
+        scores = self.scores()
+        rec: dict[str, Any] = {
+            "estimator": self.estimator if self.lift is not None else None,
+            "rule": self.score_rule,
+            "terms": self.lift_terms,
+            "per_image": None if self.lift is None else [[round(float(v), 3) for v in row] for row in self.lift],
+            "score": None if scores is None else [round(float(v), 3) for v in scores],
+            "candidates": self.candidates,
+            "kept": None if self.candidate is None else [int(v) for v in self.candidate],
+            "candidate_scores": None,
+            "rows_per_image": int(self.verification_rows),
+        }
+        if self.candidates > 1 and self.lift_scores is not None:
+            rec["candidate_scores"] = [[round(float(v), 3) for v in row] for row in self.lift_scores]
+        return rec
 
 
 # ---------------------------------------------------------------------- parsing
@@ -346,6 +459,8 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         raise ValueError(f"negative_prompt must be a string; got {type(negative).__name__}.")
     if negative is not None:
         check_prompt_length("negative_prompt", negative, limits)
+    images = _int(raw, "images", 1, 1, limits.max_images)
+    lift, candidates, select = _verification(raw, operator, guidance, images, limits)
     return Job(
         models=models,
         prompts=prompts,
@@ -362,12 +477,15 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         solver=solver,
         num_particles=num_particles,
         langevin_steps=langevin_steps,
-        images=_int(raw, "images", 1, 1, limits.max_images),
+        images=images,
         height=_int(raw, "height", None, 8, limits.max_side),
         width=_int(raw, "width", None, 8, limits.max_side),
         id=job_id,
         lora=lora,
         **lora_kw,
+        lift=lift,
+        candidates=candidates,
+        select=select,
     )
 
 
@@ -515,6 +633,45 @@ def _particles(raw: dict, operator: str | None, limits: Limits) -> tuple[int | N
             f"operator={operator!r}, num_particles=None. Drop langevin_steps or give both."
         )
     return num_particles, langevin_steps
+
+
+def _verification(
+    raw: dict, operator: str | None, guidance: float | None, images: int, limits: Limits
+) -> tuple[str | None, int | None, str | None]:
+    """lift, candidates and select (None when not given), the per-image concept scores and the candidates they
+    choose between (`pipelines.verify`). Candidates are sampled in full: images x candidates counts against
+    max_images. The combinations the pipeline refuses are refused here, before any model is loaded."""
+    from compose.options import LIFT_ESTIMATORS, operator_record
+    from compose.verify import MAX_CANDIDATES
+
+    lift = _choice(raw, "lift", ("auto", *LIFT_ESTIMATORS, NO_LIFT), None, f" ({NO_LIFT!r}: no lift)")
+    candidates = _int(raw, "candidates", None, 1, min(limits.max_candidates, MAX_CANDIDATES), CANDIDATES_CAP)
+    select = _choice(raw, "select", ("lift", "random"), None, " (the best score, or a random candidate)")
+    K = candidates or 1
+    if images * K > limits.max_images:
+        raise ValueError(
+            f"images x candidates = {images} x {K} = {images * K} images to sample; the limit is {limits.max_images} "
+            "(max_images: every candidate is sampled in full). Give fewer images or candidates."
+        )
+    if select is not None and K == 1:
+        raise ValueError("select chooses between candidates; give candidates >= 2 or drop select.")
+    if K > 1 and operator is not None and operator_record(operator).particles:
+        raise ValueError(
+            f"candidates chooses between independent samples; operator {operator!r} has particles of its own "
+            "(num_particles). Drop candidates, or use operator 'product'."
+        )
+    if K > 1 and select != "random" and lift == NO_LIFT:
+        raise ValueError(
+            f"candidates={K} keeps the candidate with the best lift, but lift is {NO_LIFT!r}; drop lift (the default "
+            "'auto' computes one), or give select 'random'."
+        )
+    if K > 1 and select != "random" and lift == "tracked" and guidance is not None and guidance <= 1:
+        raise ValueError(
+            f"lift 'tracked' reads every term against the unconditional branch, which guidance={guidance:g} turns "
+            "off, so it cannot choose between candidates; give guidance > 1, or drop lift (with candidates the "
+            "default is 'renoise')."
+        )
+    return lift, candidates, select
 
 
 def _loras(raw: dict, terms: int, limits: Limits) -> tuple[list[str | None] | None, int]:
@@ -694,6 +851,12 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         kw["num_particles"] = job.num_particles
     if job.langevin_steps is not None:
         kw["langevin_steps"] = job.langevin_steps
+    if job.lift is not None:
+        kw["lift"] = _lift_arg(job)
+    if job.candidates is not None:
+        kw["candidates"] = job.candidates
+    if job.select is not None:
+        kw["select"] = job.select
     if job.lora is not None:
         kw["lora"] = [lora_adapter_name(v) for v in job.lora]
         if job.lora_mode is not None:  # the mode is the combination: no operator (parse_job refused one)
@@ -788,6 +951,8 @@ def run_job(pipe, job: Job, progress: Any = None, deadline: Deadline | None = No
     seconds = time.perf_counter() - t0
     log_q = out.log_q_trace.detach().to(torch.float64).cpu()  # (steps, images, terms)
     terms = _term_names(job)
+    verification = job.verification()
+    lift = None if out.lift is None else out.lift.detach().to(torch.float64).cpu()
     return JobResult(
         images=list(out.images),
         kappa=out.kappa.detach().to(torch.float64).cpu(),
@@ -795,6 +960,14 @@ def run_job(pipe, job: Job, progress: Any = None, deadline: Deadline | None = No
         timesteps=out.timesteps.detach().cpu(),
         terms=terms,
         seconds=seconds,
+        lift=lift,
+        lift_terms=[] if lift is None else _lift_term_names(job, terms, lift.shape[-1]),
+        estimator=None if lift is None else verification.estimator,
+        score_rule=verification.default_rule(job.operator),
+        lift_scores=None if out.lift_scores is None else out.lift_scores.detach().to(torch.float64).cpu(),
+        candidate=None if out.candidate is None else out.candidate.detach().cpu(),
+        candidates=verification.candidates,
+        verification_rows=int(out.verification_rows),
     )
 
 
@@ -807,6 +980,15 @@ def _term_names(job: Job) -> list[str]:
         return [f"{names[0]} [merge: {' + '.join(loras)}]"]
     names = names * len(loras) if len(names) == 1 else names
     return [n if a is None else f"{n} [{a}]" for n, a in zip(names, loras, strict=True)]
+
+
+def _lift_term_names(job: Job, terms: list[str], count: int) -> list[str]:
+    """The names of the lift's columns: the terms, or with lora_mode "merge" read by "renoise", every merged LoRA on
+    the prompt (`pipelines.verify.verification_rows`)."""
+    if count == len(terms) or not job.lora:
+        return terms
+    base = _plain_term_names(job)[0]
+    return [f"{base} [{lora_adapter_name(v)}]" for v in job.lora if v is not None][:count]
 
 
 def _plain_term_names(job: Job) -> list[str]:

@@ -114,6 +114,28 @@ ROWS = [
     ("langevin_steps 1e6", {**ROW, "operator": "product_smc", "num_particles": 2, "langevin_steps": 10**6}, None,
      "langevin_steps=1000000 is out of range"),
     ("thousand unknown fields", {**ROW, **{f"f{i}": 1 for i in range(1000)}}, None, "unknown field(s) ['f0', 'f1'"),
+    ("lift unknown", {**ROW, "lift": "best"}, None,
+     "lift='best' is not known; use one of ['auto', 'renoise', 'tracked', 'none'] ('none': no lift)"),
+    ("lift as a list", {**ROW, "lift": ["renoise"]}, None, "lift=['renoise'] is not known"),
+    ("lift 20 MB", {**ROW, "lift": BIG}, None, "lift='xxxxx"),
+    ("candidates 0", {**ROW, "candidates": 0}, None, "candidates=0 is out of range; give an integer from 1 to 8"),
+    ("candidates 1e9", {**ROW, "candidates": 10**9}, None, "candidates=1000000000 is out of range"),
+    ("candidates over the cap", {**ROW, "candidates": 5}, J.Limits(max_candidates=4),
+     ("candidates=5 is out of range; give an integer from 1 to 4", "--max-candidates")),
+    ("candidates as text", {**ROW, "candidates": "two"}, None, "candidates must be an integer; got 'two'"),
+    ("candidates 2.5", {**ROW, "candidates": 2.5}, None, "candidates must be an integer; got 2.5"),
+    ("candidates as true", {**ROW, "candidates": True}, None, "candidates must be an integer; got True"),
+    ("images x candidates over the images cap", {**ROW, "images": 20, "candidates": 4}, None,
+     "images x candidates = 20 x 4 = 80 images to sample; the limit is 64 (max_images: every candidate is sampled"),
+    ("candidates with product_smc", {**ROW, "operator": "product_smc", "num_particles": 2, "candidates": 2}, None,
+     "operator 'product_smc' has particles of its own (num_particles). Drop candidates"),
+    ("candidates with no lift", {**ROW, "candidates": 2, "lift": "none"}, None,
+     "candidates=2 keeps the candidate with the best lift, but lift is 'none'"),
+    ("tracked candidates without guidance", {**ROW, "candidates": 2, "lift": "tracked", "guidance": 1}, None,
+     "give guidance > 1, or drop lift"),
+    ("select without candidates", {**ROW, "select": "random"}, None,
+     "select chooses between candidates; give candidates >= 2 or drop select"),
+    ("select unknown", {**ROW, "candidates": 2, "select": "best"}, None, "select='best' is not known"),
 ]  # fmt: skip
 
 
@@ -164,12 +186,13 @@ def test_a_huge_csv_cell_is_one_bad_row(tmp_path):
 gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[test]')")
 
 SPACE_LIMITS = J.Limits(max_steps=6, max_images=3, max_terms=3, max_side=48, max_particles=4, max_langevin_steps=1,
-                        max_prompt_chars=200, max_prompt_tokens=75, max_seconds=60)  # fmt: skip
+                        max_prompt_chars=200, max_prompt_tokens=75, max_seconds=60, max_candidates=2)  # fmt: skip
 
 
 def form(**kw):
     f = dict(models=["shapes-text"], other="", prompts="a red shape\na circle", operator="and", steps=3,
-             schedule="log_snr", guidance=4.0, seed=5, images=1, size=0, particles=2, moves=0)  # fmt: skip
+             schedule="log_snr", guidance=4.0, seed=5, images=1, size=0, particles=2, moves=0, loras=[],
+             lora_mode="compose (operator, one call)", candidates=1, lift="auto")  # fmt: skip
     f.update(kw)
     return list(f.values())
 
@@ -221,6 +244,11 @@ REQUESTS = [
     ("shipped file by its path", dict(schedule=str(SCHEDULE)), "is not in the list of choices"),
     ("a path as a shipped model", dict(models=["../../etc"]), "is not in the list of choices"),
     ("unknown operator", dict(operator="xor"), "is not in the list of choices"),
+    ("candidates over the limit", dict(candidates=9), "9 is greater than maximum value 2"),
+    ("images x candidates over the images limit", dict(images=2, candidates=2),
+     "images x candidates = 2 x 2 = 4 images to sample; the limit is 3"),
+    ("candidates with product_smc", dict(operator="product_smc", candidates=2), "has particles of its own"),
+    ("unknown lift", dict(lift="/etc/passwd"), "is not in the list of choices"),
 ]  # fmt: skip
 
 

@@ -111,6 +111,35 @@ def test_bad_input_is_a_message(app_mod, fields, message):
 
 
 @needs_models
+def test_candidates_and_the_lift_of_every_image_in_the_summary(app_mod):
+    """candidates=2 keeps the best of 2 per image; the table shows every term's lift (mean; per image) as the
+    pipeline returned it, and the line under it the estimator, each image's score and kept candidate, the rows."""
+    app = app_mod.App(J.Limits(**{**LIMITS.__dict__, "max_images": 4, "max_candidates": 2}))
+    fields = form(operator="product") + [4, 0, [], app_mod.LORA_COMPOSE, 2, "auto"]
+    job = app.job(*fields)
+    assert (job.candidates, job.lift) == (2, None)  # "auto" leaves the field out: the pipeline's default
+    assert app.job(*fields[:-2], 1, "auto").candidates is None  # one candidate: the field is left out too
+    gallery, _fig, summary = app.generate(*fields)
+    pipe = ComposePipeline.from_pretrained(str(CARDS / "shapes-text"))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(**J.pipeline_kwargs(job), generator=J.generators(job), output_type="np")
+    assert len(gallery) == 2
+    for j, name in enumerate(["a red shape", "a circle"]):
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {name} |"))
+        per_image = " / ".join(f"{v:.1f}" for v in ref.lift[:, j].tolist())
+        assert f"| {ref.lift[:, j].mean():.2f} ({per_image}) |" in row, row
+    kept = ", ".join(str(int(v)) for v in ref.candidate)
+    assert f"Best of 2 candidates per image; kept: {kept}." in summary
+    assert f"The lift cost {ref.verification_rows} network rows per image." in summary
+    scores = " / ".join(f"{v:.1f}" for v in ref.lift.min(-1).values.tolist())
+    assert f"score per image (min over the terms): {scores}." in summary
+    with pytest.raises(gr.Error, match="images x candidates = 3 x 2 = 6 images to sample; the limit is 4"):
+        app.generate(*form(operator="product", images=3) + [4, 0, [], app_mod.LORA_COMPOSE, 2, "auto"])
+    _, _, plain = app.generate(*form(images=1) + [4, 0, [], app_mod.LORA_COMPOSE, 1, "none"])
+    assert "Lift: none" in plain and "| - |" in plain
+
+
+@needs_models
 def test_one_term_and_unconditional_or(app_mod):
     app = app_mod.App(LIMITS)
     gallery, fig, summary = app.generate(*form(prompts="a red shape", operator="or", images=1))
@@ -306,7 +335,7 @@ def test_queue_is_bounded(app_mod):
 
 # ---------------------------------------------------------------------- the Space as a deployable unit (issue 31)
 API_INPUTS = ["models", "other_models", "prompts", "operator", "steps", "schedule", "guidance", "seed", "images",
-              "size", "particles", "moves", "loras", "lora_mode"]  # fmt: skip
+              "size", "particles", "moves", "loras", "lora_mode", "candidates", "lift"]  # fmt: skip
 
 
 def readme_client_code(url: str) -> str:
@@ -325,6 +354,9 @@ def check_readme_call(url: str) -> None:
     assert [g["caption"] for g in gallery] == ["seed 0", "seed 1"]  # the LoRA call's images
     assert "**and** over 2 term(s), 20 steps" in summary
     assert "| a shape [shapes-lora-purple] |" in summary and "| a shape [shapes-lora-outline] |" in summary
+    best, best_summary = scope["best"], scope["best_summary"]  # the best of 2 candidates per image
+    assert len(best) == 2 and "Best of 2 candidates per image; kept: " in best_summary
+    assert "Lift: `renoise` estimator" in best_summary and "| lift (mean; per image) |" in best_summary
 
 
 @needs_models
@@ -340,6 +372,7 @@ def test_api_inputs_are_named_with_defaults_and_the_readme_call_runs(app_mod):
         assert all(p["parameter_has_default"] for p in params)  # none required: a call names what it changes
         defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
         assert defaults["other_models"] == "" and defaults["loras"] == [] and defaults["models"] == ["shapes-text"]
+        assert defaults["candidates"] == 1 and defaults["lift"] == "auto"
         check_readme_call(url)
     finally:
         demo.close()

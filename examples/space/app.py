@@ -4,14 +4,16 @@
 
 Pick shipped models (and, where the Space's operator set COMPOSE_MODELS_DIR, folders of that one directory), prompts
 (one per line) and an operator; the page shows the images and, for every term, kappa (the operator's weight) and the
-tracked log-density over the steps, so one can see which model "won" where.
+tracked log-density over the steps, so one can see which model "won" where, and every image's lift per term (its
+concept score, `pipelines.verify`) in the summary table; `candidates` K keeps the best of K samples per image by it.
 
 Every input is hostile: limits on every field (prompt length in characters and in tokens, steps, size, images,
-terms, particles, Langevin moves; environment variables COMPOSE_MAX_*, see `space_limits`) are checked on the server
-before any work, a request stops at its time limit (COMPOSE_MAX_SECONDS), and the queue is bounded
-(COMPOSE_MAX_QUEUE waiting, one running). The schedule is a choice from the named grids and the learned schedules the
-Space ships; no server path is ever read from the form, and a refused model or schedule gets the same message
-whatever the reason (it does not tell whether a file exists). Bad input shows as a message, never a stack trace.
+terms, particles, Langevin moves, candidates, which count as images; environment variables COMPOSE_MAX_*, see
+`space_limits`) are checked on the server before any work, a request stops at its time limit (COMPOSE_MAX_SECONDS),
+and the queue is bounded (COMPOSE_MAX_QUEUE waiting, one running). The schedule is a choice from the named grids
+and the learned schedules the Space ships; no server path is ever read from the form, and a refused model or schedule
+gets the same message whatever the reason (it does not tell whether a file exists). Bad input shows as a message,
+never a stack trace.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def space_limits() -> J.Limits:
         max_side=int(env("COMPOSE_MAX_SIDE", 512)),
         max_particles=int(env("COMPOSE_MAX_PARTICLES", 8)),
         max_langevin_steps=int(env("COMPOSE_MAX_LANGEVIN_STEPS", 2)),
+        max_candidates=int(env("COMPOSE_MAX_CANDIDATES", 4)),
         max_prompt_chars=int(env("COMPOSE_MAX_PROMPT_CHARS", 200)),
         max_prompt_tokens=int(env("COMPOSE_MAX_PROMPT_TOKENS", 75)),
         max_seconds=float(env("COMPOSE_MAX_SECONDS", 120)),
@@ -67,6 +70,11 @@ def space_limits() -> J.Limits:
 
 MAX_NAME = 100  # a model folder name in COMPOSE_MODELS_DIR
 LORA_COMPOSE = "compose (operator, one call)"  # the LoRA-mode choice that leaves the operator in charge
+LIFTS = ("auto", "renoise", "tracked", J.NO_LIFT)  # the lift box: the pipeline's estimators, "none" for no lift
+ESTIMATORS = {
+    "tracked": "free, read along the sampling path; noisy on these pixel models, 'renoise' detects better",
+    "renoise": "the finished image noised again at 3 levels, scored by each term and its reference",
+}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ABS_PATH = re.compile(r"(?<![\w.~/-])/[\w.@+-]+(?:/[\w.@+-]*)*")  # an absolute POSIX path inside a message
 
@@ -149,12 +157,17 @@ class App:
         moves: float = 0,
         loras: list[str] | None = None,
         lora_mode: str = LORA_COMPOSE,
+        candidates: float = 1,
+        lift: str = "auto",
     ) -> J.Job:
         """The form's fields -> a checked `Job` (ValueError naming the field on bad input).
 
         loras: shipped LoRAs (choices of `J.shipped_loras`, never paths), trained on the first model: one term per
         LoRA with the single prompt, or paired with the prompts line by line. lora_mode: LORA_COMPOSE (the operator
         composes the LoRA terms in one network call per step) or a baseline of `LORA_MODES` (no operator).
+        candidates: samples per image, the best by its lift kept (1: one sample, the field left out of the job);
+        they count as images (images x candidates <= the images limit).  lift: the estimator (`LIFTS`; "auto": the
+        field left out, the pipeline's default).
 
         The cheap, size-bounding checks come first (a 20 MB prompt is refused before it is split into lines)."""
         lim = self.limits
@@ -212,6 +225,10 @@ class App:
             raw["lora"] = loras
             if lora_mode is not None:
                 raw["lora_mode"] = lora_mode
+        if candidates != 1:  # 1 leaves the field out: the job (and its key) of a request without candidates
+            raw["candidates"] = candidates
+        if lift != "auto":
+            raw["lift"] = lift
         if operator == "product_smc" and terms > 1 and lora_mode is None:
             raw["num_particles"] = particles
             if moves:  # Langevin rejuvenation moves per step (0: none; the field is left out of the job)
@@ -260,6 +277,8 @@ class App:
         moves: float = 0,
         loras: list[str] | None = None,
         lora_mode: str = LORA_COMPOSE,
+        candidates: float = 1,
+        lift: str = "auto",
         progress=gr.Progress(),  # noqa: B008 -- gradio's progress tracker idiom
     ):
         """The page's handler (API endpoint "/generate"): form fields -> (gallery items, kappa / log q figure,
@@ -271,7 +290,7 @@ class App:
         """
         start = time.monotonic()
         fields = (models, other_models, prompts, operator, steps, schedule, guidance, seed, images, size, particles,
-                  moves, loras, lora_mode)  # fmt: skip
+                  moves, loras, lora_mode, candidates, lift)  # fmt: skip
         typed = [v for f in fields for v in (f if isinstance(f, (list, tuple)) else [f]) if isinstance(v, str)]
         try:
             job = self.job(*fields)
@@ -339,7 +358,8 @@ def plot_traces(res: J.JobResult):
 
 
 def summary_markdown(res: J.JobResult, job: J.Job, schedule: str | None = None) -> str:
-    """A table per term: mean / last kappa, final log q, images won; the run's timing."""
+    """A table per term: mean / last kappa, final log q, lift (mean over the images, then each image's), images
+    won; the run's timing, and what the lift is (estimator, score per image, candidates kept, rows it cost)."""
     s = res.summary()
     op = job.operator or (f"LoRA {job.lora_mode}" if job.lora_mode else "none (one term)")
     lines = [
@@ -347,16 +367,45 @@ def summary_markdown(res: J.JobResult, job: J.Job, schedule: str | None = None) 
         f"{job.guidance if job.guidance is not None else 'default'}, seeds {job.seed}..{job.seed + job.images - 1}: "
         f"{res.seconds:.1f} s ({res.seconds / job.images:.2f} s/image).",
         "",
-        "| term | mean kappa | kappa at last step | final log q (mean) | images won |",
-        "|---|---:|---:|---:|---:|",
+        "| term | mean kappa | kappa at last step | final log q (mean) | lift (mean; per image) | images won |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     won = s.get("images_won", [job.images])
     per_term = len(s["kappa_mean"]) == len(res.terms)
+    lift_per_term = res.lift is not None and res.lift_terms == res.terms
     for j, name in enumerate(res.terms):
         km = f"{s['kappa_mean'][j]:.3f}" if per_term else "-"
         kl = f"{s['kappa_last'][j]:.3f}" if per_term else "-"
-        lines.append(f"| {name} | {km} | {kl} | {s['log_q_final'][j]:.1f} | {won[j]} |")
+        lift = _lift_cell(res.lift[:, j]) if lift_per_term else "-"
+        lines.append(f"| {name} | {km} | {kl} | {s['log_q_final'][j]:.1f} | {lift} | {won[j]} |")
+    if res.lift is not None and not lift_per_term:  # lora_mode "merge": one lift per merged LoRA
+        lines += ["", "| lift term | lift (mean; per image) |", "|---|---|"]
+        lines += [f"| {name} | {_lift_cell(res.lift[:, j])} |" for j, name in enumerate(res.lift_terms)]
+    lines += ["", lift_note(res)]
     return "\n".join(lines)
+
+
+def _lift_cell(values) -> str:
+    """ "mean (image 1 / image 2 / ...)" of one term's lifts, in nats."""
+    return f"{float(values.mean()):.2f} ({' / '.join(f'{float(v):.1f}' for v in values)})"
+
+
+def lift_note(res: J.JobResult) -> str:
+    """One line on the lift: its estimator, each image's score, the candidates kept and the rows it cost."""
+    if res.lift is None:
+        return "Lift: none (lift 'none', operator product_smc, or 'tracked' without guidance: try 'renoise')."
+    scores = " / ".join(f"{float(v):.1f}" for v in res.scores())
+    text = (
+        f"Lift: `{res.estimator}` estimator ({ESTIMATORS.get(res.estimator, '')}), log q_term - log q_ref of each "
+        "image in nats (above 0: the term explains the image better than its reference); score per image "
+        f"({res.score_rule} over the terms): {scores}."
+    )
+    if res.candidate is not None:
+        kept = ", ".join(str(int(v)) for v in res.candidate)
+        text += f" Best of {res.candidates} candidates per image; kept: {kept}."
+    if res.verification_rows:
+        text += f" The lift cost {res.verification_rows} network rows per image."
+    return text
 
 
 def build_demo(app: App | None = None) -> gr.Blocks:
@@ -439,6 +488,22 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                         allow_custom_value=False,
                         elem_id="lora_mode",
                     )
+                with gr.Row():
+                    candidates = gr.Slider(
+                        1,
+                        lim.max_candidates,
+                        value=1,
+                        step=1,
+                        label="candidates per image (the best by its lift kept; each costs as much as an image)",
+                        elem_id="candidates",
+                    )
+                    lift = gr.Dropdown(
+                        list(LIFTS),
+                        value="auto",
+                        label="lift (per-image concept score: auto = tracked for 1 candidate, renoise to choose)",
+                        allow_custom_value=False,
+                        elem_id="lift",
+                    )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column():
                 out = gr.Gallery(label="images", columns=4, elem_id="out", height="auto")
@@ -447,7 +512,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         run.click(
             app.generate,
             inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves,
-                    loras, lora_mode],  # fmt: skip
+                    loras, lora_mode, candidates, lift],  # fmt: skip
             outputs=[out, plot, summary],
             api_name="generate",
         )
