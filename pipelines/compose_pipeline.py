@@ -749,13 +749,10 @@ class ComposePipeline(DiffusionPipeline):
         verification = Verification(lift, lift_levels, candidates, select, steer, score_rule)
         P = particles.check(smc, operator, method) * verification.check(smc, method, operator)  # rows per image
         schedule_name = self._schedule_name(grid, schedule, first.family)
-        clip = X0Clip.from_config(
-            first.scheduler.config,
-            clip_sample=clip_sample,
-            clip_sample_range=clip_sample_range,
-            thresholding=thresholding,
-        )
+        clip_options = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding)
+        clip = X0Clip.from_config(first.scheduler.config, **clip_options)
         use_cfg = guidance_scale > 1.0
+        verification.check_reference(use_cfg)
         n = self._num_images(num_images_per_prompt, batch_size, latents, P, generator)
         family, f = first.family, self.vae_scale_factor
         height, width, shape = self._sizes(first, n * P, height, width)

@@ -96,6 +96,18 @@ class Verification:
             raise ValueError("steer weighs the candidates by their lift; give lift='renoise' or 'tracked' with it.")
         return K
 
+    def check_reference(self, use_cfg: bool) -> None:
+        """The tracked lift is read against the unconditional branch: refuse choosing or steering by it without one
+        (guidance off, unconditional checkpoints, a guidance-distilled family)."""
+        if use_cfg or self.estimator != "tracked":
+            return
+        if self.steer or (self.candidates > 1 and self.select == "lift"):
+            raise ValueError(
+                "lift='tracked' is read against the unconditional branch, which this call has none of (guidance "
+                "off, unconditional checkpoints or an embedded guidance); choose with lift='renoise' (it evaluates "
+                "its own references) or give guidance_scale > 1."
+            )
+
     def default_rule(self, operator: Any) -> str:
         """ "max" (any concept) for OR, else "min" (every concept)."""
         if self.rule is not None:

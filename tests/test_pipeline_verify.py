@@ -211,6 +211,8 @@ def test_flow_transformer_lifts():
         (dict(candidates=2, lift=None), "needs a lift"),
         (dict(operator="product_smc", num_particles=2, candidates=2), "has particles of its own"),
         (dict(batch_size=100, candidates=64), "num_images_per_prompt"),
+        (dict(guidance_scale=1.0, candidates=2, lift="tracked"), "read against the unconditional branch"),
+        (dict(guidance_scale=1.0, candidates=2, lift="tracked", steer=1.0), "read against the unconditional branch"),
     ],
 )
 def test_bad_options_are_refused_before_any_network_call(pipe, kw, match):
