@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipelines import batch as B
 from pipelines import jobs as J
+from pipelines.verify import DEFAULT_LEVELS
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDS = ROOT / "model_cards"
@@ -98,7 +99,8 @@ def test_manifest_lift_is_the_pipeline_lift_and_records_the_kept_candidate(tmp_p
     assert one["rows_per_image"] == 0 and one["candidate_scores"] is None  # the tracked lift is free
     # best of 2 by the renoise lift: the kept candidate is the one with the highest score, its score the image's
     ref = refs["best"]
-    assert two["estimator"] == "renoise" and two["candidates"] == 2 and two["rows_per_image"] == 2 * 3 * 3
+    assert two["estimator"] == "renoise" and two["candidates"] == 2
+    assert two["rows_per_image"] == 2 * 3 * len(DEFAULT_LEVELS)  # candidates x (uncond + 2 prompts) x levels
     assert two["kept"] == ref.candidate.tolist() == ref.lift_scores.argmax(1).tolist()
     np.testing.assert_allclose(two["candidate_scores"], ref.lift_scores.numpy(), rtol=0, atol=5e-4)
     assert [max(s) for s in two["candidate_scores"]] == two["score"]

@@ -46,6 +46,7 @@ from compose import GRIDS  # noqa: E402
 from compose.options import LORA_MODES, OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
 from pipelines import shipped  # noqa: E402
+from pipelines.verify import DEFAULT_LEVELS  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
     shipped.SHIPPED_DIRS = (HERE / "model_cards", *shipped.SHIPPED_DIRS)
@@ -73,7 +74,8 @@ LORA_COMPOSE = "compose (operator, one call)"  # the LoRA-mode choice that leave
 LIFTS = ("auto", "renoise", "tracked", J.NO_LIFT)  # the lift box: the pipeline's estimators, "none" for no lift
 ESTIMATORS = {
     "tracked": "free, read along the sampling path; noisy on these pixel models, 'renoise' detects better",
-    "renoise": "the finished image noised again at 3 levels, scored by each term and its reference",
+    "renoise": f"the finished image noised again at {len(DEFAULT_LEVELS)} log-SNR levels, "
+    "scored by each term and its reference",
 }
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ABS_PATH = re.compile(r"(?<![\w.~/-])/[\w.@+-]+(?:/[\w.@+-]*)*")  # an absolute POSIX path inside a message
