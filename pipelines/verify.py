@@ -13,7 +13,7 @@ Two estimators of a term's lift, log q_term(x) - log q_ref(x) at the sampled ima
   the eps-form of the continuous-time ELBO, int (1/2) E||eps - eps_hat(x_lam)||^2 dlam (Kingma et al. 2021), read
   on the window of log-SNR where these models decide shape and colour; in nats over that window. Each level is ONE
   batched call of every verification row (each term, and each distinct reference) per candidate: with L levels and
-  V distinct rows, L V extra rows per candidate (6 for two prompts on one model with the default 3 levels, against
+  V distinct rows, L V extra rows per candidate (9 for two prompts on one model with the default 3 levels, against
   150 for 50 sampling steps with guidance).
 
 The reference of a term: its checkpoint's unconditional branch ("" or the negative prompt) for a prompt term; the
@@ -35,7 +35,7 @@ from compose.verify import MAX_CANDIDATES, best_of, check_candidates, check_rule
 from .batching import UNCOND, Leaf, NetworkGroups
 from .lora import BASE, Merged
 
-DEFAULT_LEVELS = (-1.5, -2.5, -3.5)  # log-SNR: where the shapes models decide (24 px); see the lift guide
+DEFAULT_LEVELS = (-1.5, -2.5, -3.5)  # log-SNR: where the shapes models decide (24 px); docs/guides/verification.md
 MAX_LEVELS = 16
 
 
