@@ -83,7 +83,7 @@ def random_of(u: torch.Tensor, K: int) -> torch.Tensor:
 
 class LiftSteering(Hooks):
     """Feynman-Kac steering of K particles per image by the tracked lifts (module docstring), as hooks of
-    `compose.sampler.run`. x in the loop holds the n K particles group-major (the K of image i: rows i K .. i K + K-1).
+    `compose.loop.run`. x in the loop holds the n K particles group-major (the K of image i: rows i K .. i K + K-1).
 
     Args:
         n, K: images and particles per image.

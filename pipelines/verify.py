@@ -38,7 +38,7 @@ from .batching import UNCOND, Leaf, NetworkGroups
 from .lora import BASE, Merged
 
 STEER_AT = (0.3, 0.5, 0.7)  # the fractions of the steps after which "renoise" steering weighs the candidates
-DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR: where the shapes models decide shape and colour (24 px)
+DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR: where the shapes models decide (24 px); docs/guides/verification.md
 MAX_LEVELS = 16
 
 
