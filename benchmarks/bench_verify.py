@@ -350,7 +350,6 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--resume: {args.json} was run with other {diff}; give the same options or another file")
         result["rows"] = old["rows"]
     done = {r["key"] for r in result["rows"]}
-    plot_data = {}
     pipes: dict = {}
     for m in methods(args):
         if m["key"] in done:
@@ -372,9 +371,9 @@ def main(argv=None) -> dict:
             row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
             row["steered_rows_per_image"] = st["rows_per_image"]
         if m["label"] == "product" and rec.get("_renoise") is not None:
-            names = ["purple", "outline"] if m["testbed"] == "lora" else ["colour", "shape"]
-            j = next(iter(v))
-            plot_data[m["testbed"]] = (rec["_renoise"].numpy(), v[j], names)
+            j = next(iter(v))  # kept in the JSON, so that a resumed run still plots every testbed
+            row["plot"] = dict(judge=j, lift=rec["_renoise"].numpy().round(4).tolist(),
+                               first=v[j]["first"].tolist(), second=v[j]["second"].tolist())  # fmt: skip
         result["rows"].append(row)
         print(f"# {m['key']}: " + ", ".join(f"{j} plain {_fmt(s['plain'])}" for j, s in row["selection"].items()),
               file=sys.stderr, flush=True)  # fmt: skip
@@ -382,6 +381,11 @@ def main(argv=None) -> dict:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=1))
     print(markdown(result))
+    plot_data = {
+        r["testbed"]: (np.array(r["plot"]["lift"]), {t: np.array(r["plot"][t]) for t in ("first", "second")},
+                       ["purple", "outline"] if r["testbed"] == "lora" else ["colour", "shape"])
+        for r in result["rows"] if "plot" in r
+    }  # fmt: skip
     if args.plot and plot_data:
         plot(result, plot_data, Path(args.plot))
     return result

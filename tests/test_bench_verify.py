@@ -1,0 +1,65 @@
+"""Fast checks of benchmarks/bench_verify.py: the AUC and the selections against hand-made verdicts, and a 2-step run
+on the shipped models that resumes, keeps the plot's data in the JSON and reads it back."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SPEC = importlib.util.spec_from_file_location("bench_verify", ROOT / "benchmarks" / "bench_verify.py")
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+have_models = pytest.mark.skipif(
+    not all((ROOT / "model_cards" / n).is_dir() for n in ("shapes-text", "shapes-text-joint", "shapes-classifier")),
+    reason="shipped shapes models not present",
+)
+
+
+def test_auc_is_the_probability_a_positive_outranks_a_negative():
+    assert bench.auc(np.array([3.0, 2.0, 1.0, 0.0]), np.array([True, True, False, False])) == 1.0
+    assert bench.auc(np.array([0.0, 1.0, 2.0, 3.0]), np.array([True, True, False, False])) == 0.0
+    assert bench.auc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5  # ties count half
+    assert np.isnan(bench.auc(np.array([1.0, 2.0]), np.array([True, True])))  # one class: undefined
+
+
+def test_selections_pick_by_the_smallest_lift_and_bound_by_the_oracle():
+    args = bench.parse_args(["--testbeds", "text", "--pairs", "1", "--images", "2", "--candidates", "2"])
+    # 2 images x 2 candidates; candidate 1 of image 0 and candidate 0 of image 1 have both concepts
+    both = np.array([False, True, True, False])
+    lift = torch.tensor([[5.0, -1.0], [2.0, 3.0], [1.0, 1.0], [9.0, 0.5]], dtype=torch.float64)
+    rec = dict(images=4, _renoise=lift, _tracked=lift[[1, 0, 3, 2]], _method=bench.methods(args)[0])
+    v = {"judge": dict(both=both, first=np.array([True, False, True, False]), second=both)}
+    sel = bench.selections(rec, v, args)["judge"]
+    assert sel["plain"]["rate"] == 0.5
+    assert sel["best-of-2 by renoise lift"]["rate"] == 1.0  # min lifts (-1, 2) and (1, 0.5): picks 1 and 0
+    assert sel["best-of-2 by tracked lift"]["rate"] == 0.0  # the same lifts on swapped candidates pick the others
+    assert sel["oracle best-of-2"]["rate"] == 1.0
+    assert sel["detection"]["renoise second"]["auc"] == 1.0  # second lifts 3 and 1 against -1 and 0.5
+    assert sel["detection"]["renoise first"]["auc"] == 0.25  # first lifts 5 and 1 against 2 and 9: 1 of 4 pairs
+
+
+@have_models
+def test_a_two_step_run_resumes_and_plots_from_the_json(tmp_path):
+    out, png = tmp_path / "v.json", tmp_path / "v.png"
+    argv = ["--testbeds", "text", "--pairs", "1", "--images", "1", "--candidates", "2", "--steps", "2",
+            "--bootstrap", "50", "--rows", "product", "--json", str(out), "--plot", str(png)]  # fmt: skip
+    res = bench.main(argv)
+    rows = {r["key"]: r for r in res["rows"]}
+    assert list(rows) == ["text | product"]
+    r = rows["text | product"]
+    assert r["images"] == 2 and r["verification_rows_per_image"] == 3 * len(bench.parse_args([]).levels)
+    assert set(r["selection"]) == {"classifier", "geometry"}
+    assert len(r["plot"]["lift"]) == 2 and len(r["plot"]["first"]) == 2 and png.is_file()
+    png.unlink()
+    again = bench.main([*argv, "--resume"])  # nothing left to sample; the plot comes from the JSON
+    assert again["rows"] == json.loads(out.read_text())["rows"] and png.is_file()
+    with pytest.raises(SystemExit, match="other"):
+        bench.main([*argv[:-4], "--steps", "3", "--json", str(out), "--resume"])
