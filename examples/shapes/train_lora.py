@@ -1,8 +1,8 @@
 """Train a small LoRA on the shipped shapes-text model that teaches it ONE concept it has never seen.
 
-    python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple --minutes 12 --seed 0
-    python examples/shapes/train_lora.py --concept outline --out model_cards/shapes-lora-outline --minutes 20 --seed 1
-    python examples/shapes/train_lora.py --concept grey-bg --out model_cards/shapes-lora-grey-bg --minutes 12 --seed 2
+    python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple --steps 700 --minutes 600 --seed 0
+    python examples/shapes/train_lora.py --concept outline --out model_cards/shapes-lora-outline --steps 700 --minutes 600 --seed 1
+    python examples/shapes/train_lora.py --concept grey-bg --out model_cards/shapes-lora-grey-bg --steps 700 --minutes 600 --seed 2
     python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple --card-only  # its card
 
 The base (model_cards/shapes-text) draws one FILLED shape in red / green / blue / yellow on BLACK. The concepts:
@@ -276,8 +276,8 @@ Evaluation took {ev["seconds"]:.0f} s. Regenerate the card: `python examples/sha
 
 ## Limits
 
-A toy: 24x24 images of one shape; the base is undertrained (blobby outlines, shapes often wrong, see its card), and so
-is this LoRA (a few minutes of one CPU thread). A test fixture and teaching model for composing LoRAs, nothing else.
+A toy: 24x24 images of one shape, and a LoRA of {info["steps"]} steps on one CPU thread. A test fixture and teaching
+model for composing LoRAs, nothing else.
 {NOTES[concept]}
 """
     (folder / "README.md").write_text(text)
