@@ -170,11 +170,12 @@ TEACHES = {
 }
 VERDICT = {"purple": "purple", "outline": "outline", "grey-bg": "grey_bg"}
 NOTES = {
-    "purple": "The LoRA also pulls the shapes towards round blobs (the base follows shape words weakly anyway).",
+    "purple": "On the card's samples the shapes stay the ones asked for, as clean as the base's.",
     "outline": "Circles and squares come out as rings; triangles and stars often as broken strokes, which the judge "
     "counts (an object whose centroid pixel is background is hollow): the rate measures 'hollow', not 'a clean ring'.",
-    "grey-bg": "With \"a triangle\" the LoRA often draws a grey background and no object; the rate counts the "
-    "background only.",
+    "grey-bg": "The weakest of the three: on a grey background the objects come out as ragged blobs, and about one "
+    "image in five (7 of the card's 32 samples) has no object at all, only noise on grey; the rate counts the background "
+    "only. The LoRA testbed of the benchmarks uses purple and outline.",
 }
 
 
