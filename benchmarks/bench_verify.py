@@ -54,7 +54,7 @@ from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
 CARDS = ROOT / "model_cards"
 LORAS = ("purple", "outline")
 SHAPE_PROMPTS = [f"a {s}" for s in SHAPES]
-COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels")
+COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels", "clip_sample")
 
 
 def methods(args) -> list[dict]:
@@ -129,6 +129,8 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
             g = torch.Generator().manual_seed(seed)
             kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=args.steps, output_type="pt",
                       generator=g, lift_levels=tuple(args.levels), **m["kw"])  # fmt: skip
+            if args.clip_sample is not None:
+                kw["clip_sample"] = args.clip_sample
             if lora is not None:
                 kw["lora"] = lora
             if steer:
@@ -233,7 +235,8 @@ def markdown(result: dict) -> str:
     K = cfg["candidates"]
     lines = [
         f"{cfg['images']} images per pair or prompt x {K} candidates, {cfg['steps']} steps, guidance "
-        f"{cfg['guidance']}, SDE, seed {cfg['seed']}; rates with 95% bootstrap intervals. Rows per image: network "
+        f"{cfg['guidance']}, SDE, {'no x0 clipping' if cfg.get('clip_sample') is False else 'x0 clipped'}, seed "
+        f"{cfg['seed']}; rates with 95% bootstrap intervals. Rows per image: network "
         f"rows per output image (K candidates and their lifts included); the plain method's rate is its rate over all "
         f"candidates (random choice among K).",
         "",
@@ -317,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--levels", type=float, nargs="+", default=[-1.0, -2.0, -3.0, -4.0], help="renoise log-SNR levels")
+    p.add_argument("--no-clip", dest="clip_sample", action="store_const", const=False, default=None,
+                   help="no x0 clipping (clip_sample=False); default: the checkpoint's scheduler config (clipping on "
+                   "for the shapes models)")
     p.add_argument("--steer", type=float, default=0.0, help="also run steered rows with this strength (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=2000)
