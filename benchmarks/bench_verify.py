@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_shapes import ALL_PAIRS, UNetCounter, bootstrap_ci  # noqa: E402
+from compose.verify import score  # noqa: E402
 from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
 
 CARDS = ROOT / "model_cards"
@@ -209,6 +210,10 @@ def selections(rec: dict, v: dict, args) -> dict:
             s = lift.min(-1).values.reshape(groups, K).numpy()
             pick = s.argmax(1) + K * np.arange(groups)
             res[f"best-of-{K} by {name} lift"] = rate(both[pick], strata_grp, args.bootstrap)
+            if name == "renoise" and lift.shape[1] > 1:  # the scale-free rule (compose.verify.score "zmin")
+                z = score(lift, "zmin", K=K).reshape(groups, K).numpy()
+                pick = z.argmax(1) + K * np.arange(groups)
+                res[f"best-of-{K} by {name} lift, zmin"] = rate(both[pick], strata_grp, args.bootstrap)
         res[f"oracle best-of-{K}"] = rate(both.reshape(groups, K).any(1), strata_grp, args.bootstrap)
         det = {}
         for name, lift in lifts.items():
@@ -240,9 +245,9 @@ def markdown(result: dict) -> str:
         f"rows per output image (K candidates and their lifts included); the plain method's rate is its rate over all "
         f"candidates (random choice among K).",
         "",
-        "| testbed | method | judge | rows / image: plain, verified | plain | best-of-K renoise | best-of-K tracked "
-        "| steered | oracle best-of-K | gap closed (renoise) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| testbed | method | judge | rows / image: plain, verified | plain | best-of-K renoise | best-of-K renoise, "
+        "zmin | best-of-K tracked | steered | oracle best-of-K | gap closed (renoise) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         for j, res in r["selection"].items():
@@ -252,7 +257,8 @@ def markdown(result: dict) -> str:
             st = r.get("steered", {}).get(j)
             closed = (bo["rate"] - plain["rate"]) / (orc["rate"] - plain["rate"]) if bo and orc["rate"] > plain[
                 "rate"] else float("nan")  # fmt: skip
-            cells = [_fmt(plain), _fmt(bo), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
+            bz = res.get(f"best-of-{K} by renoise lift, zmin")
+            cells = [_fmt(plain), _fmt(bo), _fmt(bz), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
             plain_rows = r["rows_per_image"] - r["verification_rows_per_image"]
             cost = f"{plain_rows:.0f}, {K * r['rows_per_image']:.0f}"
             lines.append(f"| {r['testbed']} | {r['label']} | {j} | {cost} | " + " | ".join(cells) + " |")

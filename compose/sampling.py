@@ -229,7 +229,7 @@ def _start(x_T, num_samples, K: int, composer, generator, dtype, sigma0: float) 
 
 def _verified(res: SampleResult, verify: Verify, term_idx, ref_idx, n: int, K: int, hooks, draws) -> SampleResult:
     """Keep one of every image's K candidates (by `verify.select`) and report its lifts and every candidate's score."""
-    scores = score(lifts(res.log_q, term_idx, ref_idx), verify.rule)
+    scores = score(lifts(res.log_q, term_idx, ref_idx), verify.rule, K=K)
     if verify.select == "lift":
         pick = best_of(scores, K)
     elif hooks is not None:  # "random" after steering: one particle drawn by its final weight

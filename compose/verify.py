@@ -36,7 +36,8 @@ import torch
 from .loop import Draws, Hooks, StepInfo
 from .smc import reweight_and_resample
 
-RULES = ("min", "max", "mean")
+RULES = ("min", "max", "mean", "zmin")
+GROUP_RULES = ("zmin",)  # rules that compare an image's K candidates with each other: selection only
 SELECTIONS = ("lift", "random")
 MAX_CANDIDATES = 64
 
@@ -55,9 +56,20 @@ def lifts(log_q: torch.Tensor, terms: Sequence[int], refs: Sequence[int]) -> tor
     return lq[..., list(terms)] - lq[..., list(refs)]
 
 
-def score(lift: torch.Tensor, rule: str = "min") -> torch.Tensor:
-    """(...,) an image's score from its terms' lifts (..., T) by `rule` ("min", "max" or "mean")."""
+def score(lift: torch.Tensor, rule: str = "min", K: int | None = None) -> torch.Tensor:
+    """(...,) an image's score from its terms' lifts (..., T) by `rule` ("min", "max" or "mean"); "zmin" (with K,
+    lift (n K, T) group-major) standardises each term's lift across an image's K candidates (mean 0, standard
+    deviation 1; a term equal on all K counts 0) and takes the smallest: the min rule made blind to each term's scale,
+    for terms whose lifts are on different scales (a LoRA merge's colour and outline lifts)."""
     check_rule(rule)
+    if rule == "zmin":
+        if K is None:
+            raise ValueError("score rule 'zmin' compares an image's K candidates; give K.")
+        T = lift.shape[-1]
+        g = lift.to(torch.float64).reshape(-1, K, T)
+        sd = g.std(1, unbiased=False, keepdim=True)
+        z = torch.where(sd > 0, (g - g.mean(1, keepdim=True)) / sd.clamp_min(1e-300), torch.zeros_like(g))
+        return z.amin(-1).reshape(-1)
     if rule == "min":
         return lift.amin(-1)
     if rule == "max":
@@ -88,7 +100,7 @@ class LiftSteering(Hooks):
     Args:
         n, K: images and particles per image.
         terms, refs: leaf indices (into the composer's leaves) of every term and of its reference.
-        rule: how an image's score combines its terms' lifts ("min", "max", "mean").
+        rule: how an image's score combines its terms' lifts ("min", "max", "mean"; not "zmin").
         strength: lam, the potentials' inverse temperature (0: no reweighting, best-of-K).
         ess_threshold: resample a group when its ESS falls below ess_threshold K.
         window: (t_lo, t_hi): resample only where t_next lies inside it.
@@ -161,7 +173,8 @@ class Verify:
     terms: the models whose lift is reported, in order (leaves of the expression).
     refs: each term's reference model (one model for all, or one per term), a leaf of the expression too (e.g. the
         unconditional model of a `Guided`).
-    rule: an image's score from its lifts: "min" (every concept), "max" (any: OR), "mean".
+    rule: an image's score from its lifts: "min" (every concept), "max" (any: OR), "mean", or "zmin" (every concept,
+        each term's lift standardised across the image's K candidates; selection only).
     candidates: K samples drawn per image (K times the network rows); the one kept is chosen by `select`.
     select: "lift" (the highest score) or "random" (uniform: the plain method at the same cost).
     steer: lam of the Feynman-Kac steering potentials exp(lam (s_k - s_{k-1})) between the K candidates (0: none;
@@ -184,6 +197,11 @@ class Verify:
         if self.select not in SELECTIONS:
             raise ValueError(f"select={self.select!r} is not known; use one of {SELECTIONS}.")
         check_steering(self.steer, self.candidates, method, self.ess_threshold, self.window)
+        if self.steer and self.rule in GROUP_RULES:
+            raise ValueError(
+                f"rule={self.rule!r} compares an image's candidates with each other, which steering cannot: it weighs "
+                "each particle by its own score. Use rule='min' with steer, or steer=0."
+            )
         if not len(self.terms):
             raise ValueError("Verify: give at least one term.")
 
@@ -240,6 +258,7 @@ def check_steering(
 
 __all__ = [
     "MAX_CANDIDATES",
+    "GROUP_RULES",
     "RULES",
     "SELECTIONS",
     "LiftSteering",

@@ -32,13 +32,22 @@ import torch
 from compose.loop import Hooks, StepInfo
 from compose.options import LIFT_ESTIMATORS
 from compose.smc import reweight_and_resample
-from compose.verify import MAX_CANDIDATES, best_of, check_candidates, check_rule, check_steering, random_of, score
+from compose.verify import (
+    GROUP_RULES,
+    MAX_CANDIDATES,
+    best_of,
+    check_candidates,
+    check_rule,
+    check_steering,
+    random_of,
+    score,
+)
 
 from .batching import UNCOND, Leaf, NetworkGroups
 from .lora import BASE, Merged
 
 STEER_AT = (0.3, 0.5, 0.7)  # the fractions of the steps after which "renoise" steering weighs the candidates
-DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR: where the shapes models decide (24 px); docs/guides/verification.md
+DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR where the 24-px shapes models decide: guides/verification.md
 MAX_LEVELS = 16
 
 
@@ -74,6 +83,11 @@ class Verification:
         check_steering(self.steer, K, method)
         if self.rule is not None:
             check_rule(self.rule)
+            if self.steer and self.rule in GROUP_RULES:
+                raise ValueError(
+                    f"score_rule={self.rule!r} compares an image's candidates with each other, which steering cannot: "
+                    "it weighs each particle by its own score. Use score_rule='min' with steer, or steer=0."
+                )
         levels = self.levels
         if (
             not isinstance(levels, (list, tuple))
@@ -273,7 +287,7 @@ def tracked_lifts(log_q: torch.Tensor, term_index: list[int], u_index: int | Non
 
 def choose(lifts: torch.Tensor | None, n: int, K: int, select: str, rule: str, draws) -> tuple[Any, Any]:
     """(flat row index (n,) of every image's kept candidate, every candidate's score (n, K) or None)."""
-    scores = None if lifts is None else score(lifts, rule)
+    scores = None if lifts is None else score(lifts, rule, K=K)
     if K == 1:
         return torch.arange(n), None if scores is None else scores.reshape(n, 1)
     if select == "lift":

@@ -143,6 +143,26 @@ def test_selection_helpers():
         best_of(s, 4)
 
 
+def test_zmin_is_blind_to_each_terms_scale_where_min_is_not():
+    # two images x 3 candidates; term 0 on a small scale, term 1 on a large one (a LoRA merge's purple and outline)
+    g = torch.Generator().manual_seed(0)
+    lift = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    scaled = lift * torch.tensor([0.1, 50.0], dtype=torch.float64) + torch.tensor([3.0, -7.0], dtype=torch.float64)
+    z = score(lift, "zmin", K=3)
+    assert torch.allclose(score(scaled, "zmin", K=3), z)  # per-term affine maps leave it unchanged
+    by_hand = lift.reshape(2, 3, 2)
+    by_hand = ((by_hand - by_hand.mean(1, keepdim=True)) / by_hand.std(1, unbiased=False, keepdim=True)).amin(-1)
+    assert torch.allclose(z, by_hand.reshape(-1))
+    # min on the scaled lifts follows term 1 alone; on this draw it picks other candidates than zmin does
+    assert torch.equal(best_of(score(scaled, "min"), 3), best_of(scaled[:, 1], 3))
+    assert not torch.equal(best_of(score(scaled, "min"), 3), best_of(z, 3))
+    # a term equal on every candidate says nothing: it counts 0, not a division by zero
+    flat = torch.tensor([[1.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    assert score(flat, "zmin", K=2).tolist() == [-1.0, 0.0]
+    with pytest.raises(ValueError, match="give K"):
+        score(lift, "zmin")
+
+
 class Counting:
     """A model that counts its calls (bad settings must be refused before the first)."""
 
@@ -170,6 +190,7 @@ class Counting:
         ({"steer": 1.0, "candidates": 2, "window": (0.5, 0.2)}, {}, "steering window"),
         ({"select": "best"}, {}, "select='best' is not known"),
         ({"rule": "median"}, {}, "score rule 'median' is not known"),
+        ({"rule": "zmin", "steer": 1.0, "candidates": 2}, {}, "which steering cannot"),
         ({"refs": "U2"}, {}, "is not a model of the expression"),
         ({"refs": ["U", "U", "U"]}, {}, "3 refs for 2 terms"),
         ({"candidates": 2}, {"x_T": torch.zeros(3, 2)}, "does not match x_T"),

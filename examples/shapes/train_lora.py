@@ -1,8 +1,11 @@
 """Train a small LoRA on the shipped shapes-text model that teaches it ONE concept it has never seen.
 
-    python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple --steps 700 --minutes 600 --seed 0
-    python examples/shapes/train_lora.py --concept outline --out model_cards/shapes-lora-outline --steps 700 --minutes 600 --seed 1
-    python examples/shapes/train_lora.py --concept grey-bg --out model_cards/shapes-lora-grey-bg --steps 700 --minutes 600 --seed 2
+    python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple \\
+        --steps 700 --minutes 600 --seed 0
+    python examples/shapes/train_lora.py --concept outline --out model_cards/shapes-lora-outline \\
+        --steps 700 --minutes 600 --seed 1
+    python examples/shapes/train_lora.py --concept grey-bg --out model_cards/shapes-lora-grey-bg \\
+        --steps 700 --minutes 600 --seed 2
     python examples/shapes/train_lora.py --concept purple --out model_cards/shapes-lora-purple --card-only  # its card
 
 The base (model_cards/shapes-text) draws one FILLED shape in red / green / blue / yellow on BLACK. The concepts:
@@ -174,8 +177,8 @@ NOTES = {
     "outline": "Circles and squares come out as rings; triangles and stars often as broken strokes, which the judge "
     "counts (an object whose centroid pixel is background is hollow): the rate measures 'hollow', not 'a clean ring'.",
     "grey-bg": "The weakest of the three: on a grey background the objects come out as ragged blobs, and about one "
-    "image in five (7 of the card's 32 samples) has no object at all, only noise on grey; the rate counts the background "
-    "only. The LoRA testbed of the benchmarks uses purple and outline.",
+    "image in five (7 of the card's 32 samples) has no object at all, only noise on grey; the rate counts the "
+    "background only. The LoRA testbed of the benchmarks uses purple and outline.",
 }
 
 
