@@ -278,6 +278,20 @@ def markdown(result: dict) -> str:
                 alt = d.get(k.split()[0] + " both", {}) if k.endswith("first") else {}  # one term: its "both"
                 cells.append(d.get(k, alt).get("auc", float("nan")))
             lines.append(f"| {r['testbed']} | {r['label']} | {j} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    kept = [r for r in result["rows"] if "plot" in r]
+    if kept:
+        lines += ["", "Score rules, from the lifts and verdicts the product rows keep: best-of-K by the renoise lift "
+                  "under each rule (`compose.verify.score`):", "",
+                  "| testbed | method | judge | min | zmin |", "|---|---|---|---:|---:|"]  # fmt: skip
+        for r in kept:
+            lift = torch.tensor(r["plot"]["lift"], dtype=torch.float64)
+            both = np.array(r["plot"]["first"]) & np.array(r["plot"]["second"])
+            groups = len(lift) // K
+            cells = []
+            for rule in ("min", "zmin"):
+                pick = score(lift, rule, K=K).reshape(groups, K).numpy().argmax(1) + K * np.arange(groups)
+                cells.append(f"{both[pick].mean():.2f}")
+            lines.append(f"| {r['testbed']} | {r['label']} | {r['plot']['judge']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
