@@ -319,7 +319,7 @@ def plot(result: dict, lifts: dict, path: Path) -> None:
             jitter = 0.1 * rng.random(yes.sum())
             ax.scatter(lift[:, t][yes], t + 0.15 + jitter, s=6, color=colour, label=f"{concept}: yes")
             ax.scatter(lift[:, t][~yes], t - 0.25 + 0.1 * rng.random((~yes).sum()), s=6, color="grey",
-                       label=f"{concept}: no" if t == 0 else None)  # fmt: skip
+                       label="no (either concept)" if t == 0 else None)  # fmt: skip
         ax.set_yticks([0, 1], names)
         ax.set_xlabel("renoise lift (nats)")
         ax.set_title(key, fontsize=9)
