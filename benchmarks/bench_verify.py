@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_shapes import ALL_PAIRS, UNetCounter, bootstrap_ci  # noqa: E402
-from compose.verify import score  # noqa: E402
+from compose.verify import best_of, score  # noqa: E402
 from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
 
 CARDS = ROOT / "model_cards"
@@ -207,12 +207,9 @@ def selections(rec: dict, v: dict, args) -> dict:
         for name, lift in lifts.items():
             if lift is None:
                 continue
-            s = lift.min(-1).values.reshape(groups, K).numpy()
-            pick = s.argmax(1) + K * np.arange(groups)
-            res[f"best-of-{K} by {name} lift"] = rate(both[pick], strata_grp, args.bootstrap)
+            res[f"best-of-{K} by {name} lift"] = rate(both[best_of_k(lift, "min", K)], strata_grp, args.bootstrap)
             if name == "renoise" and lift.shape[1] > 1:  # the scale-free rule (compose.verify.score "zmin")
-                z = score(lift, "zmin", K=K).reshape(groups, K).numpy()
-                pick = z.argmax(1) + K * np.arange(groups)
+                pick = best_of_k(lift, "zmin", K)
                 res[f"best-of-{K} by {name} lift, zmin"] = rate(both[pick], strata_grp, args.bootstrap)
         res[f"oracle best-of-{K}"] = rate(both.reshape(groups, K).any(1), strata_grp, args.bootstrap)
         det = {}
@@ -228,6 +225,12 @@ def selections(rec: dict, v: dict, args) -> dict:
         res["detection"] = det
         out[j] = res
     return out
+
+
+def best_of_k(lift: torch.Tensor, rule: str, K: int) -> np.ndarray:
+    """The flat index of every image's kept candidate: `compose.verify`'s score rule and best-of-K, as the pipeline
+    chooses."""
+    return best_of(score(lift, rule, K=K), K).numpy()
 
 
 def calls_of_rec(rec: dict, args) -> list:
@@ -286,11 +289,7 @@ def markdown(result: dict) -> str:
         for r in kept:
             lift = torch.tensor(r["plot"]["lift"], dtype=torch.float64)
             both = np.array(r["plot"]["first"]) & np.array(r["plot"]["second"])
-            groups = len(lift) // K
-            cells = []
-            for rule in ("min", "zmin"):
-                pick = score(lift, rule, K=K).reshape(groups, K).numpy().argmax(1) + K * np.arange(groups)
-                cells.append(f"{both[pick].mean():.2f}")
+            cells = [f"{both[best_of_k(lift, rule, K)].mean():.2f}" for rule in ("min", "zmin")]
             lines.append(f"| {r['testbed']} | {r['label']} | {r['plot']['judge']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

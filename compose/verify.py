@@ -42,9 +42,15 @@ SELECTIONS = ("lift", "random")
 MAX_CANDIDATES = 64
 
 
-def check_rule(rule: str) -> str:
+def check_rule(rule: str, steer: float = 0.0, arg: str = "rule") -> str:
+    """`rule`, or ValueError naming `arg`: an unknown rule, or a rule that compares candidates with steering."""
     if rule not in RULES:
         raise ValueError(f"score rule {rule!r} is not known; use one of {RULES}.")
+    if steer and rule in GROUP_RULES:
+        raise ValueError(
+            f"{arg}={rule!r} compares an image's candidates with each other, which steering cannot: it weighs each "
+            f"particle by its own score. Use {arg}='min' with steer, or steer=0."
+        )
     return rule
 
 
@@ -192,16 +198,11 @@ class Verify:
 
     def check(self, method: str) -> None:
         """Refuse bad settings (ValueError naming the argument) before any network call."""
-        check_rule(self.rule)
+        check_rule(self.rule, self.steer)
         check_candidates(self.candidates)
         if self.select not in SELECTIONS:
             raise ValueError(f"select={self.select!r} is not known; use one of {SELECTIONS}.")
         check_steering(self.steer, self.candidates, method, self.ess_threshold, self.window)
-        if self.steer and self.rule in GROUP_RULES:
-            raise ValueError(
-                f"rule={self.rule!r} compares an image's candidates with each other, which steering cannot: it weighs "
-                "each particle by its own score. Use rule='min' with steer, or steer=0."
-            )
         if not len(self.terms):
             raise ValueError("Verify: give at least one term.")
 

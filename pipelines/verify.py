@@ -33,7 +33,6 @@ from compose.loop import Hooks, StepInfo
 from compose.options import LIFT_ESTIMATORS
 from compose.smc import reweight_and_resample
 from compose.verify import (
-    GROUP_RULES,
     MAX_CANDIDATES,
     best_of,
     check_candidates,
@@ -82,12 +81,7 @@ class Verification:
             raise ValueError(f"select={self.select!r} is not known; use 'lift' (the best score) or 'random'.")
         check_steering(self.steer, K, method)
         if self.rule is not None:
-            check_rule(self.rule)
-            if self.steer and self.rule in GROUP_RULES:
-                raise ValueError(
-                    f"score_rule={self.rule!r} compares an image's candidates with each other, which steering cannot: "
-                    "it weighs each particle by its own score. Use score_rule='min' with steer, or steer=0."
-                )
+            check_rule(self.rule, self.steer, arg="score_rule")
         levels = self.levels
         if (
             not isinstance(levels, (list, tuple))
