@@ -23,7 +23,9 @@ their lifts):
   - oracle best-of-K: an image is a success when any of its K candidates is (the judge chooses: the upper bound);
 and `--steer` rows: the same method with candidates=K steered by the renoise lift of every candidate's x0_hat after
 30%, 50% and 70% of the steps (`ComposePipeline(steer=...)`, `pipelines.verify.RenoiseSteering`), the best final
-candidate kept; their rows per image include the checks.
+candidate kept; their rows per image include the checks. `--equal-rows` rows: the plain method once per image at the
+steps whose rows equal a verified image's, K x (sampling + lift rows) / (rows per step), no lift: the baseline that
+spends the verification's budget on sampling instead.
 Judges: text / experts: the shapes classifier and the geometric judge ("both" = the pair's colour and shape); lora:
 the LoRA concept judge (`examples/shapes/train_lora.judge`: purple AND outline; one judge exists for these concepts).
 Rates carry 95% percentile-bootstrap intervals (images resampled within each pair). Detection: within each pair, the
@@ -157,6 +159,33 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
     return rec
 
 
+def equal_rows_steps(rec: dict, args) -> int:
+    """The steps at which one plain sample costs what a verified image does: K x (sampling + lift rows) over the
+    method's rows per step."""
+    per_step = (rec["rows_per_image"] - rec["verification_rows_per_image"]) / args.steps
+    return int(round(args.candidates * rec["rows_per_image"] / per_step))
+
+
+def sample_equal_rows(pipe, m: dict, args, steps: int) -> dict:
+    """One plain sample per output image at `steps` steps (no lift): the baseline that spends the verified rows on
+    sampling."""
+    images = []
+    t0 = time.perf_counter()
+    with UNetCounter(pipe) as counter:
+        for i, (seed, prompt, lora) in enumerate(calls_of(m, args)):
+            kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator().manual_seed(seed), batch_size=args.images, lift=None, **m["kw"])
+            if args.clip_sample is not None:
+                kw["clip_sample"] = args.clip_sample
+            if lora is not None:
+                kw["lora"] = lora
+            images.append(pipe(**kw).images.float().cpu())
+            print(f"#   {m['key']} at {steps} steps: call {i + 1}, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    n = sum(len(x) for x in images)
+    return dict(_images=torch.cat(images), rows_per_image=counter.rows / n)
+
+
 # ---------------------------------------------------------------------------------------------------- judging
 def verdicts(m: dict, images: torch.Tensor, args, judges) -> dict[str, dict[str, np.ndarray]]:
     """judge -> {"both", "first", "second"} per image (first / second: the first / second term's concept)."""
@@ -248,9 +277,10 @@ def markdown(result: dict) -> str:
         f"rows per output image (K candidates and their lifts included); the plain method's rate is its rate over all "
         f"candidates (random choice among K).",
         "",
-        "| testbed | method | judge | rows / image: plain, verified | plain | best-of-K renoise | best-of-K renoise, "
-        "zmin | best-of-K tracked | steered | oracle best-of-K | gap closed (renoise) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| testbed | method | judge | rows / image: plain, verified | plain | plain at equal rows | "
+        "best-of-K renoise | best-of-K renoise, zmin | best-of-K tracked | steered | oracle best-of-K | "
+        "gap closed (renoise) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         for j, res in r["selection"].items():
@@ -261,7 +291,9 @@ def markdown(result: dict) -> str:
             closed = (bo["rate"] - plain["rate"]) / (orc["rate"] - plain["rate"]) if bo and orc["rate"] > plain[
                 "rate"] else float("nan")  # fmt: skip
             bz = res.get(f"best-of-{K} by renoise lift, zmin")
-            cells = [_fmt(plain), _fmt(bo), _fmt(bz), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
+            eq = r.get("equal_rows", {}).get(j)
+            eq_cell = _fmt(eq) + (f" ({r['equal_rows_steps']} steps)" if eq else "")
+            cells = [_fmt(plain), eq_cell, _fmt(bo), _fmt(bz), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
             plain_rows = r["rows_per_image"] - r["verification_rows_per_image"]
             cost = f"{plain_rows:.0f}, {K * r['rows_per_image']:.0f}"
             lines.append(f"| {r['testbed']} | {r['label']} | {j} | {cost} | " + " | ".join(cells) + " |")
@@ -343,6 +375,8 @@ def parse_args(argv=None):
                    help="no x0 clipping (clip_sample=False); default: the checkpoint's scheduler config (clipping on "
                    "for the shapes models)")
     p.add_argument("--steer", type=float, default=0.0, help="also run steered rows with this strength (0: none)")
+    p.add_argument("--equal-rows", action="store_true",
+                   help="also run each method once per image at the steps that cost what a verified image does")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--rows", nargs="+", default=None, help="only methods whose 'testbed | label' contains these")
@@ -395,6 +429,13 @@ def main(argv=None) -> dict:
             strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
             row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
             row["steered_rows_per_image"] = st["rows_per_image"]
+        if args.equal_rows:
+            steps = equal_rows_steps(rec, args)
+            eq = sample_equal_rows(pipes[key], m, args, steps)
+            ve = verdicts(m, eq["_images"], args, judges)
+            strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
+            row["equal_rows"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in ve.items()}
+            row["equal_rows_steps"], row["equal_rows_rows_per_image"] = steps, eq["rows_per_image"]
         if m["label"] == "product" and rec.get("_renoise") is not None:
             j = next(iter(v))  # kept in the JSON, so that a resumed run still plots every testbed
             row["plot"] = dict(judge=j, lift=rec["_renoise"].numpy().round(4).tolist(),

@@ -64,3 +64,17 @@ def test_a_two_step_run_resumes_and_plots_from_the_json(tmp_path):
     assert again["rows"] == json.loads(out.read_text())["rows"] and png.is_file()
     with pytest.raises(SystemExit, match="other"):
         bench.main([*argv[:-4], "--steps", "3", "--json", str(out), "--resume"])
+
+
+@have_models
+def test_the_equal_rows_baseline_costs_what_a_verified_image_does(tmp_path):
+    """--equal-rows: one plain sample per image at the steps whose network rows equal K x (sampling + lift rows)."""
+    argv = ["--testbeds", "text", "--pairs", "1", "--images", "1", "--candidates", "2", "--steps", "2",
+            "--bootstrap", "50", "--rows", "product", "--equal-rows"]  # fmt: skip
+    res = bench.main(argv)
+    r = res["rows"][0]
+    verified = 2 * r["rows_per_image"]  # K candidates, each sampled and checked
+    assert r["equal_rows_steps"] == round(verified / 3)  # the product of two prompts with CFG: 3 rows a step
+    assert r["equal_rows_rows_per_image"] == pytest.approx(verified)
+    assert set(r["equal_rows"]) == {"classifier", "geometry"}
+    assert f"({r['equal_rows_steps']} steps)" in bench.markdown(res)
