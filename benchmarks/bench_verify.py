@@ -31,7 +31,8 @@ the LoRA concept judge (`examples/shapes/train_lora.judge`: purple AND outline; 
 Rates carry 95% percentile-bootstrap intervals (images resampled within each pair). Detection: within each pair, the
 AUC of each term's lift for "this term's concept is in the image" (colour / shape; purple / outline), averaged over
 the pairs where both outcomes occur, per judge and lift.
-`--json` is rewritten after every method (`--resume` skips the methods already there, same options).
+`--json` is rewritten after every method (`--resume` skips the methods already there, same options; with
+`--equal-rows` it adds the equal-rows baseline to the rows that lack it).
 """
 
 from __future__ import annotations
@@ -157,6 +158,24 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
         rec["_renoise"] = torch.cat(renoise).double()
         rec["_tracked"] = None if any(t is None for t in tracked) else torch.cat(tracked)
     return rec
+
+
+def add_equal_rows(row: dict, pipe, m: dict, args, judges) -> None:
+    """row["equal_rows"]: per judge, the plain method's rate at the steps that cost what a verified image does."""
+    steps = equal_rows_steps(row, args)
+    eq = sample_equal_rows(pipe, m, args, steps)
+    ve = verdicts(m, eq["_images"], args, judges)
+    strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
+    row["equal_rows"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in ve.items()}
+    row["equal_rows_steps"], row["equal_rows_rows_per_image"] = steps, eq["rows_per_image"]
+    print(f"# {m['key']} at {steps} steps: " + ", ".join(f"{j} {_fmt(x)}" for j, x in row["equal_rows"].items()),
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def save(result: dict, args) -> None:
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 def equal_rows_steps(rec: dict, args) -> int:
@@ -408,15 +427,19 @@ def main(argv=None) -> dict:
         if diff:
             raise SystemExit(f"--resume: {args.json} was run with other {diff}; give the same options or another file")
         result["rows"] = old["rows"]
-    done = {r["key"] for r in result["rows"]}
     pipes: dict = {}
     for m in methods(args):
-        if m["key"] in done:
-            continue
         key = (tuple(m["models"]), m["testbed"] == "lora")
+        old_row = next((r for r in result["rows"] if r["key"] == m["key"]), None)
+        if old_row is not None and (not args.equal_rows or "equal_rows" in old_row):
+            continue
         if key not in pipes:
             pipes.clear()
             pipes[key] = load_pipe(m["models"], m["testbed"] == "lora")
+        if old_row is not None:  # a resumed row without its equal-rows baseline: add it
+            add_equal_rows(old_row, pipes[key], m, args, judges)
+            save(result, args)
+            continue
         rec = sample_method(pipes[key], m, args)
         rec["_method"] = m
         v = verdicts(m, rec["_images"], args, judges)
@@ -430,12 +453,7 @@ def main(argv=None) -> dict:
             row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
             row["steered_rows_per_image"] = st["rows_per_image"]
         if args.equal_rows:
-            steps = equal_rows_steps(rec, args)
-            eq = sample_equal_rows(pipes[key], m, args, steps)
-            ve = verdicts(m, eq["_images"], args, judges)
-            strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
-            row["equal_rows"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in ve.items()}
-            row["equal_rows_steps"], row["equal_rows_rows_per_image"] = steps, eq["rows_per_image"]
+            add_equal_rows(row, pipes[key], m, args, judges)
         if m["label"] == "product" and rec.get("_renoise") is not None:
             j = next(iter(v))  # kept in the JSON, so that a resumed run still plots every testbed
             row["plot"] = dict(judge=j, lift=rec["_renoise"].numpy().round(4).tolist(),
@@ -443,9 +461,7 @@ def main(argv=None) -> dict:
         result["rows"].append(row)
         print(f"# {m['key']}: " + ", ".join(f"{j} plain {_fmt(s['plain'])}" for j, s in row["selection"].items()),
               file=sys.stderr, flush=True)  # fmt: skip
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=1))
+        save(result, args)
     print(markdown(result))
     plot_data = {
         r["testbed"]: (np.array(r["plot"]["lift"]), {t: np.array(r["plot"][t]) for t in ("first", "second")},

@@ -78,3 +78,16 @@ def test_the_equal_rows_baseline_costs_what_a_verified_image_does(tmp_path):
     assert r["equal_rows_rows_per_image"] == pytest.approx(verified)
     assert set(r["equal_rows"]) == {"classifier", "geometry"}
     assert f"({r['equal_rows_steps']} steps)" in bench.markdown(res)
+
+
+@have_models
+def test_equal_rows_on_resume_fills_in_the_rows_that_lack_it(tmp_path):
+    out = tmp_path / "v.json"
+    argv = ["--testbeds", "text", "--pairs", "1", "--images", "1", "--candidates", "2", "--steps", "2",
+            "--bootstrap", "50", "--rows", "product", "--json", str(out)]  # fmt: skip
+    first = bench.main(argv)["rows"][0]
+    assert "equal_rows" not in first
+    again = bench.main([*argv, "--resume", "--equal-rows"])["rows"]
+    assert len(again) == 1 and again[0]["plot"] == first["plot"]  # the row kept (its lifts), not resampled
+    assert again[0]["equal_rows_rows_per_image"] == pytest.approx(2 * first["rows_per_image"])
+    assert "equal_rows" in json.loads(out.read_text())["rows"][0]
