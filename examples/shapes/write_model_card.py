@@ -161,7 +161,33 @@ the step count depend on the machine) with{how}then evaluate and rewrite this ca
 """
 
 
-def uncond_card(folder: Path, notes: str) -> str:
+def _previous_weights(folder: Path) -> str | None:
+    """The last commit that changed the folder's weights (the weights a fine-tune of the folder started from), or
+    None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(folder / "unet")], capture_output=True,
+                             text=True, timeout=30, cwd=folder.parent)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _uncond_geometric(ev: dict) -> str:
+    geo = ev.get("geometric")
+    if not geo:
+        return ""
+    hist = ", ".join(f"{k} {v}" for k, v in geo["shape_hist"].items())
+    return (
+        f"- the geometric judge (`examples/shapes/geometry.py`, issue 29's target valid >= 90%): valid (a shape and a "
+        f"colour it can name) **{100 * geo['valid_frac']:.1f}%**, no shape named {100 * geo['shape_none_frac']:.1f}%, "
+        f"valid and one of the trained shapes {100 * geo.get('valid_and_in_trained_shapes_frac', 0):.1f}%; "
+        f"shapes: {hist}\n"
+    )
+
+
+def uncond_card(folder: Path, notes: str, state: Path | None = None) -> str:
     ti = json.loads((folder / "train_info.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
     name = folder.name
@@ -170,20 +196,40 @@ def uncond_card(folder: Path, notes: str) -> str:
     hp = {
         k: ti[k]
         for k in (
-            "size", "block_out_channels", "layers_per_block", "parameters", "batch", "lr", "warmup", "ema_decay",
-            "grad_clip", "seed", "threads", "steps", "images_seen",
+            "size", "block_out_channels", "layers_per_block", "parameters", "batch", "lr", "warmup", "lr_schedule",
+            "lr_final", "min_snr_gamma", "init", "ema_decay", "grad_clip", "seed", "threads", "steps", "images_seen",
         )
+        if k in ti
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
     restore = (
         f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} --out model_cards/{name} "
         f"--minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
     )
+    fine_tuned = ti.get("init") == f"model_cards/{name}"
+    prev = None
+    if fine_tuned:
+        prev = ti.get("init_commit") or _previous_weights(folder)
+        origin = (
+            f"trained from scratch, then fine-tuned from those weights (commit {prev}; "
+            f"`git checkout {prev} -- model_cards/{name}` restores them)"
+            if prev
+            else "trained from scratch, then fine-tuned from those weights"
+        )
+    else:
+        origin = "trained from scratch"
+    recipe = training_recipe(ti) if "lr_schedule" in ti else "linear warm-up then constant learning rate"
+    copied = " (then the EMA weights copied into this folder)" if fine_tuned else ""
     eval_cmd = (
         f"python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev['n']} --steps {ev['steps']} "
         f"--sampler {ev['sampler']} --save"
     )
     sampler_text = "ancestral DDPM" if ev["sampler"] == "ddpm" else "DDIM (eta 0)"
+    if fine_tuned:  # the Restore section's command: the earlier weights first, then the fine-tune, then the copy
+        restore = (
+            f"{f'git checkout {prev} -- model_cards/{name}; ' if prev else ''}{ti['command']}; "
+            f"cp outputs/models/{name}/unet/* model_cards/{name}/unet/"
+        )
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -200,7 +246,7 @@ tags:
 # {name}
 
 A small pixel-space DDPM (diffusers `UNet2DModel`, {ti["parameters"]:,} parameters, epsilon prediction,
-`DDPMScheduler` with linear betas over 1000 steps) trained from scratch on {ti["size"]}x{ti["size"]} procedural
+`DDPMScheduler` with linear betas over 1000 steps) {origin} on {ti["size"]}x{ti["size"]} procedural
 images of **{" and ".join(ti["shapes"])}** only (all four colours). It is one half of a miniature SuperDiff "OR"
 set-up: two models trained on disjoint halves of the shapes.{pair}
 
@@ -218,14 +264,14 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
 
 ## Training procedure
 
-- Script: `examples/shapes/train_unconditional.py`; exact command:
+- Script: `examples/shapes/train_unconditional.py`; exact command{copied}:
   `{ti["command"]}`
-- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; AdamW, linear warm-up then constant learning rate,
-  gradient clipping, EMA of the weights (the saved weights are the EMA ones); loss: MSE on the noise.
+- CPU only, torch {ti["torch"]}, {ti["threads"]} thread; AdamW, {recipe};
+  gradient clipping, EMA of the weights (the saved weights are the EMA ones).
 - Measured training time: {_minutes(ti["train_seconds"])} of wall-clock for {ti["steps"]} steps, on a 2-core machine
   shared with other jobs (so the step rate varied); final loss (mean of last 100 steps): {ti["final_loss_avg100"]}.
 - Resumable: `--resume` continues from the state file under `outputs/shapes/{name}/` (not shipped).
-
+{loss_plot(folder, state)}
 | hyper-parameter | value |
 |---|---|
 {hp_rows}
@@ -240,7 +286,7 @@ Subset: shapes {ti["shapes"]}, colours {ti["colours"]}; a fresh batch is rendere
   confident {100 * ev["colour_confident_frac"]:.1f}%)
 - classified as one of the trained shapes {ev.get("trained_shapes")}: {100 * ev.get("in_trained_shapes_frac", 0):.1f}%;
   valid and one of the trained shapes: {100 * ev.get("valid_and_in_trained_shapes_frac", 0):.1f}%
-- sampling time: {ev["sample_seconds"]} s on CPU
+{_uncond_geometric(ev)}- sampling time: {ev["sample_seconds"]} s on CPU
 
 {_hist_table(ev)}
 
@@ -677,7 +723,8 @@ def main(argv=None):
         state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
         text = cond_card(folder, notes, state)
     else:
-        text = uncond_card(folder, notes)
+        state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
+        text = uncond_card(folder, notes, state)
     (folder / "README.md").write_text(text)
     print(f"wrote {folder / 'README.md'}")
 
