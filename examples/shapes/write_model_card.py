@@ -218,9 +218,8 @@ def uncond_card(folder: Path, notes: str, state: Path | None = None) -> str:
         )
     else:
         origin = "trained from scratch"
-    recipe = (
-        training_recipe(ti) if "lr_schedule" in ti else "linear warm-up then constant learning rate; loss: MSE on the noise"
-    )
+    constant = "linear warm-up then constant learning rate; loss: MSE on the noise"
+    recipe = training_recipe(ti) if "lr_schedule" in ti else constant
     copied = " (then the EMA weights copied into this folder)" if fine_tuned else ""
     eval_cmd = (
         f"python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev['n']} --steps {ev['steps']} "
