@@ -117,6 +117,18 @@ def pairs_of(args) -> list[tuple[str, str]]:
     return ALL_PAIRS[: args.pairs]
 
 
+def call_kwargs(m: dict, args, seed: int, prompt, lora: list | None, steps: int) -> dict:
+    """The pipeline keywords every call of a method shares: prompt, guidance, steps, seed, the method's own, clipping
+    and LoRAs where given."""
+    kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=steps, output_type="pt",
+              generator=torch.Generator().manual_seed(seed), **m["kw"])  # fmt: skip
+    if args.clip_sample is not None:
+        kw["clip_sample"] = args.clip_sample
+    if lora is not None:
+        kw["lora"] = lora
+    return kw
+
+
 def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
     """Every candidate of a method: images (uint8 tiles kept for the plot), renoise and tracked lifts."""
     K = args.candidates
@@ -130,13 +142,7 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
                 seen["log_q"] = tensors["log_q"]
                 return {}
 
-            g = torch.Generator().manual_seed(seed)
-            kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=args.steps, output_type="pt",
-                      generator=g, lift_levels=tuple(args.levels), **m["kw"])  # fmt: skip
-            if args.clip_sample is not None:
-                kw["clip_sample"] = args.clip_sample
-            if lora is not None:
-                kw["lora"] = lora
+            kw = call_kwargs(m, args, seed, prompt, lora, args.steps) | dict(lift_levels=tuple(args.levels))
             if steer:
                 out = pipe(batch_size=args.images, candidates=K, steer=steer, lift="renoise", **kw)
             else:
@@ -192,13 +198,8 @@ def sample_equal_rows(pipe, m: dict, args, steps: int) -> dict:
     t0 = time.perf_counter()
     with UNetCounter(pipe) as counter:
         for i, (seed, prompt, lora) in enumerate(calls_of(m, args)):
-            kw = dict(prompt=prompt, guidance_scale=args.guidance, num_inference_steps=steps, output_type="pt",
-                      generator=torch.Generator().manual_seed(seed), batch_size=args.images, lift=None, **m["kw"])
-            if args.clip_sample is not None:
-                kw["clip_sample"] = args.clip_sample
-            if lora is not None:
-                kw["lora"] = lora
-            images.append(pipe(**kw).images.float().cpu())
+            kw = call_kwargs(m, args, seed, prompt, lora, steps)
+            images.append(pipe(batch_size=args.images, lift=None, **kw).images.float().cpu())
             print(f"#   {m['key']} at {steps} steps: call {i + 1}, {time.perf_counter() - t0:.0f} s", file=sys.stderr,
                   flush=True)  # fmt: skip
     n = sum(len(x) for x in images)
