@@ -336,10 +336,9 @@ def solver_step(
             if multistep is None:
                 raise ValueError(f"solver={solver!r} keeps a history: pass multistep=Multistep({solver!r}).")
             return multistep.step(x, x0_used, t_cur, t_next, schedule, offsets)
-        if alpha_zero:
-            c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731
-            return c(schedule.alpha(t_next)) * x0_used + c(schedule.sigma(t_next)) * eps_bar
         c = lambda v: bcast(v, x).to(x.dtype)  # noqa: E731
+        if alpha_zero:
+            return c(schedule.alpha(t_next)) * x0_used + c(schedule.sigma(t_next)) * eps_bar
         if noise is not None:  # DDPM's use: the clipped model output, eps from (x, clip(x0_hat))
             eps_bar = (x - c(schedule.alpha(t_cur)) * x0_used) / c(schedule.sigma(t_cur))
         else:  # DDIM's use (use_clipped_model_output=False): start from alpha clip(x0_hat) + sigma eps_hat

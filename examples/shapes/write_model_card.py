@@ -161,19 +161,6 @@ the step count depend on the machine) with{how}then evaluate and rewrite this ca
 """
 
 
-def _previous_weights(folder: Path) -> str | None:
-    """The last commit that changed the folder's weights (the weights a fine-tune of the folder started from), or
-    None outside a git checkout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(folder / "unet")], capture_output=True,
-                             text=True, timeout=30, cwd=folder.parent)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _uncond_geometric(ev: dict) -> str:
     geo = ev.get("geometric")
     if not geo:
@@ -202,35 +189,28 @@ def uncond_card(folder: Path, notes: str, state: Path | None = None) -> str:
         if k in ti
     }  # fmt: skip
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
-    restore = (
-        f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} --out model_cards/{name} "
-        f"--minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
-    )
-    fine_tuned = ti.get("init") == f"model_cards/{name}"
-    prev = None
-    if fine_tuned:
-        prev = ti.get("init_commit") or _previous_weights(folder)
-        origin = (
-            f"trained from scratch, then fine-tuned from those weights (commit {prev}; "
-            f"`git checkout {prev} -- model_cards/{name}` restores them)"
-            if prev
-            else "trained from scratch, then fine-tuned from those weights"
-        )
-    else:
-        origin = "trained from scratch"
     constant = "linear warm-up then constant learning rate; loss: MSE on the noise"
     recipe = training_recipe(ti) if "lr_schedule" in ti else constant
-    copied = " (then the EMA weights copied into this folder)" if fine_tuned else ""
+    if ti.get("init") == f"model_cards/{name}":  # fine-tuned from this folder's earlier weights
+        prev = ti.get("init_commit")  # the commit that holds them, recorded when the fine-tune was shipped
+        checkout = f"git checkout {prev} -- model_cards/{name}" if prev else None
+        origin = "trained from scratch, then fine-tuned from those weights" + (
+            f" (commit {prev}; `{checkout}` restores them)" if prev else ""
+        )
+        copied = " (then the EMA weights copied into this folder)"
+        copy = f"cp outputs/models/{name}/unet/* model_cards/{name}/unet/"
+        restore = f"{checkout + '; ' if prev else ''}{ti['command']}; {copy}"
+    else:
+        origin, copied = "trained from scratch", ""
+        restore = (
+            f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} "
+            f"--out model_cards/{name} --minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
+        )
     eval_cmd = (
         f"python examples/shapes/eval_unconditional.py model_cards/{name} --n {ev['n']} --steps {ev['steps']} "
         f"--sampler {ev['sampler']} --save"
     )
     sampler_text = "ancestral DDPM" if ev["sampler"] == "ddpm" else "DDIM (eta 0)"
-    if fine_tuned:  # the Restore section's command: the earlier weights first, then the fine-tune, then the copy
-        restore = (
-            f"{f'git checkout {prev} -- model_cards/{name}; ' if prev else ''}{ti['command']}; "
-            f"cp outputs/models/{name}/unet/* model_cards/{name}/unet/"
-        )
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -716,15 +696,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     folder = Path(args.folder)
     notes = f"\n## Notes\n\n{args.notes}\n" if args.notes else ""
+    state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
     if (folder / "metrics.json").exists():
         text = classifier_card(folder, notes)
     elif "transformer_parameters" in (info := json.loads((folder / "train_info.json").read_text())):
         text = flow_card(folder, notes)
     elif "captions" in info:
-        state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
         text = cond_card(folder, notes, state)
     else:
-        state = Path(args.state) if args.state else Path("outputs/shapes") / folder.name / "state.pt"
         text = uncond_card(folder, notes, state)
     (folder / "README.md").write_text(text)
     print(f"wrote {folder / 'README.md'}")
