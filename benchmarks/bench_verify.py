@@ -257,9 +257,10 @@ def selections(rec: dict, v: dict, args) -> dict:
             if lift is None:
                 continue
             res[f"best-of-{K} by {name} lift"] = rate(both[best_of_k(lift, "min", K)], strata_grp, args.bootstrap)
-            if name == "renoise" and lift.shape[1] > 1:  # the scale-free rule (compose.verify.score "zmin")
-                pick = best_of_k(lift, "zmin", K)
-                res[f"best-of-{K} by {name} lift, zmin"] = rate(both[pick], strata_grp, args.bootstrap)
+            if name == "renoise" and lift.shape[1] > 1:  # the other rules of compose.verify.score
+                for rule in ("zmin", "mean"):
+                    pick = best_of_k(lift, rule, K)
+                    res[f"best-of-{K} by {name} lift, {rule}"] = rate(both[pick], strata_grp, args.bootstrap)
         res[f"oracle best-of-{K}"] = rate(both.reshape(groups, K).any(1), strata_grp, args.bootstrap)
         det = {}
         for name, lift in lifts.items():
@@ -298,9 +299,9 @@ def markdown(result: dict) -> str:
         f"candidates (random choice among K).",
         "",
         "| testbed | method | judge | rows / image: plain, verified | plain | plain at equal rows | "
-        "best-of-K renoise | best-of-K renoise, zmin | best-of-K tracked | steered | oracle best-of-K | "
-        "gap closed (renoise) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "best-of-K renoise | best-of-K renoise, zmin | best-of-K renoise, mean | best-of-K tracked | steered | "
+        "oracle best-of-K | gap closed (renoise) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         for j, res in r["selection"].items():
@@ -311,9 +312,10 @@ def markdown(result: dict) -> str:
             closed = (bo["rate"] - plain["rate"]) / (orc["rate"] - plain["rate"]) if bo and orc["rate"] > plain[
                 "rate"] else float("nan")  # fmt: skip
             bz = res.get(f"best-of-{K} by renoise lift, zmin")
+            bm = res.get(f"best-of-{K} by renoise lift, mean")
             eq = r.get("equal_rows", {}).get(j)
             eq_cell = _fmt(eq) + (f" ({r['equal_rows_steps']} steps)" if eq else "")
-            cells = [_fmt(plain), eq_cell, _fmt(bo), _fmt(bz), _fmt(bt), _fmt(st), _fmt(orc), f"{closed:.2f}"]
+            cells = [_fmt(plain), eq_cell, *map(_fmt, (bo, bz, bm, bt, st, orc)), f"{closed:.2f}"]
             plain_rows = r["rows_per_image"] - r["verification_rows_per_image"]
             cost = f"{plain_rows:.0f}, {K * r['rows_per_image']:.0f}"
             lines.append(f"| {r['testbed']} | {r['label']} | {j} | {cost} | " + " | ".join(cells) + " |")
@@ -337,11 +339,11 @@ def markdown(result: dict) -> str:
     if kept:
         lines += ["", "Score rules, from the lifts and verdicts the product rows keep: best-of-K by the renoise lift "
                   "under each rule (`compose.verify.score`):", "",
-                  "| testbed | method | judge | min | zmin |", "|---|---|---|---:|---:|"]  # fmt: skip
+                  "| testbed | method | judge | min | zmin | mean |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
         for r in kept:
             lift = torch.tensor(r["plot"]["lift"], dtype=torch.float64)
             both = np.array(r["plot"]["first"]) & np.array(r["plot"]["second"])
-            cells = [f"{both[best_of_k(lift, rule, K)].mean():.2f}" for rule in ("min", "zmin")]
+            cells = [f"{both[best_of_k(lift, rule, K)].mean():.2f}" for rule in ("min", "zmin", "mean")]
             lines.append(f"| {r['testbed']} | {r['label']} | {r['plot']['judge']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

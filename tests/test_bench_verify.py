@@ -43,6 +43,7 @@ def test_selections_pick_by_the_smallest_lift_and_bound_by_the_oracle():
     assert sel["best-of-2 by tracked lift"]["rate"] == 0.0  # the same lifts on swapped candidates pick the others
     assert sel["oracle best-of-2"]["rate"] == 1.0
     assert sel["best-of-2 by renoise lift, zmin"]["rate"] == 0.5  # standardised, both images tie: the first is kept
+    assert sel["best-of-2 by renoise lift, mean"]["rate"] == 0.5  # means (2, 2.5) and (1, 4.75): picks 1 and 1
     assert sel["detection"]["renoise second"]["auc"] == 1.0  # second lifts 3 and 1 against -1 and 0.5
     assert sel["detection"]["renoise first"]["auc"] == 0.25  # first lifts 5 and 1 against 2 and 9: 1 of 4 pairs
 

@@ -39,7 +39,7 @@ def test_flow_card_is_written_from_the_measured_files(tmp_path, finished):
     else:
         (folder / "eval.json").write_text(json.dumps(fake_eval()))
     ev = json.loads((folder / "eval.json").read_text())
-    write_model_card.main([str(folder), "--notes", "looked at the samples"])
+    write_model_card.main([str(folder), "--notes", "looked at the samples", "--state", str(tmp_path / "none.pt")])
     card = (folder / "README.md").read_text()
     for tag in ("- sd3", "- flow-matching", "- rectified-flow"):
         assert tag in card
@@ -55,6 +55,33 @@ def test_flow_card_is_written_from_the_measured_files(tmp_path, finished):
         assert f"| {r['prompt']} | {100 * r['accuracy']:.1f}% |" in card
     assert ("Training did not finish" in card) is not finished
     assert card.rstrip().endswith("looked at the samples")
+
+
+@pytest.mark.skipif(not (FLOW / "train_info.json").is_file(), reason="model_cards/shapes-text-flow missing")
+def test_a_fine_tuned_flow_card_says_where_the_earlier_weights_are(tmp_path):
+    """A run warm-started from the folder's own weights (`--init model_cards/shapes-text-flow`) with a cosine schedule:
+    the card names the commit of the earlier weights, how to restore them and the schedule; from scratch it says so."""
+    folder = tmp_path / "shapes-text-flow"
+    for sub in ("scheduler", "tokenizer"):
+        shutil.copytree(FLOW / sub, folder / sub)
+    (folder / "eval.json").write_text(json.dumps(fake_eval()))
+    base = json.loads((FLOW / "train_info.json").read_text())
+    info = {**base, "init": "model_cards/shapes-text-flow", "init_commit": "abc1234", "lr_schedule": "cosine",
+            "lr_final": 0.05, "warmup": 100, "grad_clip": 1.0,
+            "command": "python examples/shapes/train_flow.py --out o --init x"}  # fmt: skip
+    (folder / "train_info.json").write_text(json.dumps(info))
+    write_model_card.main([str(folder), "--state", str(tmp_path / "none.pt")])
+    flat = " ".join((folder / "README.md").read_text().split())
+    checkout = "`git checkout abc1234 -- model_cards/shapes-text-flow`"
+    assert f"then fine-tuned from those weights (commit abc1234; {checkout} restores them)" in flat
+    assert "cosine decay to 0.05 x lr at the last step; warm start from `model_cards/shapes-text-flow`" in flat
+    assert "train_flow.py --out o --init x; for d in transformer text_encoder text_encoder_2; do cp" in flat
+    assert "| init | model_cards/shapes-text-flow |" in flat
+    scratch = {k: v for k, v in base.items() if k not in ("init", "init_commit")}
+    (folder / "train_info.json").write_text(json.dumps(scratch))
+    write_model_card.main([str(folder), "--state", str(tmp_path / "none.pt")])
+    flat = " ".join((folder / "README.md").read_text().split())
+    assert "trained from scratch, together with" in flat and "git checkout" not in flat
 
 
 def test_eval_refuses_samplers_that_do_not_fit_the_folder(tmp_path, capsys):

@@ -191,17 +191,8 @@ def uncond_card(folder: Path, notes: str, state: Path | None = None) -> str:
     hp_rows = "\n".join(f"| {k} | {v} |" for k, v in hp.items())
     constant = "linear warm-up then constant learning rate; loss: MSE on the noise"
     recipe = training_recipe(ti) if "lr_schedule" in ti else constant
-    if ti.get("init") == f"model_cards/{name}":  # fine-tuned from this folder's earlier weights
-        prev = ti.get("init_commit")  # the commit that holds them, recorded when the fine-tune was shipped
-        checkout = f"git checkout {prev} -- model_cards/{name}" if prev else None
-        origin = "trained from scratch, then fine-tuned from those weights" + (
-            f" (commit {prev}; `{checkout}` restores them)" if prev else ""
-        )
-        copied = " (then the EMA weights copied into this folder)"
-        copy = f"cp outputs/models/{name}/unet/* model_cards/{name}/unet/"
-        restore = f"{checkout + '; ' if prev else ''}{ti['command']}; {copy}"
-    else:
-        origin, copied = "trained from scratch", ""
+    origin, copied, restore = _fine_tune(ti, name, "unet")
+    if restore is None:
         restore = (
             f"python examples/shapes/train_unconditional.py --shapes {' '.join(ti['shapes'])} "
             f"--out model_cards/{name} --minutes {round(ti['train_seconds'] / 60)} --seed {ti['seed']}"
@@ -426,7 +417,26 @@ def _counterpart(folder: Path) -> str:
     )
 
 
-def flow_card(folder: Path, notes: str) -> str:
+def _fine_tune(ti: dict, name: str, subfolders: str) -> tuple[str, str, str | None]:
+    """(how the weights came about, the note on the copied weights, the restore command or None) of a run: from
+    scratch, or fine-tuned from this folder's earlier weights (`init` is the folder; `init_commit`, recorded when the
+    fine-tune was shipped, the commit that holds them). subfolders: the shell glob of what the copy moves."""
+    if ti.get("init") != f"model_cards/{name}":
+        return "trained from scratch", "", None
+    prev = ti.get("init_commit")
+    checkout = f"git checkout {prev} -- model_cards/{name}" if prev else None
+    origin = "trained from scratch, then fine-tuned from those weights" + (
+        f" (commit {prev}; `{checkout}` restores them)" if prev else ""
+    )
+    if " " in subfolders:
+        copy = f"for d in {subfolders}; do cp outputs/models/{name}/$d/* model_cards/{name}/$d/; done"
+    else:
+        copy = f"cp outputs/models/{name}/{subfolders}/* model_cards/{name}/{subfolders}/"
+    restore = f"{checkout + '; ' if prev else ''}{ti['command']}; {copy}"
+    return origin, " (then the EMA weights copied into this folder)", restore
+
+
+def flow_card(folder: Path, notes: str, state: Path | None = None) -> str:
     ti = json.loads((folder / "train_info.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -441,8 +451,9 @@ def flow_card(folder: Path, notes: str) -> str:
         for k in (
             "captions", "caption_dropout", "size", "patch_size", "layers", "heads", "head_dim", "text_hidden",
             "text_layers", "t5_tokens", "transformer_parameters", "text_encoder_parameters", "batch", "lr", "warmup",
-            "ema_decay",
+            "lr_schedule", "lr_final", "init", "ema_decay",
         )
+        if k in ti
     }  # fmt: skip
     hp["grad_clip"] = grad_clip
     hp.update({k: ti[k] for k in ("seed", "threads", "steps", "images_seen")})
@@ -453,6 +464,12 @@ def flow_card(folder: Path, notes: str) -> str:
         "probability-flow ODE, through `ComposePipeline` with one prompt)"
     )
     unfinished = _unfinished(ti)
+    origin, copied, restore = _fine_tune(ti, name, "transformer text_encoder text_encoder_2")
+    if ti.get("lr_schedule", "constant") == "cosine":
+        lr = f"linear warm-up over {ti['warmup']} steps, then cosine decay to {ti['lr_final']} x lr at the last step"
+    else:
+        lr = "linear warm-up then constant learning rate"
+    warm = f"; warm start from `{ti['init']}` (its EMA weights)" if ti.get("init") else ""
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -475,7 +492,7 @@ tags:
 A small text-conditional **rectified-flow** model in pixel space (no VAE), the flow-matching counterpart of
 `shapes-text`: a diffusers `SD3Transformer2DModel` ({ti["transformer_parameters"]:,} parameters; {size}x{size}x3
 images cut into {patch}x{patch} patches, so {(size // patch) ** 2} image tokens; {ti["layers"]} joint-attention
-layers, {ti["heads"]} heads of width {ti["head_dim"]} (hidden {hidden})) trained from scratch together with a tiny
+layers, {ti["heads"]} heads of width {ti["head_dim"]} (hidden {hidden})) {origin}, together with a tiny
 transformers `CLIPTextModelWithProjection` ({ti["text_encoder_parameters"]:,} parameters, {ti["text_layers"]} layers,
 hidden {ti["text_hidden"]}, context length {ctx_len}) and a `CLIPTokenizer` over our own
 {len(ti["vocabulary_words"])}-word vocabulary. Scheduler: `FlowMatchEulerDiscreteScheduler`, shift {sched["shift"]}.
@@ -549,17 +566,17 @@ draws the caption choice, the dropout, the noise and t), so the model saw {ti["i
 
 ## Training procedure
 
-- Script: `examples/shapes/train_flow.py`; exact command:
+- Script: `examples/shapes/train_flow.py`; exact command{copied}:
   `{ti["command"]}`
 - CPU only, torch {ti["torch"]}, {ti["threads"]} thread; transformer and text encoder trained jointly with AdamW
-  (no weight decay), linear warm-up then constant learning rate, gradient clipping (norm {grad_clip}), EMA of both
+  (no weight decay), {lr}{warm}, gradient clipping (norm {grad_clip}), EMA of both
   (the saved weights are the EMA ones).
 - Loss: rectified flow. x_t = (1 - t) x0 + t eps with eps ~ N(0, I), the network (at time 1000 t) predicts the
   velocity eps - x0, MSE; t logit-normal (t = sigmoid(u), u ~ N(0, 1)), as SD3.
 - Measured training time: {_minutes(ti["train_seconds"])} of wall-clock for {ti["steps"]} steps, on a 2-core machine
   shared with other jobs (so the step rate varied); final loss (mean of last 100 steps): {ti["final_loss_avg100"]}.
 - Resumable: `--resume` continues from the state file under `outputs/shapes/{name}/` (not shipped).
-
+{loss_plot(folder, state)}
 | hyper-parameter | value |
 |---|---|
 {hp_rows}
@@ -575,7 +592,7 @@ at all outside that world. Prompts other than its training captions (including "
 seen) are out of distribution. It is not a real SD3 (no VAE, no T5, one small CLIP twice). Not for any real-image
 use.
 
-{_restore(name, eval_cmd)}{notes}"""
+{_restore(name, eval_cmd, restore)}{notes}"""
 
 
 def _out_of_distribution(mode: str) -> str:
@@ -700,7 +717,7 @@ def main(argv=None):
     if (folder / "metrics.json").exists():
         text = classifier_card(folder, notes)
     elif "transformer_parameters" in (info := json.loads((folder / "train_info.json").read_text())):
-        text = flow_card(folder, notes)
+        text = flow_card(folder, notes, state)
     elif "captions" in info:
         text = cond_card(folder, notes, state)
     else:
