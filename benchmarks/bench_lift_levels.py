@@ -15,7 +15,8 @@ renoise_lifts`), so the images are the pipeline's own and are sampled once.
 
 Reported per judge and term (the judges of bench_verify: classifier and geometric judge; the LoRA concept judge):
   - per level: the within-pair AUC of the lift for "this term's concept is in the image" (mean over the pairs with
-    both outcomes), for one noise draw (what the pipeline computes) and for the mean of the draws;
+    both outcomes, whose number is given: few pairs, noisy AUCs), for one noise draw (what the pipeline computes) and
+    for the mean of the draws;
   - per level set of `--sets` (each a comma-separated list, e.g. "-1,-2,-3,-4"): the AUC of the set's lift as the
     pipeline computes it (midpoint-rule widths over the set's levels, one draw per level; each draw's AUC, then their
     mean), and the rate at which best-of-4 by each score rule (`compose.verify.score`: min, zmin, mean) keeps an image
@@ -90,6 +91,7 @@ def report(per: np.ndarray, verdict: dict, strata: np.ndarray, grid: list, sets:
     T = per.shape[-1]
     concepts = ("first", "second") if T == 2 else ("both",)
     out = {"levels": {}, "sets": {}}
+    out["pairs"] = {c: int(sum(len(set(verdict[c][strata == q])) == 2 for q in np.unique(strata))) for c in concepts}
     for t, c in enumerate(concepts):
         out["levels"][c] = {
             f"{lam:g}": dict(one_draw=within_auc(per[i, 0, :, t], verdict[c], strata),
@@ -120,12 +122,13 @@ def markdown(result: dict) -> str:
     lines = []
     for key, row in result["rows"].items():
         for j, rep in row["judges"].items():
-            lines += [f"### {key}, {j} (plain {rep['plain']:.2f}, oracle best-of-{GROUP} "
+            lines += [f"**{key}, {j}** (plain {rep['plain']:.2f}, oracle best-of-{GROUP} "
                       f"{rep[f'oracle best-of-{GROUP}']:.2f}; {row['images']} images)", "",
                       "| term | " + " | ".join(rep["levels"][next(iter(rep["levels"]))]) + " |",
                       "|---|" + "---:|" * len(result["config"]["grid"])]  # fmt: skip
             for c, lv in rep["levels"].items():
-                lines.append(f"| {c} (one draw / mean of {result['config']['draws']}) | "
+                pairs = rep.get("pairs", {}).get(c, "?")
+                lines.append(f"| {c} ({pairs} pairs; one draw / mean of {result['config']['draws']}) | "
                              + " | ".join(f"{v['one_draw']:.2f} / {v['mean_of_draws']:.2f}" for v in lv.values())
                              + " |")  # fmt: skip
             cols = list(next(iter(rep["sets"].values())))

@@ -36,7 +36,7 @@ def test_the_report_finds_the_level_that_carries_the_concept():
     rep = bench.report(per, verdict, np.repeat([0, 1], n // 2), grid, ["1", "-1"])
     assert rep["levels"]["second"]["1"]["one_draw"] == 1.0
     assert abs(rep["levels"]["second"]["-1"]["one_draw"] - 0.5) < 0.25
-    assert rep["plain"] == 0.25 and rep["oracle best-of-4"] == 1.0
+    assert rep["plain"] == 0.25 and rep["oracle best-of-4"] == 1.0 and rep["pairs"] == {"first": 0, "second": 2}
     assert rep["sets"]["1"]["best-of-4 mean"] == 1.0  # the informative level picks the one good image of each group
     assert rep["sets"]["-1"]["best-of-4 mean"] < 0.6
 
