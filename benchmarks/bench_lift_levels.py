@@ -80,37 +80,32 @@ def set_lift(per: np.ndarray, grid: list, levels: list, draw: int) -> np.ndarray
     return sum(w * per[grid.index(lam), draw] for w, lam in zip(_widths(lams), lams, strict=True))
 
 
-def within_auc(s: np.ndarray, label: np.ndarray, strata: np.ndarray) -> float:
-    vals = [bv.auc(s[strata == p], label[strata == p]) for p in np.unique(strata)]
-    vals = [a for a in vals if a == a]
-    return float(np.mean(vals)) if vals else float("nan")
-
-
 def report(per: np.ndarray, verdict: dict, strata: np.ndarray, grid: list, sets: list) -> dict:
     """Per-level and per-set AUCs, and the sets' best-of-4 rates, for one judge's verdicts."""
     T = per.shape[-1]
     concepts = ("first", "second") if T == 2 else ("both",)
-    out = {"levels": {}, "sets": {}}
-    out["pairs"] = {c: int(sum(len(set(verdict[c][strata == q])) == 2 for q in np.unique(strata))) for c in concepts}
+    out = {"levels": {}, "sets": {}, "pairs": {}}
+
+    def auc_of(s: np.ndarray, c: str) -> float:
+        return bv.within_pair_auc(s, verdict[c], strata)["auc"]
+
     for t, c in enumerate(concepts):
+        out["pairs"][c] = bv.within_pair_auc(per[0, 0, :, t], verdict[c], strata)["pairs"]
         out["levels"][c] = {
-            f"{lam:g}": dict(one_draw=within_auc(per[i, 0, :, t], verdict[c], strata),
-                             mean_of_draws=within_auc(per[i, :, :, t].mean(0), verdict[c], strata))
+            f"{lam:g}": dict(one_draw=auc_of(per[i, 0, :, t], c), mean_of_draws=auc_of(per[i, :, :, t].mean(0), c))
             for i, lam in enumerate(grid)
-        }  # fmt: skip
+        }
     both = verdict["both"]
     usable = (len(both) // GROUP) * GROUP
     for name in sets:
         levels = [float(v) for v in name.split(",")]
+        lifts = [set_lift(per, grid, levels, d) for d in range(per.shape[1])]  # one per noise draw
         rec = {}
         for t, c in enumerate(concepts):
-            aucs = [within_auc(set_lift(per, grid, levels, d)[:, t], verdict[c], strata) for d in range(per.shape[1])]
-            rec[f"auc {c}"] = float(np.mean(aucs))  # nan where a pair never has both outcomes
+            rec[f"auc {c}"] = float(np.mean([auc_of(lift[:, t], c) for lift in lifts]))  # nan: no pair has both
         for rule in RULES if T > 1 else ("min",):
-            kept = []
-            for d in range(per.shape[1]):
-                lift = torch.tensor(set_lift(per, grid, levels, d)[:usable])
-                kept.append(both[:usable][best_of(score(lift, rule, K=GROUP), GROUP).numpy()].mean())
+            kept = [both[:usable][best_of(score(torch.tensor(lift[:usable]), rule, K=GROUP), GROUP).numpy()].mean()
+                    for lift in lifts]  # fmt: skip
             rec[f"best-of-{GROUP} {rule}"] = float(np.mean(kept))
         out["sets"][name] = rec
     out["plain"] = float(both.mean())

@@ -235,6 +235,14 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
 
 
+def within_pair_auc(score: np.ndarray, label: np.ndarray, strata: np.ndarray) -> dict:
+    """The AUC of `score` for `label` within each stratum (pair), averaged over the strata where both outcomes occur:
+    {"auc": mean (nan when there is none), "pairs": how many strata it averages}."""
+    vals = [auc(score[strata == p], label[strata == p]) for p in np.unique(strata)]
+    vals = [a for a in vals if a == a]
+    return {"auc": float(np.mean(vals)) if vals else float("nan"), "pairs": len(vals)}
+
+
 def rate(values: np.ndarray, strata: np.ndarray, n_boot: int) -> dict:
     ci = bootstrap_ci(values.astype(np.float64), strata, n_boot)
     return {"rate": float(values.mean()), "ci": [float(ci[0]), float(ci[1])]}
@@ -268,10 +276,7 @@ def selections(rec: dict, v: dict, args) -> dict:
                 continue
             concepts = ("first", "second") if lift.shape[1] == 2 else ("both",)
             for t, key in enumerate(concepts):
-                sel = [strata_img == p for p in np.unique(strata_img)]
-                vals = [auc(lift[m, t].numpy(), ver[key][m]) for m in sel]
-                vals = [a for a in vals if a == a]
-                det[f"{name} {key}"] = {"auc": float(np.mean(vals)) if vals else float("nan"), "pairs": len(vals)}
+                det[f"{name} {key}"] = within_pair_auc(lift[:, t].numpy(), ver[key], strata_img)
         res["detection"] = det
         out[j] = res
     return out

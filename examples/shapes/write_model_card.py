@@ -297,20 +297,28 @@ _ROLE = {
 }
 
 
+def lr_schedule(ti: dict) -> str:
+    """The learning-rate schedule of a run, from its train_info.json."""
+    if ti.get("lr_schedule", "constant") == "cosine":
+        return f"linear warm-up over {ti['warmup']} steps, then cosine decay to {ti['lr_final']} x lr at the last step"
+    return "linear warm-up then constant learning rate"
+
+
+def warm_start(ti: dict) -> str:
+    """"; warm start from ..." for a run that started from a folder's weights, else ""."""
+    return f"; warm start from `{ti['init']}` (its EMA weights)" if ti.get("init") else ""
+
+
 def training_recipe(ti: dict) -> str:
     """The learning-rate schedule, loss weighting and warm start of a run, from its train_info.json."""
-    if ti.get("lr_schedule", "constant") == "cosine":
-        lr = f"linear warm-up over {ti['warmup']} steps, then cosine decay to {ti['lr_final']} x lr at the last step"
-    else:
-        lr = "linear warm-up then constant learning rate"
+    lr = lr_schedule(ti)
     gamma = ti.get("min_snr_gamma") or 0
     loss = (
         f"MSE on the noise weighted by Min-SNR-{gamma:g} (min(SNR, {gamma:g}) / SNR per sample; Hang et al. 2023)"
         if gamma
         else "MSE on the noise"
     )
-    init = f"; warm start from `{ti['init']}` (its EMA weights)" if ti.get("init") else ""
-    return f"{lr}; loss: {loss}{init}"
+    return f"{lr}; loss: {loss}{warm_start(ti)}"
 
 
 def loss_plot(folder: Path, state: Path | None) -> str:
@@ -465,11 +473,6 @@ def flow_card(folder: Path, notes: str, state: Path | None = None) -> str:
     )
     unfinished = _unfinished(ti)
     origin, copied, restore = _fine_tune(ti, name, "transformer text_encoder text_encoder_2")
-    if ti.get("lr_schedule", "constant") == "cosine":
-        lr = f"linear warm-up over {ti['warmup']} steps, then cosine decay to {ti['lr_final']} x lr at the last step"
-    else:
-        lr = "linear warm-up then constant learning rate"
-    warm = f"; warm start from `{ti['init']}` (its EMA weights)" if ti.get("init") else ""
     return f"""---
 license: apache-2.0
 library_name: diffusers
@@ -569,7 +572,7 @@ draws the caption choice, the dropout, the noise and t), so the model saw {ti["i
 - Script: `examples/shapes/train_flow.py`; exact command{copied}:
   `{ti["command"]}`
 - CPU only, torch {ti["torch"]}, {ti["threads"]} thread; transformer and text encoder trained jointly with AdamW
-  (no weight decay), {lr}{warm}, gradient clipping (norm {grad_clip}), EMA of both
+  (no weight decay), {lr_schedule(ti)}{warm_start(ti)}, gradient clipping (norm {grad_clip}), EMA of both
   (the saved weights are the EMA ones).
 - Loss: rectified flow. x_t = (1 - t) x0 + t eps with eps ~ N(0, I), the network (at time 1000 t) predicts the
   velocity eps - x0, MSE; t logit-normal (t = sigmoid(u), u ~ N(0, 1)), as SD3.
