@@ -144,7 +144,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--grid", type=float, nargs="+", default=list(GRID), help="log-SNR levels, one lift each")
     p.add_argument("--draws", type=int, default=2, help="noise draws per level")
-    p.add_argument("--sets", nargs="+", default=list(SETS), help="level sets, e.g. '-1,-2,-3,-4'")
+    p.add_argument("--sets", nargs="+", default=list(SETS),
+                   help="level sets, e.g. '3,2,1,0'; argparse reads a value that starts with '-' as an option, so "
+                   "start a set with a level >= 0 or a space (' -1,-2,-3,-4')")  # fmt: skip
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
