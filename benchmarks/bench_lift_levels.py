@@ -19,8 +19,10 @@ Reported per judge and term (the judges of bench_verify: classifier and geometri
     for the mean of the draws;
   - per level set of `--sets` (each a comma-separated list, e.g. "-1,-2,-3,-4"): the AUC of the set's lift as the
     pipeline computes it (midpoint-rule widths over the set's levels, one draw per level; each draw's AUC, then their
-    mean), and the rate at which best-of-4 by each score rule (`compose.verify.score`: min, zmin, mean) keeps an image
-    with both concepts, the images of a pair taken in groups of 4.
+    mean; a set written "-1,-2,-3,-4x2" averages its lift over 2 independent draws, the --draws split into disjoint
+    groups of 2, the AUCs of the groups then averaged), and the rate at which best-of-4 by each score rule
+    (`compose.verify.score`: min, zmin, mean) keeps an image with both concepts, the images of a pair taken in
+    groups of 4.
 These levels are a measurement, not a tuned default: the seed (`--seed`, default 100) differs from bench_verify's
 (0), so a level set chosen here is tested there on other images.
 """
@@ -59,11 +61,11 @@ def per_level_lifts(grid, draws: int, store: list):
 
     original = cp.renoise_lifts
 
-    def wrapped(groups, x0, schedule, levels, draw_source, term_idx, ref_idx):
+    def wrapped(groups, x0, schedule, levels, draw_source, term_idx, ref_idx, repeats=1):
         per = [[original(groups, x0, schedule, (lam,), draw_source, term_idx, ref_idx) for _ in range(draws)]
                for lam in grid]  # fmt: skip
         store.append(torch.stack([torch.stack(d) for d in per]))
-        return original(groups, x0, schedule, levels, draw_source, term_idx, ref_idx)
+        return original(groups, x0, schedule, levels, draw_source, term_idx, ref_idx, repeats)
 
     cp.renoise_lifts = wrapped
     try:
@@ -78,6 +80,17 @@ def set_lift(per: np.ndarray, grid: list, levels: list, draw: int) -> np.ndarray
 
     lams = sorted(levels, reverse=True)
     return sum(w * per[grid.index(lam), draw] for w, lam in zip(_widths(lams), lams, strict=True))
+
+
+def parse_set(name: str) -> tuple[list[float], int]:
+    """A level set '-1,-2,-3,-4' (one noise draw per level) or '-1,-2,-3,-4x2' (its lift averaged over 2 draws):
+    (levels, draws). ValueError for anything else."""
+    body, _, d = name.strip().partition("x")
+    levels = [float(v) for v in body.split(",")]
+    D = int(d) if d else 1
+    if D < 1 or not levels:
+        raise ValueError(name)
+    return levels, D
 
 
 def report(per: np.ndarray, verdict: dict, strata: np.ndarray, grid: list, sets: list) -> dict:
@@ -98,8 +111,9 @@ def report(per: np.ndarray, verdict: dict, strata: np.ndarray, grid: list, sets:
     both = verdict["both"]
     usable = (len(both) // GROUP) * GROUP
     for name in sets:
-        levels = [float(v) for v in name.split(",")]
-        lifts = [set_lift(per, grid, levels, d) for d in range(per.shape[1])]  # one per noise draw
+        levels, D = parse_set(name)
+        one = [set_lift(per, grid, levels, d) for d in range(per.shape[1])]  # one per noise draw
+        lifts = [np.mean(one[g * D : (g + 1) * D], 0) for g in range(len(one) // D)]  # the mean of D draws each
         rec = {}
         for t, c in enumerate(concepts):
             rec[f"auc {c}"] = float(np.mean([auc_of(lift[:, t], c) for lift in lifts]))  # nan: no pair has both
@@ -150,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--save-lifts", default=None, help="an .npz of the per-level lifts (levels, draws, images, "
+                   "terms), the judges' verdicts and the pair of every image, for analyses without sampling again")
     args = p.parse_args(argv)
     if args.images < 1 or args.draws < 1 or args.steps < 1 or not 1 <= args.pairs <= 16:
         p.error("--images, --draws, --steps >= 1; --pairs 1..16")
@@ -157,9 +173,12 @@ def parse_args(argv=None):
         p.error(f"--images {args.images}: give a multiple of {GROUP} (best-of-{GROUP} groups stay within a pair)")
     for s in args.sets:
         try:
-            levels = [float(v) for v in s.split(",")]
+            levels, D = parse_set(s)
         except ValueError:
-            p.error(f"--sets {s!r}: give comma-separated numbers, e.g. '-1,-2,-3,-4'")
+            p.error(f"--sets {s!r}: give comma-separated numbers, e.g. '-1,-2,-3,-4', optionally 'x' and the draws "
+                    "to average, e.g. '-1,-2,-3,-4x2'")  # fmt: skip
+        if D > args.draws:
+            p.error(f"--sets {s!r} averages {D} draws; give --draws {D} or more")
         if missing := [v for v in levels if v not in args.grid]:
             p.error(f"--sets {s!r}: levels {missing} are not in --grid {args.grid}; add them to --grid")
     return args
@@ -191,6 +210,12 @@ def main(argv=None) -> dict:
         per = torch.cat(store, 2).numpy()  # (levels, draws, images, T)
         v = bv.verdicts(m, torch.cat(images), va, judges)
         strata = np.repeat(np.arange(len(bv.calls_of(m, va))), args.images)
+        if args.save_lifts:
+            arrays = {f"{j}/{c}": np.asarray(vv[c]) for j, vv in v.items() for c in vv}
+            path = Path(args.save_lifts)
+            if len(bv.methods(va)) > 1:  # one file per method
+                path = path.with_name(f"{path.stem}_{len(result['rows'])}{path.suffix}")
+            np.savez_compressed(path, lifts=per, grid=np.asarray(grid), strata=strata, **arrays)
         result["rows"][m["key"]] = dict(images=int(per.shape[2]), seconds=time.perf_counter() - t0,
                                         judges={j: report(per, x, strata, grid, args.sets) for j, x in v.items()})
     if args.json:

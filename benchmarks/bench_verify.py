@@ -58,7 +58,8 @@ from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
 CARDS = ROOT / "model_cards"
 LORAS = ("purple", "outline")
 SHAPE_PROMPTS = [f"a {s}" for s in SHAPES]
-COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels", "clip_sample")
+COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels", "clip_sample", "lift_draws")
+BEFORE = {"lift_draws": 1}  # options added after runs were saved: the value those runs had
 
 
 def methods(args) -> list[dict]:
@@ -142,7 +143,8 @@ def sample_method(pipe, m: dict, args, steer: float = 0.0) -> dict:
                 seen["log_q"] = tensors["log_q"]
                 return {}
 
-            kw = call_kwargs(m, args, seed, prompt, lora, args.steps) | dict(lift_levels=tuple(args.levels))
+            kw = call_kwargs(m, args, seed, prompt, lora, args.steps) | dict(lift_levels=tuple(args.levels),
+                                                                                  lift_draws=args.lift_draws)
             if steer:
                 out = pipe(batch_size=args.images, candidates=K, steer=steer, lift="renoise", **kw)
             else:
@@ -398,6 +400,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--levels", type=float, nargs="+", default=[-1.0, -2.0, -3.0, -4.0], help="renoise log-SNR levels")
+    p.add_argument("--lift-draws", type=int, default=1, help="noise draws per renoise level (lift_draws)")
     p.add_argument("--no-clip", dest="clip_sample", action="store_const", const=False, default=None,
                    help="no x0 clipping (clip_sample=False); default: the checkpoint's scheduler config (clipping on "
                    "for the shapes models)")
@@ -412,8 +415,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG of lift against the judges' verdicts")
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
-    if not 1 <= args.pairs <= 16 or args.images < 1 or args.candidates < 1 or args.steps < 1:
-        p.error("--pairs 1..16; --images, --candidates, --steps >= 1")
+    if not 1 <= args.pairs <= 16 or min(args.images, args.candidates, args.steps, args.lift_draws) < 1:
+        p.error("--pairs 1..16; --images, --candidates, --steps, --lift-draws >= 1")
     if args.resume and not args.json:
         p.error("--resume needs --json")
     return args
@@ -431,7 +434,7 @@ def main(argv=None) -> dict:
     result = {"config": config, "rows": []}
     if args.resume and Path(args.json).is_file():
         old = json.loads(Path(args.json).read_text())
-        diff = [k for k in COMPARED if old["config"].get(k) != config[k]]
+        diff = [k for k in COMPARED if old["config"].get(k, BEFORE.get(k)) != config[k]]
         if diff:
             raise SystemExit(f"--resume: {args.json} was run with other {diff}; give the same options or another file")
         result["rows"] = old["rows"]

@@ -627,6 +627,7 @@ class ComposePipeline(DiffusionPipeline):
         max_sequence_length: int | None = None,
         lift: str | None = "auto",
         lift_levels: tuple = DEFAULT_LEVELS,
+        lift_draws: int = 1,
         candidates: int = 1,
         select: str = "lift",
         steer: float = 0.0,
@@ -702,6 +703,12 @@ class ComposePipeline(DiffusionPipeline):
                 as LoRA Composite is published); "batched_loop" and "batched_peft" make the batched call add each
                 row's LoRA update one adapter at a time or through PEFT's mixed adapter batch. The same numbers up to
                 rounding, for timing comparisons.
+            lift, lift_levels, lift_draws, candidates, select, steer, score_rule: density verification
+                (`pipelines.verify`, docs/guides/verification.md): every image's per-term lift (`out.lift`) by
+                `lift` ("auto", "renoise", "tracked" or None), the "renoise" lift read at the log-SNR `lift_levels`
+                with `lift_draws` noise draws each; `candidates` K per image, of which `select` ("lift" or "random")
+                keeps one by `score_rule` ("min", "zmin", "mean", "max"; default "max" for OR, else "min"); `steer`
+                > 0 resamples the candidates by their lift along the way.
         """
         # 1. check inputs (everything, before any network call)
         models, first = self.models, self.models[0]
@@ -746,7 +753,7 @@ class ComposePipeline(DiffusionPipeline):
         particles = Particles(
             num_particles, ess_threshold, resample_window, langevin_steps, langevin_step, langevin_after
         )
-        verification = Verification(lift, lift_levels, candidates, select, steer, score_rule)
+        verification = Verification(lift, lift_levels, candidates, select, steer, score_rule, lift_draws)
         P = particles.check(smc, operator, method) * verification.check(smc, method, operator)  # rows per image
         schedule_name = self._schedule_name(grid, schedule, first.family)
         clip_options = dict(clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding)
@@ -824,6 +831,7 @@ class ComposePipeline(DiffusionPipeline):
                 term_idx,
                 ref_idx,
                 rule=rule,
+                repeats=verification.draws,
                 strength=verification.steer,
                 at=at,
                 device=device,
@@ -850,8 +858,8 @@ class ComposePipeline(DiffusionPipeline):
                 else contextlib.nullcontext()
             )
             with held:
-                lifts = renoise_lifts(groups, tr.x, ctx["sch"], v.levels, ctx["draws"], term_idx, ref_idx)
-            rows = len(v.levels) * len(groups.leaves) * K
+                lifts = renoise_lifts(groups, tr.x, ctx["sch"], v.levels, ctx["draws"], term_idx, ref_idx, v.draws)
+            rows = v.rows_per_check * len(groups.leaves) * K
         else:
             lifts = None
         pick, scores = choose(lifts, n, K, v.select, v.default_rule(operator), ctx["draws"])

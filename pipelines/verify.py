@@ -14,7 +14,8 @@ Two estimators of a term's lift, log q_term(x) - log q_ref(x) at the sampled ima
   on the window of log-SNR where these models decide shape and colour; in nats over that window. Each level is ONE
   batched call of every verification row (each term, and each distinct reference) per candidate: with L levels and
   V distinct rows, L V extra rows per candidate (12 for two prompts on one model with the default 4 levels, against
-  150 for 50 sampling steps with guidance).
+  150 for 50 sampling steps with guidance). `lift_draws` D > 1 averages each level's loss difference over D
+  independent noise draws: the lift's noise variance falls by 1/D, for D L V rows.
 
 The reference of a term: its checkpoint's unconditional branch ("" or the negative prompt) for a prompt term; the
 base network on the same prompt for a LoRA term (what the LoRA adds); for unconditional checkpoints, the mean over
@@ -48,12 +49,13 @@ from .lora import BASE, Merged
 STEER_AT = (0.3, 0.5, 0.7)  # the fractions of the steps after which "renoise" steering weighs the candidates
 DEFAULT_LEVELS = (-1.0, -2.0, -3.0, -4.0)  # log-SNR where the 24-px shapes models decide: guides/verification.md
 MAX_LEVELS = 16
+MAX_DRAWS = 16  # noise draws per level (lift_draws)
 
 
 @dataclass(frozen=True)
 class Verification:
     """A call's verification options (`ComposePipeline.__call__`'s lift, lift_levels, candidates, select, steer,
-    score_rule), checked by `check` before any network call."""
+    score_rule, lift_draws), checked by `check` before any network call."""
 
     lift: str | None
     levels: tuple
@@ -61,6 +63,12 @@ class Verification:
     select: str
     steer: float
     rule: str | None
+    draws: int = 1
+
+    @property
+    def rows_per_check(self) -> int:
+        """Network calls' worth of rows per verification row and candidate: levels x noise draws."""
+        return len(self.levels) * self.draws
 
     @property
     def estimator(self) -> str | None:
@@ -92,6 +100,11 @@ class Verification:
             raise ValueError(
                 f"lift_levels must be 1 to {MAX_LEVELS} log-SNR values from -20 to 20 (e.g. {DEFAULT_LEVELS}); got "
                 f"{levels!r}."
+            )
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or not 1 <= self.draws <= MAX_DRAWS:
+            raise ValueError(
+                f"lift_draws must be an integer from 1 to {MAX_DRAWS} (noise draws per lift level); got "
+                f"{self.draws!r}."
             )
         if smc and (K > 1 or self.steer):
             raise ValueError(
@@ -174,19 +187,23 @@ def _adapter_key(adapter: Any) -> Any:
 
 
 @torch.no_grad()
-def renoise_lifts(groups: NetworkGroups, x0: torch.Tensor, schedule, levels, draws, term_idx, ref_idx) -> torch.Tensor:
+def renoise_lifts(
+    groups: NetworkGroups, x0: torch.Tensor, schedule, levels, draws, term_idx, ref_idx, repeats: int = 1
+) -> torch.Tensor:
     """(rows, T) float64 lifts of the finished states x0 (rows, ...) by their re-noised denoising losses (module
-    docstring): one batched call of every verification row per log-SNR level, one shared noise draw per level."""
+    docstring): one batched call of every verification row per log-SNR level and noise draw, the draw shared by the
+    rows; `repeats` draws per level, their loss differences averaged."""
     lams = sorted((float(v) for v in levels), reverse=True)
     widths = _widths(lams)
     err_sum = None
     for lam, w in zip(lams, widths, strict=True):
         t = schedule.t_from_log_snr(torch.tensor(lam, dtype=torch.float64))
-        eps = draws.noise(x0)
-        xt = float(schedule.alpha(t)) * x0 + float(schedule.sigma(t)) * eps
-        pred = groups.predict(xt, t, schedule)[0]  # (V, rows, ...)
-        err = (pred.double() - eps.double()).flatten(2).pow(2).sum(-1)  # (V, rows)
-        err_sum = 0.5 * w * err if err_sum is None else err_sum + 0.5 * w * err
+        for _ in range(repeats):
+            eps = draws.noise(x0)
+            xt = float(schedule.alpha(t)) * x0 + float(schedule.sigma(t)) * eps
+            pred = groups.predict(xt, t, schedule)[0]  # (V, rows, ...)
+            err = (pred.double() - eps.double()).flatten(2).pow(2).sum(-1) * (0.5 * w / repeats)  # (V, rows)
+            err_sum = err if err_sum is None else err_sum + err
     cols = []
     T = len(term_idx)
     for i, r in zip(term_idx, ref_idx, strict=True):
@@ -213,7 +230,7 @@ class RenoiseSteering(Hooks):
     the steps `at` (indices), every candidate's composed data prediction x0_hat is scored by `renoise_lifts`, its
     log-weight gains strength x (score - its score at the previous check), and the groups whose ESS fell below
     ess_threshold K are resampled (systematic). SDE samplers only (first-order steps keep no history to resample).
-    Each check costs len(levels) x the verification rows per candidate (`rows`)."""
+    Each check costs len(levels) x repeats x the verification rows per candidate (`rows`)."""
 
     def __init__(
         self,
@@ -226,12 +243,14 @@ class RenoiseSteering(Hooks):
         ref_idx,
         *,
         rule: str,
+        repeats: int = 1,
         strength: float,
         at: set[int],
         ess_threshold: float = 0.5,
         device: Any = None,
     ) -> None:
         self.n, self.K, self.groups, self.schedule, self.levels = n, K, groups, schedule, levels
+        self.repeats = repeats
         self.term_idx, self.ref_idx, self.rule, self.strength, self.at = term_idx, ref_idx, rule, strength, at
         self.ess_threshold = ess_threshold
         self.log_w = torch.zeros(n, K, dtype=torch.float64, device=device)
@@ -251,8 +270,10 @@ class RenoiseSteering(Hooks):
         eps_bar = torch.einsum("nl,ln...->n...", c, step.eps)
         a, sig = float(self.schedule.alpha(step.t_cur)), float(self.schedule.sigma(step.t_cur))
         x0 = (step.x_prev - sig * eps_bar) / a
-        lifts = renoise_lifts(self.groups, x0, self.schedule, self.levels, step.draws, self.term_idx, self.ref_idx)
-        self.rows += len(self.levels) * len(self.groups.leaves)
+        lifts = renoise_lifts(
+            self.groups, x0, self.schedule, self.levels, step.draws, self.term_idx, self.ref_idx, self.repeats
+        )
+        self.rows += len(self.levels) * self.repeats * len(self.groups.leaves)
         now = score(lifts, self.rule).to(self.log_w.device)
         dl = self.strength * (now - self.prev)
         st = reweight_and_resample(
@@ -292,6 +313,7 @@ def choose(lifts: torch.Tensor | None, n: int, K: int, select: str, rule: str, d
 __all__ = [
     "DEFAULT_LEVELS",
     "MAX_CANDIDATES",
+    "MAX_DRAWS",
     "RenoiseSteering",
     "STEER_AT",
     "Verification",

@@ -75,6 +75,28 @@ def test_renoise_lift_over_the_whole_log_snr_range_is_the_exact_log_density_rati
     torch.testing.assert_close(both[:, 0], -both[:, 1])
 
 
+def test_renoise_lift_with_several_draws_per_level_keeps_its_mean_and_divides_its_variance():
+    """repeats=D averages D independent noise draws of every level: the same expectation (the window's part of the
+    exact log-density ratio), 1/D of the variance across draws, and D=1 is the one-draw lift to the bit."""
+    m = toy_models()
+    A, B = m["A"], m["B"]
+    x0 = A.sample(64, torch.Generator().manual_seed(0), dtype=torch.float64)
+    levels, rows = (1.0, 0.0, -1.0, -2.0), ToyRows([A, B])
+
+    def lifts(repeats: int, seed: int) -> torch.Tensor:
+        draws = TorchDraws(torch.Generator().manual_seed(seed))
+        return renoise_lifts(rows, x0, A.schedule, levels, draws, [0], [1], repeats)[:, 0]
+
+    single = renoise_lifts(rows, x0, A.schedule, levels, TorchDraws(torch.Generator().manual_seed(5)), [0], [1])
+    torch.testing.assert_close(lifts(1, 5), single[:, 0], rtol=0, atol=0)
+    one = torch.stack([lifts(1, s) for s in range(40)])  # (seeds, images)
+    four = torch.stack([lifts(4, 100 + s) for s in range(40)])
+    ratio = float((four.var(0) / one.var(0)).median())
+    assert 0.15 < ratio < 0.35, ratio  # 1/4 up to the spread of 40-sample variances
+    mean_gap = (four.mean(0) - one.mean(0)).abs() / (one.var(0) / 40 + four.var(0) / 40).sqrt()
+    assert float(mean_gap.median()) < 1.5  # the same expectation: differences of a few standard errors at most
+
+
 def _latents(n: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, 24, 24, generator=torch.Generator().manual_seed(seed))
 
@@ -113,6 +135,10 @@ def test_random_selection_and_the_rows_the_lift_costs(pipe):
         # K candidates, and the renoise lift of each: the levels x (2 terms + 1 shared reference) rows
         assert out.verification_rows == K * LEVELS * 3
         assert counter.rows == n * K * steps * 3 + n * out.verification_rows
+        counter.rows = 0
+        two = pipe(batch_size=n, candidates=K, lift_draws=2, generator=torch.Generator().manual_seed(1), **kw)
+        assert two.verification_rows == K * LEVELS * 2 * 3  # every level twice
+        assert counter.rows == n * K * steps * 3 + n * two.verification_rows
     finally:
         counter.close()
     assert out.lift.shape == (n, 2) and out.lift_scores.shape == (n, K) and out.candidate.shape == (n,)
@@ -206,6 +232,10 @@ def test_flow_transformer_lifts():
         (dict(lift_levels=()), "lift_levels must be 1 to 16"),
         (dict(lift_levels=(1.0, float("nan"))), "lift_levels must be 1 to 16"),
         (dict(lift_levels="low"), "lift_levels must be 1 to 16"),
+        (dict(lift_draws=0), "lift_draws must be an integer from 1 to 16"),
+        (dict(lift_draws=2.0), "lift_draws must be an integer from 1 to 16"),
+        (dict(lift_draws=True), "lift_draws must be an integer from 1 to 16"),
+        (dict(lift_draws=17), "lift_draws must be an integer from 1 to 16"),
         (dict(select="best"), "select='best' is not known"),
         (dict(score_rule="median"), "score rule 'median' is not known"),
         (dict(candidates=2, lift=None), "needs a lift"),
