@@ -2,7 +2,8 @@
 
 A job is a flat record: the checkpoints, the prompts, the operator, weights, seed, steps, schedule, guidance and
 number of images, and the per-image concept scores (`lift`: "auto", "renoise", "tracked" or "none"; `candidates`:
-samples per image, the best by its lift kept; `select`: "lift" or "random"; see `pipelines.verify`). `parse_job`
+samples per image, the best by its lift kept; `select`: "lift" or "random"; `lift_levels`, `lift_draws`: the
+"renoise" lift's log-SNR levels and noise draws per level; see `pipelines.verify`). `parse_job`
 checks a raw record (a JSONL / CSV row, or the Space's form) against `Limits` and raises `ValueError` naming the field
 and the fix; `pipeline_kwargs` is the ONE place where a job's fields become `ComposePipeline.__call__` keyword
 arguments (add a new pipeline option there and in `Job`); `run_job` runs one job on a loaded pipeline and returns the
@@ -68,6 +69,8 @@ FIELDS = (
     "lift",
     "candidates",
     "select",
+    "lift_levels",
+    "lift_draws",
 )
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 STEPS_CAP = (
@@ -78,7 +81,7 @@ CANDIDATES_CAP = (
     " (samples drawn per image, the best kept; this runner's cap, Limits.max_candidates: the batch runner's "
     "--max-candidates, the Space's COMPOSE_MAX_CANDIDATES)"
 )
-VERIFY_FIELDS = ("lift", "candidates", "select")  # the per-image concept scores and the candidates they choose
+VERIFY_FIELDS = ("lift", "candidates", "select", "lift_levels", "lift_draws")  # concept scores, what they choose
 NO_LIFT = "none"  # a job's lift value for the pipeline's lift=None (JSON null and "" mean the default, "auto")
 
 
@@ -146,6 +149,8 @@ class Job:
     lift: str | None = None  # None: the pipeline's "auto"; "none" (NO_LIFT): no lift; "renoise" / "tracked"
     candidates: int | None = None  # None: 1
     select: str | None = None  # None: "lift"
+    lift_levels: list[float] | None = None  # None: the pipeline's DEFAULT_LEVELS ("renoise" only)
+    lift_draws: int | None = None  # None: 1 noise draw per level ("renoise" only)
 
     def params(self) -> dict[str, Any]:
         """Every parameter as plain JSON values (what the manifest and the PNG metadata record)."""
@@ -160,6 +165,13 @@ class Job:
         if (self.candidates or 1) > 1:
             v = self.verification()
             p.update(candidates=self.candidates, select=v.select, lift=v.estimator or NO_LIFT)
+            if v.select == "lift" and v.estimator == "renoise":  # the levels and draws choose too
+                from .verify import DEFAULT_LEVELS
+
+                if tuple(v.levels) != DEFAULT_LEVELS:
+                    p["lift_levels"] = list(v.levels)
+                if v.draws != 1:
+                    p["lift_draws"] = v.draws
         return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:16]
 
     def verification(self):
@@ -168,7 +180,9 @@ class Job:
         max for operator "or")."""
         from .verify import DEFAULT_LEVELS, Verification
 
-        return Verification(_lift_arg(self), DEFAULT_LEVELS, self.candidates or 1, self.select or "lift", 0.0, None)
+        levels = DEFAULT_LEVELS if self.lift_levels is None else tuple(self.lift_levels)
+        K, select = self.candidates or 1, self.select or "lift"
+        return Verification(_lift_arg(self), levels, K, select, 0.0, None, self.lift_draws or 1)
 
 
 def _lift_arg(job: Job) -> str | None:
@@ -461,6 +475,7 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         check_prompt_length("negative_prompt", negative, limits)
     images = _int(raw, "images", 1, 1, limits.max_images)
     lift, candidates, select = _verification(raw, operator, guidance, images, limits)
+    lift_levels, lift_draws = _lift_levels(raw, lift, candidates, limits)
     return Job(
         models=models,
         prompts=prompts,
@@ -486,6 +501,8 @@ def parse_job(raw: dict[str, Any], limits: Limits | None = None) -> Job:
         lift=lift,
         candidates=candidates,
         select=select,
+        lift_levels=lift_levels,
+        lift_draws=lift_draws,
     )
 
 
@@ -674,6 +691,48 @@ def _verification(
     return lift, candidates, select
 
 
+def _lift_levels(
+    raw: dict, lift: str | None, candidates: int | None, limits: Limits
+) -> tuple[list[float] | None, int | None]:
+    """lift_levels (a list of log-SNR values, or a CSV cell "3,2,1,0") and lift_draws (noise draws per level), the
+    "renoise" lift's options (None when not given). Refused where no "renoise" lift runs (they would be ignored),
+    and beyond max_steps evaluations (levels x draws) per candidate: each is a batched network call, like a step."""
+    from .verify import MAX_DRAWS, MAX_LEVELS
+
+    value = raw.get("lift_levels")
+    levels = None
+    if value not in (None, "", []):
+        if isinstance(value, str) and len(value) > 40 * MAX_LEVELS:
+            raise ValueError(f"lift_levels is {len(value)} characters long; give at most {MAX_LEVELS} numbers.")
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else _as_list(value, "lift_levels")
+        if not 1 <= len(items) <= MAX_LEVELS:
+            raise ValueError(f"lift_levels has {len(items)} entries; give 1 to {MAX_LEVELS} log-SNR values.")
+        levels = [_float({"lift_levels": v}, "lift_levels", None) for v in items]
+        if any(v is None or not -20 <= v <= 20 for v in levels):  # "" parses to None
+            raise ValueError(
+                f"lift_levels must be log-SNR values from -20 to 20 (e.g. [3, 2, 1, 0]); got {show(value)}."
+            )
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"lift_levels repeats a level ({show(value)}); use lift_draws for more draws per level.")
+    draws = _int(raw, "lift_draws", None, 1, MAX_DRAWS, " (noise draws per lift level)")
+    if levels is None and draws is None:
+        return None, None
+    estimator = ("tracked" if (candidates or 1) == 1 else "renoise") if lift in (None, "auto") else lift
+    if estimator != "renoise":
+        given = " and ".join(k for k, v in (("lift_levels", levels), ("lift_draws", draws)) if v is not None)
+        raise ValueError(
+            f"{given} set(s) the 'renoise' lift, but this job's lift is {estimator!r}; give lift 'renoise' (or "
+            "candidates >= 2 with the default lift), or drop it."
+        )
+    evaluations = len(levels or (0,) * 4) * (draws or 1)
+    if evaluations > limits.max_steps:
+        raise ValueError(
+            f"lift_levels x lift_draws = {evaluations} network evaluations per candidate; the limit is "
+            f"{limits.max_steps}{STEPS_CAP}. Give fewer levels or draws."
+        )
+    return levels, draws
+
+
 def _loras(raw: dict, terms: int, limits: Limits) -> tuple[list[str | None] | None, int]:
     """The LoRA of every term (shipped LoRA names or folders; "none" / "" for the base) and the number of terms they
     make: one entry per term, or several LoRAs for a single term (one term each). Each is resolved here, so a name
@@ -857,6 +916,10 @@ def pipeline_kwargs(job: Job) -> dict[str, Any]:
         kw["candidates"] = job.candidates
     if job.select is not None:
         kw["select"] = job.select
+    if job.lift_levels is not None:
+        kw["lift_levels"] = tuple(job.lift_levels)
+    if job.lift_draws is not None:
+        kw["lift_draws"] = job.lift_draws
     if job.lora is not None:
         kw["lora"] = [lora_adapter_name(v) for v in job.lora]
         if job.lora_mode is not None:  # the mode is the combination: no operator (parse_job refused one)

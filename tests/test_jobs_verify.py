@@ -56,6 +56,42 @@ def test_fields_are_checked_and_passed():
     assert J.parse_job({**ROW, "guidance": 1, "lift": "tracked", "candidates": 2, "select": "random"}).select
 
 
+def test_lift_levels_and_draws_are_checked_and_passed():
+    row = {**ROW, "candidates": 2}
+    job = J.parse_job({**row, "lift_levels": [3, 2, 1, 0], "lift_draws": 2})
+    assert (job.lift_levels, job.lift_draws) == ([3.0, 2.0, 1.0, 0.0], 2)
+    kw = J.pipeline_kwargs(job)
+    assert kw["lift_levels"] == (3.0, 2.0, 1.0, 0.0) and kw["lift_draws"] == 2
+    v = job.verification()
+    assert v.levels == (3.0, 2.0, 1.0, 0.0) and v.draws == 2 and v.rows_per_check == 8
+    assert J.parse_job({**row, "lift_levels": "3, 2,1,0"}).lift_levels == [3.0, 2.0, 1.0, 0.0]  # a CSV cell
+    assert J.parse_job({**ROW, "lift": "renoise", "lift_draws": "2"}).lift_draws == 2  # one candidate, renoise
+    assert not {"lift_levels", "lift_draws"} & set(J.pipeline_kwargs(J.parse_job(row)))  # the pipeline's defaults
+    bad = [
+        ({**row, "lift_levels": [1, "x"]}, "lift_levels must be a number; got 'x'"),
+        ({**row, "lift_levels": [1, float("nan")]}, "lift_levels must be finite"),
+        ({**row, "lift_levels": [30]}, "lift_levels must be log-SNR values from -20 to 20"),
+        ({**row, "lift_levels": "1,,2"}, "lift_levels must be log-SNR values from -20 to 20"),
+        ({**row, "lift_levels": list(range(17))}, "lift_levels has 17 entries; give 1 to 16"),
+        ({**row, "lift_levels": [1, 1]}, "lift_levels repeats a level"),
+        ({**row, "lift_levels": {"a": 1}}, "lift_levels must be a string, a list"),
+        ({**row, "lift_levels": "1," * 400}, "lift_levels is 800 characters long"),
+        ({**row, "lift_draws": 0}, "lift_draws=0 is out of range; give an integer from 1 to 16"),
+        ({**row, "lift_draws": 1.5}, "lift_draws must be an integer"),
+        ({**ROW, "lift_draws": 2}, r"lift_draws set\(s\) the 'renoise' lift, but this job's lift is 'tracked'"),
+        ({**row, "lift": "tracked", "lift_levels": [1]}, "but this job's lift is 'tracked'"),
+        ({**row, "lift": "none", "select": "random", "lift_draws": 2}, "but this job's lift is 'none'"),
+    ]
+    for raw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            J.parse_job(raw)
+    # each level and draw is a batched network call, like a step: levels x draws within the runner's max_steps
+    with pytest.raises(ValueError, match=r"lift_levels x lift_draws = 32 network evaluations .* the limit is 20"):
+        J.parse_job({**row, "lift_levels": [1, 0, -1, -2], "lift_draws": 8}, J.Limits(max_steps=20))
+    with pytest.raises(ValueError, match=r"lift_levels x lift_draws = 24 network evaluations"):
+        J.parse_job({**row, "lift_draws": 6}, J.Limits(max_steps=20))  # the 4 default levels
+
+
 def test_the_key_changes_with_the_images_only():
     key = J.parse_job(ROW).key()
     assert key == OLD_KEY  # rows without the new fields keep the key of earlier manifests
@@ -68,6 +104,14 @@ def test_the_key_changes_with_the_images_only():
     assert J.parse_job({**ROW, "candidates": 2, "lift": "renoise"}).key() == two  # "auto" chooses by "renoise"
     assert J.parse_job({**ROW, "candidates": 2, "lift": "tracked"}).key() != two
     assert J.parse_job({**ROW, "candidates": 2, "select": "random"}).key() != two
+    # the renoise lift's levels and draws choose between candidates: in the key then, and only when not the default
+    assert J.parse_job({**ROW, "candidates": 2, "lift_draws": 1, "lift_levels": [-1, -2, -3, -4]}).key() == two
+    low = J.parse_job({**ROW, "candidates": 2, "lift_levels": [3, 2, 1, 0]}).key()
+    drawn = J.parse_job({**ROW, "candidates": 2, "lift_draws": 2}).key()
+    assert len({two, low, drawn}) == 3
+    random = J.parse_job({**ROW, "candidates": 2, "select": "random"}).key()
+    assert J.parse_job({**ROW, "candidates": 2, "select": "random", "lift": "renoise", "lift_draws": 2}).key() == random
+    assert J.parse_job({**ROW, "lift": "renoise", "lift_draws": 2}).key() == key  # one candidate: scores only
 
 
 @needs_models
