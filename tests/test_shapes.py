@@ -321,6 +321,28 @@ TRAINERS = {
 }  # fmt: skip
 
 
+def test_flow_trainer_time_sampling():
+    """The default draws are the shipped model's (sigmoid of a standard normal, the same generator calls); uniform
+    and shifted logit-normal times have the distribution they name; bad parameters are refused."""
+    from examples.shapes import train_flow as F
+
+    def draw(*more):
+        args = F.parse_args(["--out", "o", "--batch", "20000", *more])
+        return F.sample_t(args, torch.Generator().manual_seed(0)), F.t_description(args)
+
+    t, what = draw()
+    assert torch.equal(t, torch.sigmoid(torch.randn(20000, generator=torch.Generator().manual_seed(0))))
+    assert what == "logit-normal"
+    t, what = draw("--t-sampling", "uniform")
+    assert what == "uniform" and 0 < float(t.min()) and float(t.max()) < 1
+    assert abs(float((t < 0.1).float().mean()) - 0.1) < 0.01  # uniform: a tenth of the times below 0.1
+    t, what = draw("--t-mean", "-1", "--t-std", "0.5")
+    assert abs(float(t.median()) - 1 / (1 + math.e)) < 0.01 and "location -1, scale 0.5" in what
+    for bad in (["--t-std", "0"], ["--t-mean", "nan"]):
+        with pytest.raises(SystemExit):
+            F.parse_args(["--out", "o", *bad])
+
+
 @pytest.mark.parametrize("name", sorted(TRAINERS))
 def test_trainer_resume_matches_an_uninterrupted_run(tmp_path, name):
     """The shared loop (examples/shapes/training.py): 2 steps, then --resume to 3, saves what 3 steps in one go save

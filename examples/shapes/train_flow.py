@@ -5,7 +5,8 @@
 The flow-matching counterpart of ``shapes-text`` (``train_conditional.py``): the same captions naming ONE attribute
 ("a red shape" or "a circle", never both), the same tokenizer and a jointly trained CLIP text encoder, but the
 network is a diffusers ``SD3Transformer2DModel`` in pixel space (24 x 24 x 3, 2 x 2 patches, no VAE) trained on the
-rectified-flow path x_t = (1 - t) x_0 + t eps to predict the velocity eps - x_0 (t drawn logit-normal, as SD3), and
+rectified-flow path x_t = (1 - t) x_0 + t eps to predict the velocity eps - x_0 (t drawn logit-normal, as SD3, or
+uniform with ``--t-sampling uniform``), and
 the scheduler is ``FlowMatchEulerDiscreteScheduler`` (shift 1). SD3 takes two CLIP encoders and T5: here both CLIP
 slots hold the same encoder (its states side by side, its pooled projection twice) and there is no T5: its slot is
 ``max_sequence_length`` (4) zero tokens, recorded in model_index.json so that ComposePipeline uses that length.
@@ -108,6 +109,23 @@ def save_folder(transformer, text_encoder, tokenizer, scheduler, out: Path, info
         (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def sample_t(args, g: torch.Generator) -> torch.Tensor:
+    """(batch,) training times: logit-normal (the default draws exactly those of the shipped model's run) or
+    uniform."""
+    if args.t_sampling == "uniform":
+        return torch.rand(args.batch, generator=g).clamp(1e-4, 1 - 1e-4)
+    z = torch.randn(args.batch, generator=g)
+    return torch.sigmoid(z if (args.t_mean, args.t_std) == (0.0, 1.0) else args.t_mean + args.t_std * z)
+
+
+def t_description(args) -> str:
+    if args.t_sampling == "uniform":
+        return "uniform"
+    if (args.t_mean, args.t_std) == (0.0, 1.0):
+        return "logit-normal"
+    return f"logit-normal (location {args.t_mean:g}, scale {args.t_std:g})"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--captions", choices=CAPTION_MODES, default="attribute")
@@ -120,8 +138,16 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--text-hidden", type=int, default=64)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--t-sampling", choices=("logit_normal", "uniform"), default="logit_normal",
+                   help="the training times t: logit-normal (sigmoid of N(--t-mean, --t-std^2), as SD3) or "
+                   "uniform on (0, 1), which trains the low-noise end (t near 0: edges, corners) as often as "
+                   "the middle")  # fmt: skip
+    p.add_argument("--t-mean", type=float, default=0.0, help="logit-normal location (negative: more low-noise t)")
+    p.add_argument("--t-std", type=float, default=1.0, help="logit-normal scale")
     add_loop_args(p, lr=5e-4, seed=5)
     args = p.parse_args(argv)
+    if not args.t_std > 0 or not abs(args.t_mean) < 10:
+        p.error("--t-std must be > 0 and --t-mean within -10 to 10")
     if args.min_snr:
         p.error("--min-snr weights an epsilon-prediction loss; this trainer predicts the flow velocity. Drop it.")
     return args
@@ -164,8 +190,8 @@ def main(argv=None):
                 "patch_size": args.patch, "layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                 "text_hidden": args.text_hidden, "text_layers": args.text_layers, "t5_tokens": T5_TOKENS,
                 "vocabulary_words": list(WORDS), "transformer_parameters": n_tr, "text_encoder_parameters": n_text,
-                "init": args.init,
-                "loss": "rectified flow (velocity), t logit-normal", **loop_info(args, pr, final)}  # fmt: skip
+                "init": args.init, "loss": f"rectified flow (velocity), t {t_description(args)}",
+                **loop_info(args, pr, final)}  # fmt: skip
 
     def checkpoint(final=False):
         save_state(state_path, objects, pr)
@@ -180,7 +206,7 @@ def main(argv=None):
         x0, s_idx, c_idx = make_batch(args.batch, g, size=args.size, shapes=list(SHAPES), colours=list(COLOURS))
         prompts = training_captions(s_idx, c_idx, args.captions, args.drop, g)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(args.batch, generator=g))  # logit-normal, as SD3
+        t = sample_t(args, g)
         xt = (1 - t).view(-1, 1, 1, 1) * x0 + t.view(-1, 1, 1, 1) * noise
         cond = conditioning(text_encoder, tokenize(tokenizer, prompts), joint)
         pred = transformer(hidden_states=xt, timestep=t * 1000, return_dict=False, **cond)[0]
