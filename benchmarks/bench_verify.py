@@ -32,7 +32,9 @@ Rates carry 95% percentile-bootstrap intervals (images resampled within each pai
 AUC of each term's lift for "this term's concept is in the image" (colour / shape; purple / outline), averaged over
 the pairs where both outcomes occur, per judge and lift.
 `--json` is rewritten after every method (`--resume` skips the methods already there, same options; with
-`--equal-rows` it adds the equal-rows baseline to the rows that lack it).
+`--equal-rows` it adds the equal-rows baseline to the rows that lack it); every candidate's lifts and verdicts go to
+`<json>.cands.npz`, so that `--pool A.json B.json --json C.json` (no sampling) pools runs of the same options and
+other seeds (e.g. `--seed 100`) into one table with tighter intervals: a long run split into resumable parts.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def add_equal_rows(row: dict, pipe, m: dict, args, judges) -> None:
     ve = verdicts(m, eq["_images"], args, judges)
     strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
     row["equal_rows"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in ve.items()}
+    save_candidates(args, m["key"], {"equal/strata": strata} | {f"equal/{j}/both": x["both"] for j, x in ve.items()})
     row["equal_rows_steps"], row["equal_rows_rows_per_image"] = steps, eq["rows_per_image"]
     print(f"# {m['key']} at {steps} steps: " + ", ".join(f"{j} {_fmt(x)}" for j, x in row["equal_rows"].items()),
           file=sys.stderr, flush=True)  # fmt: skip
@@ -250,13 +253,14 @@ def rate(values: np.ndarray, strata: np.ndarray, n_boot: int) -> dict:
     return {"rate": float(values.mean()), "ci": [float(ci[0]), float(ci[1])]}
 
 
-def selections(rec: dict, v: dict, args) -> dict:
-    """Per judge: plain, best-of-K by each lift, oracle best-of-K, with intervals; and the detection AUCs."""
+def selections(rec: dict, v: dict, args, strata_img: np.ndarray | None = None) -> dict:
+    """Per judge: plain, best-of-K by each lift, oracle best-of-K, with intervals; and the detection AUCs.
+    strata_img: the pair (stratum) of every candidate; default: one per call of the method."""
     K = args.candidates
     n = rec["images"]
     groups = n // K
-    per_call = n // len(calls_of_rec(rec, args))
-    strata_img = np.repeat(np.arange(n // per_call), per_call)
+    if strata_img is None:
+        strata_img = candidate_strata(rec["_method"], args)
     strata_grp = strata_img[::K]
     out = {}
     lifts = {"renoise": rec.get("_renoise"), "tracked": rec.get("_tracked")}
@@ -290,8 +294,98 @@ def best_of_k(lift: torch.Tensor, rule: str, K: int) -> np.ndarray:
     return best_of(score(lift, rule, K=K), K).numpy()
 
 
-def calls_of_rec(rec: dict, args) -> list:
-    return calls_of(rec["_method"], args)
+def candidate_strata(m: dict, args) -> np.ndarray:
+    """The call (pair, or LoRA shape prompt) of every candidate, in sampling order."""
+    return np.repeat(np.arange(len(calls_of(m, args))), args.images * args.candidates)
+
+
+# ---------------------------------------------------------------------------------------------------- candidates
+def cands_path(json_path) -> Path:
+    """Every candidate's lifts and verdicts beside the JSON (`--json X` -> X.cands.npz), for `--pool`."""
+    return Path(f"{json_path}.cands.npz")
+
+
+def save_candidates(args, key: str, arrays: dict) -> None:
+    """Add (replace) one method's per-candidate arrays under "key/..." in the run's .cands.npz."""
+    if not args.json:
+        return
+    path = cands_path(args.json)
+    old = dict(np.load(path)) if path.is_file() else {}
+    old = {k: x for k, x in old.items() if not any(k == f"{key}/{a}" for a in arrays)}
+    old.update({f"{key}/{a}": np.asarray(x) for a, x in arrays.items() if x is not None})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **old)
+
+
+def candidate_arrays(rec: dict, v: dict) -> dict:
+    """What `--pool` needs of one method: both lifts and every judge's verdicts per candidate."""
+    out = {"renoise": rec.get("_renoise"), "tracked": rec.get("_tracked")}
+    out = {k: (x.numpy() if isinstance(x, torch.Tensor) else x) for k, x in out.items()}
+    out.update({f"{j}/{c}": x[c] for j, x in v.items() for c in ("first", "second", "both")})
+    return out
+
+
+def _opt(config: dict, k: str):
+    return config.get(k, BEFORE.get(k))
+
+
+def pool(paths: list[str], args) -> dict:
+    """The rows of several runs of the same options but different seeds, their candidates pooled (every run's pairs
+    stay strata of their own): rates, intervals and AUCs over all of them. Each run needs its .cands.npz."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]["config"]
+    for p, r in zip(paths, runs, strict=True):
+        diff = [k for k in COMPARED if k != "seed" and _opt(r["config"], k) != _opt(first, k)]
+        if diff:
+            raise SystemExit(f"--pool: {p} was run with other {diff} than {paths[0]}; pool runs of the same options")
+        if not cands_path(p).is_file():
+            raise SystemExit(f"--pool: {cands_path(p)} is missing; rerun {p} with this version (it saves them)")
+    seeds = [r["config"]["seed"] for r in runs]
+    # the calls of a run use seeds seed .. seed + calls - 1: runs must not share one
+    span = max(len(SHAPE_PROMPTS) if t == "lora" else first["pairs"] for t in first["testbeds"])
+    if any(abs(a - b) < span for i, a in enumerate(seeds) for b in seeds[i + 1 :]):
+        raise SystemExit(f"--pool: seeds {seeds} overlap (each run uses seed .. seed + {span - 1}); the images repeat")
+    arrays = [dict(np.load(cands_path(p))) for p in paths]
+    va = argparse.Namespace(**{k: _opt(first, k) for k in COMPARED}, bootstrap=args.bootstrap)
+    config = dict(first) | {"seed": "+".join(map(str, seeds)), "images": first["images"] * len(runs),
+                            "pooled": list(paths)}  # fmt: skip
+    result = {"config": config, "rows": []}
+    keys = [r["key"] for r in runs[0]["rows"] if all(any(x["key"] == r["key"] for x in run["rows"]) for run in runs)]
+    for key in keys:
+        if not all(f"{key}/renoise" in a for a in arrays):
+            print(f"# --pool: {key} has no saved candidates in every run; left out", file=sys.stderr)
+            continue
+        rows = [next(x for x in run["rows"] if x["key"] == key) for run in runs]
+        judges = sorted({k.split("/")[1] for k in arrays[0] if k.startswith(f"{key}/") and k.endswith("/both")
+                         and "/equal/" not in k})  # fmt: skip
+        strata, offset = [], 0
+        for a in arrays:
+            st = a[f"{key}/strata"]
+            strata.append(st + offset)
+            offset += int(st.max()) + 1
+        strata = np.concatenate(strata)
+        cat = {name: np.concatenate([a[f"{key}/{name}"] for a in arrays]) for name in ("renoise", "tracked")
+               if all(f"{key}/{name}" in a for a in arrays)}  # fmt: skip
+        rec = {"images": len(strata), "_renoise": torch.from_numpy(cat["renoise"]),
+               "_tracked": torch.from_numpy(cat["tracked"]) if "tracked" in cat else None}  # fmt: skip
+        v = {j: {c: np.concatenate([a[f"{key}/{j}/{c}"] for a in arrays]) for c in ("first", "second", "both")}
+             for j in judges}  # fmt: skip
+        row = {k: rows[0][k] for k in ("key", "testbed", "label")}
+        for k in ("rows_per_image", "verification_rows_per_image"):
+            row[k] = float(np.mean([r[k] for r in rows]))
+        row["images"] = rec["images"]
+        row["selection"] = selections(rec, v, va, strata)
+        if all(f"{key}/equal/strata" in a for a in arrays) and all("equal_rows" in r for r in rows):
+            est, offset = [], 0
+            for a in arrays:
+                est.append(a[f"{key}/equal/strata"] + offset)
+                offset += int(a[f"{key}/equal/strata"].max()) + 1
+            est = np.concatenate(est)
+            row["equal_rows"] = {j: rate(np.concatenate([a[f"{key}/equal/{j}/both"] for a in arrays]), est,
+                                         args.bootstrap) for j in judges}  # fmt: skip
+            row["equal_rows_steps"] = rows[0]["equal_rows_steps"]
+        result["rows"].append(row)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -414,7 +508,12 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of lift against the judges' verdicts")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--pool", nargs="+", default=None, metavar="JSON",
+                   help="no sampling: pool the candidates of these runs (the same options, other seeds; each with "
+                   "its JSON.cands.npz) into one table, written to --json")  # fmt: skip
     args = p.parse_args(argv)
+    if args.pool is not None and len(args.pool) < 2:
+        p.error("--pool needs two runs or more")
     if not 1 <= args.pairs <= 16 or min(args.images, args.candidates, args.steps, args.lift_draws) < 1:
         p.error("--pairs 1..16; --images, --candidates, --steps, --lift-draws >= 1")
     if args.resume and not args.json:
@@ -424,6 +523,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.pool:
+        result = pool(args.pool, args)
+        save(result, args)
+        print(markdown(result))
+        return result
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     from examples.shapes.classifier import load_classifier
@@ -454,6 +558,7 @@ def main(argv=None) -> dict:
         rec = sample_method(pipes[key], m, args)
         rec["_method"] = m
         v = verdicts(m, rec["_images"], args, judges)
+        save_candidates(args, m["key"], candidate_arrays(rec, v) | {"strata": candidate_strata(m, args)})
         row = dict(key=m["key"], testbed=m["testbed"], label=m["label"],
                    **{k: x for k, x in rec.items() if not k.startswith("_")})  # fmt: skip
         row["selection"] = selections(rec, v, args)

@@ -92,3 +92,65 @@ def test_equal_rows_on_resume_fills_in_the_rows_that_lack_it(tmp_path):
     assert len(again) == 1 and again[0]["plot"] == first["plot"]  # the row kept (its lifts), not resampled
     assert again[0]["equal_rows_rows_per_image"] == pytest.approx(2 * first["rows_per_image"])
     assert "equal_rows" in json.loads(out.read_text())["rows"][0]
+
+
+def test_pooled_rates_are_those_of_all_candidates_of_the_runs(tmp_path):
+    """Two hand-made runs (8 candidates each, K = 2, 2 pairs): the pooled plain, best-of-2 and oracle rates and the
+    equal-rows rate are those of the 16 candidates, and every run's pairs stay strata of their own."""
+    key = "text | and"
+    paths = []
+    for i, (seed, both) in enumerate([(0, [1, 0, 0, 0, 1, 1, 0, 0]), (2, [0, 1, 1, 1, 1, 1, 0, 1])]):
+        args = bench.parse_args(["--testbeds", "text", "--pairs", "2", "--images", "2", "--candidates", "2",
+                                 "--seed", str(seed)])  # fmt: skip
+        config = {k: getattr(args, k) for k in bench.COMPARED} | {"testbeds": ["text"], "steer": 0.0}
+        row = {"key": key, "testbed": "text", "label": "and", "images": 8, "rows_per_image": 100.0 + i,
+               "verification_rows_per_image": 12.0, "equal_rows": {}, "equal_rows_steps": 136}  # fmt: skip
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps({"config": config, "rows": [row]}))
+        b = np.array(both, bool)
+        lift = np.where(b[:, None], 1.0, -1.0) * np.array([[1.0, 2.0]])  # the lift ranks the good candidates first
+        np.savez(bench.cands_path(path), **{f"{key}/renoise": lift, f"{key}/strata": np.repeat([0, 1], 4),
+                 f"{key}/judge/both": b, f"{key}/judge/first": b, f"{key}/judge/second": b,
+                 f"{key}/equal/strata": np.repeat([0, 1], 2), f"{key}/equal/judge/both": b[:4]})  # fmt: skip
+        paths.append(str(path))
+    out = bench.pool(paths, bench.parse_args(["--bootstrap", "50"]))
+    (row,) = out["rows"]
+    sel = row["selection"]["judge"]
+    assert row["images"] == 16 and row["rows_per_image"] == 100.5
+    assert sel["plain"]["rate"] == 9 / 16
+    assert sel["oracle best-of-2"]["rate"] == 6 / 8  # groups (1,0) (0,0) (1,1) (0,0) | (0,1) (1,1) (1,1) (0,1)
+    assert sel["best-of-2 by renoise lift"]["rate"] == 6 / 8  # the lift finds every group's good candidate
+    assert row["equal_rows"]["judge"]["rate"] == 4 / 8
+    assert out["config"]["images"] == 4 and out["config"]["seed"] == "0+2"
+
+
+@have_models
+def test_runs_of_other_seeds_pool_into_one_table(tmp_path):
+    """Every candidate's lifts and verdicts are saved beside the JSON; --pool joins runs of the same options and
+    other seeds: its rates are the candidates' rates over both runs, and overlapping seeds or other options are
+    refused."""
+    common = ["--testbeds", "text", "--pairs", "1", "--images", "2", "--candidates", "2", "--steps", "2",
+              "--bootstrap", "50", "--rows", "text | and", "--equal-rows"]  # fmt: skip
+    a, b, c = (tmp_path / f"{x}.json" for x in "abc")
+    ra = bench.main([*common, "--seed", "0", "--json", str(a)])["rows"][0]
+    rb = bench.main([*common, "--seed", "1", "--json", str(b)])["rows"][0]
+    saved = np.load(bench.cands_path(a))
+    assert saved["text | and/renoise"].shape == (4, 2) and saved["text | and/equal/geometry/both"].shape == (2,)
+    pooled = bench.main(["--pool", str(a), str(b), "--json", str(c), "--bootstrap", "50"])
+    (row,) = pooled["rows"]
+    assert row["images"] == 8 and pooled["config"]["seed"] == "0+1"
+    assert json.loads(c.read_text())["config"] == pooled["config"]  # written to --json
+    for j in ("classifier", "geometry"):
+        for name in ("plain", "oracle best-of-2", "best-of-2 by renoise lift"):
+            mean = (ra["selection"][j][name]["rate"] + rb["selection"][j][name]["rate"]) / 2  # equal sizes
+            assert row["selection"][j][name]["rate"] == pytest.approx(mean)
+        eq = (ra["equal_rows"][j]["rate"] + rb["equal_rows"][j]["rate"]) / 2
+        assert row["equal_rows"][j]["rate"] == pytest.approx(eq)
+    with pytest.raises(SystemExit, match="overlap"):
+        bench.main(["--pool", str(a), str(a)])
+    bench.main([*common[:-1], "--seed", "5", "--steps", "3", "--json", str(c)])
+    with pytest.raises(SystemExit, match="other \\['steps'\\]"):
+        bench.main(["--pool", str(a), str(c)])
+    bench.cands_path(b).unlink()
+    with pytest.raises(SystemExit, match="cands.npz is missing"):
+        bench.main(["--pool", str(a), str(b)])
