@@ -110,7 +110,8 @@ def test_the_key_changes_with_the_images_only():
     drawn = J.parse_job({**ROW, "candidates": 2, "lift_draws": 2}).key()
     assert len({two, low, drawn}) == 3
     random = J.parse_job({**ROW, "candidates": 2, "select": "random"}).key()
-    assert J.parse_job({**ROW, "candidates": 2, "select": "random", "lift": "renoise", "lift_draws": 2}).key() == random
+    drawn_random = {**ROW, "candidates": 2, "select": "random", "lift": "renoise", "lift_draws": 2}
+    assert J.parse_job(drawn_random).key() == random
     assert J.parse_job({**ROW, "lift": "renoise", "lift_draws": 2}).key() == key  # one candidate: scores only
 
 
