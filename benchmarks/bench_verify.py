@@ -56,11 +56,13 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_shapes import ALL_PAIRS, UNetCounter, bootstrap_ci  # noqa: E402
 from compose.verify import best_of, score  # noqa: E402
 from examples.shapes.data import COLOURS, SHAPES  # noqa: E402
+from pipelines.verify import DEFAULT_LEVELS as _LEVELS  # noqa: E402
 
 CARDS = ROOT / "model_cards"
 LORAS = ("purple", "outline")
 SHAPE_PROMPTS = [f"a {s}" for s in SHAPES]
 COMPARED = ("pairs", "images", "candidates", "steps", "guidance", "seed", "levels", "clip_sample", "lift_draws")
+DEFAULT_LEVELS = list(_LEVELS)  # the pipeline's lift_levels
 BEFORE = {"lift_draws": 1}  # options added after runs were saved: the value those runs had
 
 
@@ -180,6 +182,19 @@ def add_equal_rows(row: dict, pipe, m: dict, args, judges) -> None:
     save_candidates(args, m["key"], {"equal/strata": strata} | {f"equal/{j}/both": x["both"] for j, x in ve.items()})
     row["equal_rows_steps"], row["equal_rows_rows_per_image"] = steps, eq["rows_per_image"]
     print(f"# {m['key']} at {steps} steps: " + ", ".join(f"{j} {_fmt(x)}" for j, x in row["equal_rows"].items()),
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def add_steered(row: dict, pipe, m: dict, args, judges) -> None:
+    """row["steered"]: per judge, the rate of the method with its K candidates steered by the renoise lift (the same
+    seeds as its plain candidates), and the rows per output image that cost (K samplings, the checks, the choice)."""
+    st = sample_method(pipe, m, args, steer=args.steer)
+    vs = verdicts(m, st["_images"], args, judges)
+    strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
+    row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
+    row["steered_rows_per_image"], row["steer"] = st["rows_per_image"], args.steer
+    save_candidates(args, m["key"], {f"steered/{j}/both": x["both"] for j, x in vs.items()})
+    print(f"# {m['key']} steered ({args.steer:g}): " + ", ".join(f"{j} {_fmt(x)}" for j, x in row["steered"].items()),
           file=sys.stderr, flush=True)  # fmt: skip
 
 
@@ -395,7 +410,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"{cfg['images']} images per pair or prompt x {K} candidates, {cfg['steps']} steps, guidance "
         f"{cfg['guidance']}, SDE, {'no x0 clipping' if cfg.get('clip_sample') is False else 'x0 clipped'}, seed "
-        f"{cfg['seed']}; rates with 95% bootstrap intervals. Rows per image: network "
+        f"{cfg['seed']}{_lift_options(cfg)}; rates with 95% bootstrap intervals. Rows per image: network "
         f"rows per output image (K candidates and their lifts included); the plain method's rate is its rate over all "
         f"candidates (random choice among K).",
         "",
@@ -410,13 +425,15 @@ def markdown(result: dict) -> str:
             bo = res.get(f"best-of-{K} by renoise lift")
             bt = res.get(f"best-of-{K} by tracked lift")
             st = r.get("steered", {}).get(j)
+            st_cost = f" ({r.get('steered_rows_per_image', 0):.0f} rows, steer {r.get('steer', cfg['steer'])})"
+            st_cell = _fmt(st) + (st_cost if st else "")
             closed = (bo["rate"] - plain["rate"]) / (orc["rate"] - plain["rate"]) if bo and orc["rate"] > plain[
                 "rate"] else float("nan")  # fmt: skip
             bz = res.get(f"best-of-{K} by renoise lift, zmin")
             bm = res.get(f"best-of-{K} by renoise lift, mean")
             eq = r.get("equal_rows", {}).get(j)
             eq_cell = _fmt(eq) + (f" ({r['equal_rows_steps']} steps)" if eq else "")
-            cells = [_fmt(plain), eq_cell, *map(_fmt, (bo, bz, bm, bt, st, orc)), f"{closed:.2f}"]
+            cells = [_fmt(plain), eq_cell, *map(_fmt, (bo, bz, bm, bt)), st_cell, _fmt(orc), f"{closed:.2f}"]
             plain_rows = r["rows_per_image"] - r["verification_rows_per_image"]
             cost = f"{plain_rows:.0f}, {K * r['rows_per_image']:.0f}"
             lines.append(f"| {r['testbed']} | {r['label']} | {j} | {cost} | " + " | ".join(cells) + " |")
@@ -447,6 +464,16 @@ def markdown(result: dict) -> str:
             cells = [f"{both[best_of_k(lift, rule, K)].mean():.2f}" for rule in ("min", "zmin", "mean")]
             lines.append(f"| {r['testbed']} | {r['label']} | {r['plot']['judge']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _lift_options(cfg: dict) -> str:
+    """The renoise lift's options where a run chose other than the defaults ('' otherwise)."""
+    out = ""
+    if [float(x) for x in cfg.get("levels", DEFAULT_LEVELS)] != DEFAULT_LEVELS:
+        out += ", renoise levels " + " ".join(f"{x:g}" for x in cfg["levels"])
+    if cfg.get("lift_draws", 1) != 1:
+        out += f", {cfg['lift_draws']} noise draws per level"
+    return out
 
 
 def _fmt(r) -> str:
@@ -493,7 +520,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", type=int, default=4, help="K")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--levels", type=float, nargs="+", default=[-1.0, -2.0, -3.0, -4.0], help="renoise log-SNR levels")
+    p.add_argument("--levels", type=float, nargs="+", default=DEFAULT_LEVELS, help="renoise log-SNR levels")
     p.add_argument("--lift-draws", type=int, default=1, help="noise draws per renoise level (lift_draws)")
     p.add_argument("--no-clip", dest="clip_sample", action="store_const", const=False, default=None,
                    help="no x0 clipping (clip_sample=False); default: the checkpoint's scheduler config (clipping on "
@@ -546,14 +573,20 @@ def main(argv=None) -> dict:
     for m in methods(args):
         key = (tuple(m["models"]), m["testbed"] == "lora")
         old_row = next((r for r in result["rows"] if r["key"] == m["key"]), None)
-        if old_row is not None and (not args.equal_rows or "equal_rows" in old_row):
+        wants = [args.equal_rows and "equal_rows" not in old_row, args.steer and "steered" not in old_row
+                 and not m.get("joint")] if old_row is not None else [True]  # fmt: skip
+        if not any(wants):
             continue
         if key not in pipes:
             pipes.clear()
             pipes[key] = load_pipe(m["models"], m["testbed"] == "lora")
-        if old_row is not None:  # a resumed row without its equal-rows baseline: add it
-            add_equal_rows(old_row, pipes[key], m, args, judges)
-            save(result, args)
+        if old_row is not None:  # a resumed row without its equal-rows baseline or its steered rows: add them
+            if wants[1]:
+                add_steered(old_row, pipes[key], m, args, judges)
+                save(result, args)
+            if wants[0]:
+                add_equal_rows(old_row, pipes[key], m, args, judges)
+                save(result, args)
             continue
         rec = sample_method(pipes[key], m, args)
         rec["_method"] = m
@@ -563,11 +596,7 @@ def main(argv=None) -> dict:
                    **{k: x for k, x in rec.items() if not k.startswith("_")})  # fmt: skip
         row["selection"] = selections(rec, v, args)
         if args.steer and not m.get("joint"):
-            st = sample_method(pipes[key], m, args, steer=args.steer)
-            vs = verdicts(m, st["_images"], args, judges)
-            strata = np.repeat(np.arange(len(calls_of(m, args))), args.images)
-            row["steered"] = {j: rate(x["both"], strata, args.bootstrap) for j, x in vs.items()}
-            row["steered_rows_per_image"] = st["rows_per_image"]
+            add_steered(row, pipes[key], m, args, judges)
         if args.equal_rows:
             add_equal_rows(row, pipes[key], m, args, judges)
         if m["label"] == "product" and rec.get("_renoise") is not None:

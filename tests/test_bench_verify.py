@@ -94,6 +94,28 @@ def test_equal_rows_on_resume_fills_in_the_rows_that_lack_it(tmp_path):
     assert "equal_rows" in json.loads(out.read_text())["rows"][0]
 
 
+@have_models
+def test_steered_rows_on_resume_are_added_with_their_cost(tmp_path):
+    """--steer on a resumed run: the kept row gains the steered rate and the rows it cost (K samplings, a renoise
+    check per candidate at each check and at the end), not a resampled plain row."""
+    from pipelines.verify import steering_steps
+
+    out = tmp_path / "v.json"
+    argv = ["--testbeds", "text", "--pairs", "1", "--images", "1", "--candidates", "2", "--steps", "4",
+            "--bootstrap", "50", "--rows", "product", "--json", str(out)]  # fmt: skip
+    first = bench.main(argv)["rows"][0]
+    res = bench.main([*argv, "--resume", "--steer", "1.0"])
+    row = res["rows"][0]
+    assert json.dumps([row["plot"], row["selection"]]) == json.dumps([first["plot"], first["selection"]])  # (NaN AUCs)
+    assert set(row["steered"]) == {"classifier", "geometry"} and row["steer"] == 1.0
+    sampling = first["rows_per_image"] - first["verification_rows_per_image"]  # one candidate's sampling rows
+    checks = first["verification_rows_per_image"]  # one renoise lift of one candidate
+    n_checks = len(steering_steps(4)) + 1  # the checks on the way and the final choice
+    assert row["steered_rows_per_image"] == pytest.approx(2 * sampling + 2 * checks * n_checks)
+    assert f"({row['steered_rows_per_image']:.0f} rows, steer 1.0)" in bench.markdown(res)
+    assert "text | product/steered/classifier/both" in np.load(bench.cands_path(out))
+
+
 def test_pooled_rates_are_those_of_all_candidates_of_the_runs(tmp_path):
     """Two hand-made runs (8 candidates each, K = 2, 2 pairs): the pooled plain, best-of-2 and oracle rates and the
     equal-rows rate are those of the 16 candidates, and every run's pairs stay strata of their own."""
