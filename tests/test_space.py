@@ -140,6 +140,39 @@ def test_candidates_and_the_lift_of_every_image_in_the_summary(app_mod):
 
 
 @needs_models
+def test_lift_levels_and_draws_reach_the_pipeline_and_the_summary(app_mod):
+    """The renoise lift's levels and draws: passed to the job (left out at their defaults), run as the pipeline runs
+    them, named in the summary; refused with a message where no renoise lift runs, or past the Space's limits."""
+    app = app_mod.App(J.Limits(**{**LIMITS.__dict__, "max_steps": 8, "max_images": 4, "max_candidates": 2}))
+    base = form(operator="product", images=1) + [4, 0, [], app_mod.LORA_COMPOSE, 2, "renoise"]
+    assert (app.job(*base).lift_levels, app.job(*base).lift_draws) == (None, None)  # the defaults: fields left out
+    fields = [*base, " 3, 2,1,0 ", 2]
+    job = app.job(*fields)
+    assert (job.lift_levels, job.lift_draws) == ([3.0, 2.0, 1.0, 0.0], 2)
+    _, _, summary = app.generate(*fields)
+    pipe = ComposePipeline.from_pretrained(str(CARDS / "shapes-text"))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(**J.pipeline_kwargs(job), generator=J.generators(job), output_type="np")
+    assert ref.verification_rows == 2 * 4 * 2 * 3  # 2 candidates x 4 levels x 2 draws x (2 terms + unconditional)
+    assert f"The lift cost {ref.verification_rows} network rows per image." in summary
+    assert "Read at log-SNR 3, 2, 1, 0, 2 noise draws per level." in summary
+    for j in range(2):
+        assert f"| {ref.lift[:, j].mean():.2f} ({ref.lift[0, j]:.1f}) |" in summary
+    refused = [
+        ([*base[:-1], "tracked", "3,2", 1], "lift_levels set(s) the 'renoise' lift, but this job's lift is 'tracked'"),
+        ([*base, "", 0], "lift_draws"),
+        ([*base, "3,x", 1], "lift_levels must be a number; got 'x'"),
+        ([*base, "1," * 20, 1], "lift_levels has 21 entries"),
+        ([*base, "3,2,1,0", 3], "lift_levels x lift_draws = 12 network evaluations per candidate; the limit is 8"),
+        ([*base, ["3"], 1], "lift levels must be text"),
+    ]
+    for bad, says in refused:
+        with pytest.raises(gr.Error) as err:
+            app.generate(*bad)
+        assert says in err.value.message, (bad, err.value.message)
+
+
+@needs_models
 def test_one_term_and_unconditional_or(app_mod):
     app = app_mod.App(LIMITS)
     gallery, fig, summary = app.generate(*form(prompts="a red shape", operator="or", images=1))
@@ -335,7 +368,8 @@ def test_queue_is_bounded(app_mod):
 
 # ---------------------------------------------------------------------- the Space as a deployable unit (issue 31)
 API_INPUTS = ["models", "other_models", "prompts", "operator", "steps", "schedule", "guidance", "seed", "images",
-              "size", "particles", "moves", "loras", "lora_mode", "candidates", "lift"]  # fmt: skip
+              "size", "particles", "moves", "loras", "lora_mode", "candidates", "lift", "lift_levels",
+              "lift_draws"]  # fmt: skip
 
 
 def readme_client_code(url: str) -> str:
@@ -373,6 +407,7 @@ def test_api_inputs_are_named_with_defaults_and_the_readme_call_runs(app_mod):
         defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
         assert defaults["other_models"] == "" and defaults["loras"] == [] and defaults["models"] == ["shapes-text"]
         assert defaults["candidates"] == 1 and defaults["lift"] == "auto"
+        assert defaults["lift_levels"] == "" and defaults["lift_draws"] == 1
         check_readme_call(url)
     finally:
         demo.close()

@@ -46,7 +46,7 @@ from compose import GRIDS  # noqa: E402
 from compose.options import LORA_MODES, OPERATORS  # noqa: E402
 from pipelines import jobs as J  # noqa: E402
 from pipelines import shipped  # noqa: E402
-from pipelines.verify import DEFAULT_LEVELS  # noqa: E402
+from pipelines.verify import DEFAULT_LEVELS, MAX_DRAWS  # noqa: E402
 
 if (HERE / "model_cards").is_dir():  # the Space bundle ships the models next to app.py
     shipped.SHIPPED_DIRS = (HERE / "model_cards", *shipped.SHIPPED_DIRS)
@@ -161,6 +161,8 @@ class App:
         lora_mode: str = LORA_COMPOSE,
         candidates: float = 1,
         lift: str = "auto",
+        lift_levels: str = "",
+        lift_draws: float = 1,
     ) -> J.Job:
         """The form's fields -> a checked `Job` (ValueError naming the field on bad input).
 
@@ -169,7 +171,8 @@ class App:
         composes the LoRA terms in one network call per step) or a baseline of `LORA_MODES` (no operator).
         candidates: samples per image, the best by its lift kept (1: one sample, the field left out of the job);
         they count as images (images x candidates <= the images limit).  lift: the estimator (`LIFTS`; "auto": the
-        field left out, the pipeline's default).
+        field left out, the pipeline's default).  lift_levels ("3,2,1,0"; empty: the pipeline's) and lift_draws (noise
+        draws per level; 1 leaves the field out): the "renoise" lift's options, refused by the job without it.
 
         The cheap, size-bounding checks come first (a 20 MB prompt is refused before it is split into lines)."""
         lim = self.limits
@@ -231,6 +234,12 @@ class App:
             raw["candidates"] = candidates
         if lift != "auto":
             raw["lift"] = lift
+        if lift_levels is not None and not isinstance(lift_levels, str):
+            raise ValueError('lift levels must be text: log-SNR values separated by commas, e.g. "3,2,1,0".')
+        if lift_levels and lift_levels.strip():
+            raw["lift_levels"] = lift_levels.strip()
+        if lift_draws != 1:  # 1 leaves the field out: the job of a request without it
+            raw["lift_draws"] = lift_draws
         if operator == "product_smc" and terms > 1 and lora_mode is None:
             raw["num_particles"] = particles
             if moves:  # Langevin rejuvenation moves per step (0: none; the field is left out of the job)
@@ -281,6 +290,8 @@ class App:
         lora_mode: str = LORA_COMPOSE,
         candidates: float = 1,
         lift: str = "auto",
+        lift_levels: str = "",
+        lift_draws: float = 1,
         progress=gr.Progress(),  # noqa: B008 -- gradio's progress tracker idiom
     ):
         """The page's handler (API endpoint "/generate"): form fields -> (gallery items, kappa / log q figure,
@@ -292,7 +303,7 @@ class App:
         """
         start = time.monotonic()
         fields = (models, other_models, prompts, operator, steps, schedule, guidance, seed, images, size, particles,
-                  moves, loras, lora_mode, candidates, lift)  # fmt: skip
+                  moves, loras, lora_mode, candidates, lift, lift_levels, lift_draws)  # fmt: skip
         typed = [v for f in fields for v in (f if isinstance(f, (list, tuple)) else [f]) if isinstance(v, str)]
         try:
             job = self.job(*fields)
@@ -383,7 +394,7 @@ def summary_markdown(res: J.JobResult, job: J.Job, schedule: str | None = None) 
     if res.lift is not None and not lift_per_term:  # lora_mode "merge": one lift per merged LoRA
         lines += ["", "| lift term | lift (mean; per image) |", "|---|---|"]
         lines += [f"| {name} | {_lift_cell(res.lift[:, j])} |" for j, name in enumerate(res.lift_terms)]
-    lines += ["", lift_note(res)]
+    lines += ["", lift_note(res, job)]
     return "\n".join(lines)
 
 
@@ -392,8 +403,9 @@ def _lift_cell(values) -> str:
     return f"{float(values.mean()):.2f} ({' / '.join(f'{float(v):.1f}' for v in values)})"
 
 
-def lift_note(res: J.JobResult) -> str:
-    """One line on the lift: its estimator, each image's score, the candidates kept and the rows it cost."""
+def lift_note(res: J.JobResult, job: J.Job | None = None) -> str:
+    """One line on the lift: its estimator (and the renoise levels and draws a job chose), each image's score, the
+    candidates kept and the rows it cost."""
     if res.lift is None:
         return "Lift: none (lift 'none', operator product_smc, or 'tracked' without guidance: try 'renoise')."
     scores = " / ".join(f"{float(v):.1f}" for v in res.scores())
@@ -402,6 +414,10 @@ def lift_note(res: J.JobResult) -> str:
         "image in nats (above 0: the term explains the image better than its reference); score per image "
         f"({res.score_rule} over the terms): {scores}."
     )
+    if job is not None and res.estimator == "renoise" and (job.lift_levels or job.lift_draws):
+        levels = ", ".join(f"{v:g}" for v in job.lift_levels or DEFAULT_LEVELS)
+        draws = job.lift_draws or 1
+        text += f" Read at log-SNR {levels}, {draws} noise draw{'s' if draws > 1 else ''} per level."
     if res.candidate is not None:
         kept = ", ".join(str(int(v)) for v in res.candidate)
         text += f" Best of {res.candidates} candidates per image; kept: {kept}."
@@ -506,6 +522,21 @@ def build_demo(app: App | None = None) -> gr.Blocks:
                         allow_custom_value=False,
                         elem_id="lift",
                     )
+                with gr.Row():
+                    lift_levels = gr.Textbox(
+                        "",
+                        label="lift levels (renoise; log-SNR, e.g. 3,2,1,0 for fine detail; empty = -1,-2,-3,-4)",
+                        max_lines=1,
+                        elem_id="lift_levels",
+                    )
+                    lift_draws = gr.Slider(
+                        1,
+                        MAX_DRAWS,
+                        value=1,
+                        step=1,
+                        label="lift draws (renoise: noise draws per level; steadier, at that many times the rows)",
+                        elem_id="lift_draws",
+                    )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column():
                 out = gr.Gallery(label="images", columns=4, elem_id="out", height="auto")
@@ -514,7 +545,7 @@ def build_demo(app: App | None = None) -> gr.Blocks:
         run.click(
             app.generate,
             inputs=[models, other, prompts, operator, steps, schedule, guidance, seed, images, size, particles, moves,
-                    loras, lora_mode, candidates, lift],  # fmt: skip
+                    loras, lora_mode, candidates, lift, lift_levels, lift_draws],  # fmt: skip
             outputs=[out, plot, summary],
             api_name="generate",
         )
