@@ -573,19 +573,20 @@ def main(argv=None) -> dict:
     for m in methods(args):
         key = (tuple(m["models"]), m["testbed"] == "lora")
         old_row = next((r for r in result["rows"] if r["key"] == m["key"]), None)
-        wants = [args.equal_rows and "equal_rows" not in old_row, args.steer and "steered" not in old_row
-                 and not m.get("joint")] if old_row is not None else [True]  # fmt: skip
-        if not any(wants):
-            continue
+        if old_row is not None:  # a resumed row: only the steered rows and equal-rows baseline it lacks
+            missing = []
+            if args.steer and not m.get("joint") and "steered" not in old_row:
+                missing.append(add_steered)
+            if args.equal_rows and "equal_rows" not in old_row:
+                missing.append(add_equal_rows)
+            if not missing:
+                continue
         if key not in pipes:
             pipes.clear()
             pipes[key] = load_pipe(m["models"], m["testbed"] == "lora")
-        if old_row is not None:  # a resumed row without its equal-rows baseline or its steered rows: add them
-            if wants[1]:
-                add_steered(old_row, pipes[key], m, args, judges)
-                save(result, args)
-            if wants[0]:
-                add_equal_rows(old_row, pipes[key], m, args, judges)
+        if old_row is not None:
+            for add in missing:
+                add(old_row, pipes[key], m, args, judges)
                 save(result, args)
             continue
         rec = sample_method(pipes[key], m, args)

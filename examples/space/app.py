@@ -415,9 +415,9 @@ def lift_note(res: J.JobResult, job: J.Job | None = None) -> str:
         f"({res.score_rule} over the terms): {scores}."
     )
     if job is not None and res.estimator == "renoise" and (job.lift_levels or job.lift_draws):
-        levels = ", ".join(f"{v:g}" for v in job.lift_levels or DEFAULT_LEVELS)
-        draws = job.lift_draws or 1
-        text += f" Read at log-SNR {levels}, {draws} noise draw{'s' if draws > 1 else ''} per level."
+        v = job.verification()  # the levels and draws that ran (the pipeline's defaults where the job left them out)
+        levels = ", ".join(f"{x:g}" for x in v.levels)
+        text += f" Read at log-SNR {levels}, {v.draws} noise draw{'s' if v.draws > 1 else ''} per level."
     if res.candidate is not None:
         kept = ", ".join(str(int(v)) for v in res.candidate)
         text += f" Best of {res.candidates} candidates per image; kept: {kept}."
